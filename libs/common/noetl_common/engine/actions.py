@@ -1,0 +1,115 @@
+"""Turning a step into a command: render what the fold may render, defer what only a worker may see.
+
+Templates that use action-side names (`secret`, `uuid`) stay raw and are listed in `deferred`; the worker
+renders them with the shipped `context`. `save` blocks are rendered on the worker too (they need the
+result), so the values their templates reference travel along. Only referenced names are shipped.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from noetl_common.dsl.models import Step
+from noetl_common.engine.errors import StepError
+from noetl_common.engine.tick import Tick
+from noetl_common.messages import ActionSpec, Command
+from noetl_common.render import TemplateError, missing_paths, referenced_names, render
+from noetl_common.state import ExecutionState, Work
+
+ACTION_SIDE = frozenset({"secret", "uuid"})
+WORKER_BOUND = frozenset({"secret", "uuid", "now", "result", "this"})   # the worker binds these itself
+
+
+def command_id(execution_id: str, step: str, visit: int, attempt: int, index: int | None = None,
+               phase: str = "action") -> str:
+    cid = f"{execution_id}:{step}:{visit}:{attempt}"
+    if index is not None:
+        cid += f":{index}"
+    return cid + (":save" if phase == "save" else "")
+
+
+def render_inputs(step: Step, context: dict[str, Any], edge_data: dict[str, Any] | None = None
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """Render a step's `data` (edge data merged over it, edge wins). Returns (data, deferred paths)."""
+    deferred: list[str] = []
+    data = _render_deferring(step.data, context, "data", deferred)
+    if edge_data:
+        data = {**data, **edge_data}
+    if step.assert_expects:
+        missing = missing_paths(data, step.assert_expects)
+        if missing:
+            raise StepError(f"assert.expects: missing input(s) {', '.join(missing)}")
+    return data, deferred
+
+
+def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], deferred: list[str]) -> ActionSpec:
+    """The rendered action of one step visit (or one iteration). `code` is never rendered."""
+    deferred = list(deferred)
+    scope = {**context, "data": data}
+    raw_config = {k: v for k, v in step.config.items() if k != "code"}
+    config = _render_deferring(raw_config, scope, "config", deferred)
+    if "code" in step.config:
+        config["code"] = step.config["code"]
+    auth = _render_deferring(step.auth, scope, "auth", deferred)
+    save = step.save.model_dump() if step.save else None
+    names: set[str] = set()
+    for path in deferred:
+        names |= referenced_names(_lookup({"data": data, "config": config, "auth": auth}, path))
+    if save:
+        names |= referenced_names({k: v for k, v in save.items() if k != "code"})
+    shipped = {name: scope[name] for name in names - WORKER_BOUND if name in scope and not callable(scope[name])}
+    return ActionSpec(type=step.type or "save", data=data, config=config, auth=auth, timeout=step.timeout,
+                      assert_returns=step.assert_returns, save=save, deferred=deferred, context=shipped)
+
+
+def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *, index: int | None = None,
+         phase: str = "action", result: Any = None) -> None:
+    s = tick.state
+    cid = command_id(s.execution_id, step, visit, attempt, index, phase)
+    s.work[cid] = Work(command_id=cid, step=step, visit=visit, attempt=attempt, index=index, phase=phase,
+                       dispatched=tick.time, result=result if phase == "save" else None)
+    tick.commands.append(Command(
+        command_id=cid, execution_id=s.execution_id, parent_execution_id=s.parent_execution_id, step=step,
+        visit=visit, attempt=attempt, index=index, phase=phase, result=result, action=action, time=tick.time,
+        lease_seconds=s.lease_seconds))
+
+
+def _render_deferring(value: Any, context: dict[str, Any], path: str, deferred: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _render_deferring(v, context, f"{path}.{k}", deferred) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_deferring(v, context, f"{path}.{i}", deferred) for i, v in enumerate(value)]
+    if isinstance(value, str) and ("{{" in value or "{%" in value):
+        if referenced_names(value) & ACTION_SIDE:
+            deferred.append(path)
+            return value
+        try:
+            return render(value, context)
+        except TemplateError as exc:
+            raise StepError(f"{path}: {exc}") from exc
+    return value
+
+
+def _lookup(root: Any, path: str) -> Any:
+    node = root
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def redeliver(state: ExecutionState) -> list[Command]:
+    """The commands of every attempt still in flight, rebuilt from the state with their original ids.
+
+    A runtime that lost its in-flight messages (an embedded server restart) sends these again; workers and
+    the fold drop what they already saw, by command id and attempt.
+    """
+    commands = []
+    for work in state.work.values():
+        run = state.steps[work.step]
+        action = run.iteration.actions.get(work.index) if work.index is not None and run.iteration else run.action
+        if action is None or work.child_execution_id:   # a started child reports back by itself
+            continue
+        commands.append(Command(
+            command_id=work.command_id, execution_id=state.execution_id, parent_execution_id=state.parent_execution_id,
+            step=work.step, visit=work.visit, attempt=work.attempt, index=work.index, phase=work.phase,
+            result=work.result, action=action, time=work.dispatched, lease_seconds=state.lease_seconds))
+    return commands

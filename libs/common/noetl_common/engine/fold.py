@@ -1,0 +1,243 @@
+"""advance(state, message) -> Transition: the one function both runtimes (embedded, faust) call.
+
+Pure: no I/O, no clock, no randomness; time and ids arrive on the message. The state passed in is owned by
+the call and is mutated in place (see state.py for why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from noetl_common.dsl import load_playbook
+from noetl_common.engine import iterator
+from noetl_common.engine.actions import send
+from noetl_common.engine.dispatch import schedule
+from noetl_common.engine.lifecycle import (cancel_execution, complete_execution, complete_step, fail_execution,
+                                           fail_step, finished)
+from noetl_common.engine.retry import decide
+from noetl_common.engine.tick import Tick, compile_state
+from noetl_common.merge import deep_merge
+from noetl_common.messages import (ActionCompleted, ActionFailed, ActionHeartbeat, ActionStarted, CancelExecution,
+                                   ChildFinished, ChildStarted, Command, Event, StartExecution, TimerFired)
+from noetl_common.state import ExecutionState, Pending, Work
+
+LEASE_GRACE = 5.0   # seconds a worker gets beyond a step timeout before the fold declares the attempt lost
+
+
+@dataclass
+class Transition:
+    state: ExecutionState | None
+    events: list[Event] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    requests: list[Any] = field(default_factory=list)     # messages for other executions' keys
+    timers: dict[str, float] = field(default_factory=dict)  # deadlines set by this message
+    stale: bool = False                                     # the message was a duplicate or out of date
+
+
+def advance(state: ExecutionState | None, msg: Any) -> Transition:
+    """Fold one inbound message; return the new state, the events to append and the commands to send."""
+    if isinstance(msg, StartExecution):
+        if state is not None:
+            return Transition(state, stale=True)
+        tick = _start(msg)
+    elif state is None or state.terminal:
+        return Transition(state, stale=True)
+    else:
+        tick = Tick(state, compile_state(state), msg.time)
+        _HANDLERS[type(msg)](tick, msg)
+    if not tick.state.terminal:
+        schedule(tick)
+        if not tick.state.terminal and finished(tick):
+            complete_execution(tick)
+    return Transition(tick.state, tick.events, tick.commands, tick.requests, tick.timers, tick.stale)
+
+
+def _start(msg: StartExecution) -> Tick:
+    playbook, problems = load_playbook(msg.playbook)
+    base = playbook.workload if playbook else {}
+    state = ExecutionState(
+        execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
+        workload=deep_merge(base, msg.payload), parent_execution_id=msg.parent_execution_id,
+        parent_command_id=msg.parent_command_id, parent_step=msg.parent_step, return_step=msg.return_step,
+        lease_seconds=msg.lease_seconds, started=msg.time)
+    tick = Tick(state, compile_state(state, playbook), msg.time)
+    name = playbook.name if playbook else str(msg.playbook.get("metadata", {}).get("name", msg.path))
+    tick.emit("execution_start", name, "playbook", "STARTED", meta={
+        "path": msg.path, "version": msg.version, "workload": state.workload,
+        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step})
+    if playbook is None:
+        errors = "; ".join(f"{p.path}: {p.message}" for p in problems if p.severity == "error")
+        fail_execution(tick, f"invalid playbook: {errors}")
+    else:
+        state.pending["start"] = Pending(arrivals=[{}])
+    return tick
+
+
+def _cancel(tick: Tick, msg: CancelExecution) -> None:
+    cancel_execution(tick, msg.reason)
+
+
+def _action_started(tick: Tick, msg: ActionStarted) -> None:
+    work = tick.state.work.get(msg.command_id)
+    if work is None or work.started is not None:
+        tick.stale = True
+        return
+    work.started = msg.time
+    tick.set_timer(f"lease:{work.command_id}", msg.time + _lease(tick, work))
+    if work.index is None and work.phase == "action":
+        tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id)
+
+
+def _heartbeat(tick: Tick, msg: ActionHeartbeat) -> None:
+    work = tick.state.work.get(msg.command_id)
+    if work is None or work.started is None or _timeout(tick, work) is not None or work.child_execution_id:
+        tick.stale = work is None
+        return
+    tick.set_timer(f"lease:{work.command_id}", msg.time + tick.state.lease_seconds)
+
+
+def _child_started(tick: Tick, msg: ChildStarted) -> None:
+    work = tick.state.work.get(msg.command_id)
+    if work is None:
+        tick.stale = True
+        return
+    work.child_execution_id = msg.child_execution_id
+    timeout = _timeout(tick, work)   # a child has no lease: the parent waits for it, bounded only by timeout
+    if timeout is None:
+        tick.clear_timer(f"lease:{work.command_id}")
+    else:
+        tick.set_timer(f"lease:{work.command_id}", (work.started or msg.time) + timeout)
+
+
+def _child_finished(tick: Tick, msg: ChildFinished) -> None:
+    if msg.status == "COMPLETED":
+        _action_completed(tick, ActionCompleted(execution_id=msg.execution_id, command_id=msg.command_id,
+                                                time=msg.time, result=msg.result))
+    else:
+        error = f"child execution {msg.child_execution_id} {msg.status.lower()}: {msg.error}"
+        _action_failed(tick, ActionFailed(execution_id=msg.execution_id, command_id=msg.command_id,
+                                          time=msg.time, error=error))
+
+
+def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
+    s = tick.state
+    work = s.work.pop(msg.command_id, None)
+    if work is None:
+        tick.stale = True
+        return
+    tick.clear_timer(f"lease:{work.command_id}")
+    if msg.variables:
+        s.variables.update(msg.variables)
+        tick.invalidate()
+    step = tick.playbook.steps[work.step]
+    run = s.steps[work.step]
+    action = _action_of(run, work)
+    if work.phase == "action" and work.index is None:
+        meta = {k: v for k, v in (("log", msg.log), ("saved", msg.saved)) if v is not None}
+        tick.emit("action_completed", work.step, "task", "COMPLETED", attempt=work.attempt, result=msg.result,
+                  command_id=work.command_id, duration=msg.time - (work.started or work.dispatched),
+                  meta=meta or None)
+    if work.phase == "action" and work.child_execution_id and action is not None and action.save:
+        # A child playbook's result is saved by a worker before the step (or item) completes.
+        send(tick, work.step, work.visit, work.attempt, action, index=work.index, phase="save", result=msg.result)
+        return
+    if work.index is not None:
+        iterator.item_completed(tick, step, run, work.index, msg.result)
+    else:
+        complete_step(tick, work.step, msg.result)
+
+
+def _action_failed(tick: Tick, msg: ActionFailed) -> None:
+    s = tick.state
+    work = s.work.pop(msg.command_id, None)
+    if work is None:
+        tick.stale = True
+        return
+    tick.clear_timer(f"lease:{work.command_id}")
+    step = tick.playbook.steps[work.step]
+    run = s.steps[work.step]
+    if step.iterator is not None:   # items retry by the task's policy; the iterator's own save does not retry
+        policy = step.iterator.task.retry if work.index is not None else None
+    else:
+        policy = step.retry
+    tick.emit("action_error", work.step, "task", "FAILED", attempt=work.attempt, error=msg.error,
+              result=msg.result, current_index=work.index, command_id=work.command_id,
+              meta={"status_code": msg.status_code} if msg.status_code is not None else None)
+    decision = decide(policy, work.attempt, work.command_id, msg.error, msg.status_code, msg.result, tick.context())
+    error = f"{msg.error} ({decision.note})" if decision.note else msg.error
+    if not decision.retry:
+        if work.index is not None:
+            return iterator.item_failed(tick, step, run, work.index, error)
+        return fail_step(tick, work.step, error)
+    tick.emit("action_retry", work.step, "step", "RETRYING", attempt=work.attempt, current_index=work.index,
+              result={"attempt": work.attempt, "next_attempt": work.attempt + 1, "delay": decision.delay})
+    key = f"retry:{work.step}" + (f":{work.index}" if work.index is not None else "")
+    if work.index is None:
+        run.attempt = work.attempt + 1
+        s.set_status(work.step, "retry_wait")
+    else:
+        assert run.iteration is not None
+        run.iteration.attempts[work.index] = work.attempt + 1
+    if decision.delay > 0:
+        tick.set_timer(key, tick.time + decision.delay)
+    else:
+        _retry_now(tick, work.step, work.index)
+
+
+def _retry_now(tick: Tick, name: str, index: int | None) -> None:
+    run = tick.state.steps[name]
+    if index is None:
+        assert run.action is not None
+        tick.state.set_status(name, "running")
+        step = tick.playbook.steps[name]
+        send(tick, name, run.visit, run.attempt, run.action, phase="save" if step.is_control else "action")
+    else:
+        assert run.iteration is not None
+        send(tick, name, run.visit, run.iteration.attempts[index], run.iteration.actions[index], index=index)
+
+
+def _timer_fired(tick: Tick, msg: TimerFired) -> None:
+    s = tick.state
+    due = s.timers.get(msg.timer)
+    if due is None or msg.time + 1e-3 < due:   # cancelled, or moved later (a heartbeat extended it)
+        tick.stale = True
+        return
+    del s.timers[msg.timer]
+    kind, _, rest = msg.timer.partition(":")
+    if kind == "retry":
+        name, _, index = rest.partition(":")
+        _retry_now(tick, name, int(index) if index else None)
+    elif kind == "lease":
+        work = s.work.get(rest)
+        if work is None:
+            return
+        timeout = _timeout(tick, work)
+        error = (f"timed out after {timeout:g}s" if timeout is not None
+                 else f"worker lease expired: no heartbeat for {s.lease_seconds:g}s")
+        if work.child_execution_id:
+            tick.requests.append(CancelExecution(execution_id=work.child_execution_id, time=msg.time, reason=error))
+        _action_failed(tick, ActionFailed(execution_id=s.execution_id, command_id=work.command_id,
+                                          time=msg.time, error=error))
+
+
+def _action_of(run: Any, work: Work) -> Any:
+    if work.index is not None:
+        return run.iteration.actions.get(work.index) if run.iteration else None
+    return run.action
+
+
+def _timeout(tick: Tick, work: Work) -> float | None:
+    action = _action_of(tick.state.steps[work.step], work)
+    return action.timeout if action is not None else None
+
+
+def _lease(tick: Tick, work: Work) -> float:
+    timeout = _timeout(tick, work)
+    return timeout + LEASE_GRACE if timeout is not None else tick.state.lease_seconds
+
+
+_HANDLERS = {
+    CancelExecution: _cancel, ActionStarted: _action_started, ActionHeartbeat: _heartbeat,
+    ActionCompleted: _action_completed, ActionFailed: _action_failed, ChildStarted: _child_started,
+    ChildFinished: _child_finished, TimerFired: _timer_fired,
+}

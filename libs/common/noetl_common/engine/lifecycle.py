@@ -1,0 +1,118 @@
+"""How steps and executions end: completion with routing, failure, cancel, and telling the parent."""
+from __future__ import annotations
+
+from typing import Any
+
+from noetl_common.engine.errors import StepError
+from noetl_common.engine.graph import edge_data, fire
+from noetl_common.engine.tick import Tick
+from noetl_common.messages import CancelExecution, ChildFinished
+from noetl_common.render import TemplateError, render, this_view
+from noetl_common.state import Pending
+
+END_STEP = "end"
+
+
+def step_scope(tick: Tick, result: Any) -> dict[str, Any]:
+    return {**tick.context(), "result": result, "this": this_view(result)}
+
+
+def complete_step(tick: Tick, name: str, result: Any) -> None:
+    """Store the result, route (`next`), and at `end` render the execution result. A routing or result
+    template that fails fails the step instead (it is never silently false)."""
+    step = tick.playbook.steps[name]
+    run = tick.state.steps[name]
+    scope = step_scope(tick, result)
+    try:
+        arrivals = [(edge.step, edge_data(edge, scope)) for edge in fire(step.next, scope)]
+        final = _execution_result(step, result, scope) if name == END_STEP else None
+    except StepError as exc:
+        return fail_step(tick, name, str(exc))
+    tick.state.set_status(name, "completed")
+    run.result, run.error = result, None
+    tick.state.results[name] = result
+    tick.invalidate()
+    tick.emit("step_completed", name, "step", "COMPLETED", result=result, duration=tick.time - run.started)
+    if name == END_STEP:
+        tick.state.result = final
+    for target, data in arrivals:
+        tick.state.pending.setdefault(target, Pending()).arrivals.append(data)
+
+
+def _execution_result(step: Any, result: Any, scope: dict[str, Any]) -> Any:
+    if step.has_result:
+        try:
+            return render(step.result, scope)
+        except TemplateError as exc:
+            raise StepError(f"result: {exc}") from exc
+    return None if step.is_control else result
+
+
+def fail_step(tick: Tick, name: str, error: str) -> None:
+    run = tick.state.steps[name]
+    tick.state.set_status(name, "failed")
+    run.error = error
+    tick.emit("step_failed", name, "step", "FAILED", error=error, attempt=run.attempt)
+    fail_execution(tick, f"step '{name}' failed: {error}")
+
+
+def fail_execution(tick: Tick, error: str) -> None:
+    s = tick.state
+    if s.terminal:
+        return
+    s.status, s.error, s.finished = "FAILED", error, tick.time
+    tick.emit("execution_failed", _playbook_name(tick), "playbook", "FAILED", error=error,
+              duration=tick.time - s.started)
+    _stop_work(tick, f"execution failed: {error}")
+    _tell_parent(tick)
+
+
+def complete_execution(tick: Tick) -> None:
+    s = tick.state
+    s.status, s.finished = "COMPLETED", tick.time
+    tick.emit("execution_complete", _playbook_name(tick), "playbook", "COMPLETED", result=s.result,
+              duration=tick.time - s.started)
+    _tell_parent(tick)
+
+
+def cancel_execution(tick: Tick, reason: str) -> None:
+    s = tick.state
+    s.status, s.error, s.finished = "CANCELLED", reason, tick.time
+    for name in list(s.active):
+        s.set_status(name, "cancelled")
+    tick.emit("execution_cancelled", _playbook_name(tick), "playbook", "CANCELLED", error=reason,
+              duration=tick.time - s.started)
+    _stop_work(tick, reason)
+    _tell_parent(tick)
+
+
+def finished(tick: Tick) -> bool:
+    """Nothing pending and nothing active: the execution is done (DSL §3 Completion)."""
+    s = tick.state
+    return not s.pending and not s.active_steps()
+
+
+def _stop_work(tick: Tick, reason: str) -> None:
+    """Nothing new is dispatched; child executions still running are cancelled; deadlines are dropped."""
+    s = tick.state
+    for work in s.work.values():
+        if work.child_execution_id:
+            tick.requests.append(CancelExecution(execution_id=work.child_execution_id, time=tick.time,
+                                                 reason=f"parent {s.execution_id}: {reason}"))
+    s.work.clear()
+    s.pending.clear()
+    s.timers.clear()
+
+
+def _tell_parent(tick: Tick) -> None:
+    s = tick.state
+    if not (s.parent_execution_id and s.parent_command_id):
+        return
+    result = s.results.get(s.return_step) if s.return_step else s.result
+    tick.requests.append(ChildFinished(
+        execution_id=s.parent_execution_id, command_id=s.parent_command_id, child_execution_id=s.execution_id,
+        status=s.status, result=result, error=s.error, time=tick.time))
+
+
+def _playbook_name(tick: Tick) -> str:
+    return tick.compiled.playbook.name if tick.compiled else str(tick.state.playbook.get("metadata", {}).get("name", "playbook"))

@@ -1,0 +1,180 @@
+"""Every message that crosses a boundary: inbound messages to the fold, commands to workers, events out.
+
+The one place where these shapes are defined (architecture §1). All are versioned pydantic models; the
+codec (`noetl_common.codec`) turns them into bytes and back. Time travels on the messages as epoch
+seconds (`time`), so the fold never reads a clock.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+EventType = Literal[
+    "execution_start", "step_started", "action_started", "action_completed", "action_error", "action_retry",
+    "iteration_started", "iteration_completed", "iteration_failed", "iterator_completed", "step_completed",
+    "step_failed", "execution_complete", "execution_failed", "execution_cancelled",
+]
+TERMINAL_EVENTS = ("execution_complete", "execution_failed", "execution_cancelled")
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events (noetl.events): the canonical log of DSL §6, written only by the fold.
+# ---------------------------------------------------------------------------------------------------------
+class Event(_Msg):
+    event_id: str                       # deterministic: derived from the cause
+    execution_id: str
+    parent_execution_id: str | None = None
+    seq: int                            # position in the execution's log (total order, 0-based)
+    event_type: EventType
+    node_name: str                      # the step, or the playbook name for execution_* events
+    node_type: str                      # playbook | step | task | iterator | iteration
+    status: str                         # STARTED | RUNNING | COMPLETED | FAILED | RETRYING | CANCELLED
+    timestamp: str                      # ISO-8601 UTC, from the message that caused it
+    time: float                         # the same instant as epoch seconds
+    result: Any = None
+    error: str | None = None
+    attempt: int | None = None
+    current_index: int | None = None
+    current_item: Any = None
+    duration: float | None = None       # seconds
+    command_id: str | None = None
+    meta: dict[str, Any] | None = None  # execution_start: path, version, workload, parent_step; logs; saves
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands (noetl.commands.<pool>): one attempt of one step (or of one iteration), for a worker.
+# ---------------------------------------------------------------------------------------------------------
+class ActionSpec(_Msg):
+    """What the worker runs. Everything the fold could render is rendered; the rest is listed in `deferred`."""
+    type: str                            # python | http | postgres | duckdb | playbook | save | secrets
+    data: dict[str, Any] = Field(default_factory=dict)     # rendered inputs
+    config: dict[str, Any] = Field(default_factory=dict)   # rendered action keys (code is never rendered)
+    auth: Any = None                     # rendered credential reference(s), never resolved secrets
+    timeout: float | None = None
+    assert_returns: list[str] = Field(default_factory=list)
+    save: dict[str, Any] | None = None   # SaveSpec dump, templates unrendered (needs result/this)
+    # Templates that need action-side names (`secret`, `uuid`): dotted paths into {data, config, auth}
+    # whose string values are still raw templates. The worker renders them with `context` + secrets.
+    deferred: list[str] = Field(default_factory=list)
+    context: dict[str, Any] = Field(default_factory=dict)  # the names deferred templates and `save` use
+
+
+class Command(_Msg):
+    command_id: str                      # f"{execution_id}:{step}:{visit}:{attempt}" (+ f":{index}" per item)
+    execution_id: str
+    parent_execution_id: str | None = None
+    step: str
+    visit: int
+    attempt: int
+    index: int | None = None             # iteration index for iterator tasks
+    phase: Literal["action", "save"] = "action"   # "save": skip the action, save `result`
+    result: Any = None                   # phase "save": the result to save
+    pool: str = "default"
+    action: ActionSpec
+    time: float                          # when it was dispatched
+    lease_seconds: float                 # the worker heartbeats well within this
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inbound (noetl.requests + noetl.results): everything the fold consumes, keyed by execution_id.
+# ---------------------------------------------------------------------------------------------------------
+class StartExecution(_Msg):
+    kind: Literal["start"] = "start"
+    execution_id: str
+    time: float
+    playbook: dict[str, Any]             # the playbook document as parsed YAML (the fold normalises it)
+    path: str
+    version: int | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)   # deep-merged over the playbook's workload
+    parent_execution_id: str | None = None
+    parent_command_id: str | None = None   # the parent's command that started this child
+    parent_step: str | None = None
+    return_step: str | None = None
+    lease_seconds: float = 30.0
+
+
+class CancelExecution(_Msg):
+    kind: Literal["cancel"] = "cancel"
+    execution_id: str
+    time: float
+    reason: str = "cancelled"
+
+
+class ActionStarted(_Msg):
+    kind: Literal["action_started"] = "action_started"
+    execution_id: str
+    command_id: str
+    time: float
+    worker_id: str | None = None
+
+
+class ActionHeartbeat(_Msg):
+    kind: Literal["heartbeat"] = "heartbeat"
+    execution_id: str
+    command_id: str
+    time: float
+
+
+class ActionCompleted(_Msg):
+    kind: Literal["action_completed"] = "action_completed"
+    execution_id: str
+    command_id: str
+    time: float
+    result: Any = None                   # the unwrapped result (after assert.returns and save)
+    saved: Any = None                    # rendered data of an `event` save
+    variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
+    log: str | None = None               # captured stdout/stderr (python)
+
+
+class ActionFailed(_Msg):
+    kind: Literal["action_failed"] = "action_failed"
+    execution_id: str
+    command_id: str
+    time: float
+    error: str
+    status_code: int | None = None       # http: visible to retry_when
+    result: Any = None                   # what the failed attempt produced, if anything
+    log: str | None = None
+
+
+class ChildStarted(_Msg):
+    """A worker started the child execution of a `type: playbook` command; the parent now waits for it."""
+    kind: Literal["child_started"] = "child_started"
+    execution_id: str
+    command_id: str
+    child_execution_id: str
+    time: float
+
+
+class ChildFinished(_Msg):
+    """Emitted by the child's fold when it ends, addressed to the parent's key."""
+    kind: Literal["child_finished"] = "child_finished"
+    execution_id: str                    # the parent
+    command_id: str                      # the parent's command that started the child
+    child_execution_id: str
+    status: Literal["COMPLETED", "FAILED", "CANCELLED"]
+    result: Any = None                   # return_step's result, else the child's execution result
+    error: str | None = None
+    time: float
+
+
+class TimerFired(_Msg):
+    kind: Literal["timer_fired"] = "timer_fired"
+    execution_id: str
+    timer: str                           # the key of the deadline in the state
+    time: float
+
+
+Inbound = Annotated[
+    Union[StartExecution, CancelExecution, ActionStarted, ActionHeartbeat, ActionCompleted, ActionFailed,
+          ChildStarted, ChildFinished, TimerFired],
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,44 @@
+"""Ports: the interfaces the edges implement (SQLite/in-memory for embedded mode, Postgres/Kafka for the cluster).
+
+One contract suite per port runs against every implementation.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Protocol
+
+from pydantic import BaseModel
+
+
+class CatalogEntry(BaseModel):
+    path: str
+    version: int
+    content: str                 # the YAML text as registered
+    document: dict[str, Any]     # parsed
+    created_at: float
+
+
+class Credential(BaseModel):
+    name: str
+    type: str                    # postgres | bearer | basic | api_key | header | generic ...
+    data: dict[str, Any]         # decrypted; never logged, never in events
+    description: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class CatalogPort(Protocol):
+    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry: ...
+    async def get(self, path: str, version: int | None = None) -> CatalogEntry | None: ...  # None = latest
+    async def list(self) -> list[CatalogEntry]: ...
+
+
+class CredentialPort(Protocol):
+    async def put(self, name: str, type: str, data: dict[str, Any], description: str | None = None) -> Credential: ...
+    async def get(self, name: str) -> Credential | None: ...
+    async def list(self) -> list[Credential]: ...         # `data` emptied
+    async def delete(self, name: str) -> bool: ...
+
+
+# The worker reports facts (ActionStarted/Completed/Failed, heartbeats, ChildStarted) and starts child
+# executions (StartExecution) through one callable: the runtime routes each message to the right topic.
+Emit = Callable[[BaseModel], Awaitable[None]]

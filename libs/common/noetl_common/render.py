@@ -1,0 +1,343 @@
+"""Template rendering for the NoETL DSL (docs/playbook-dsl.md section 5).
+
+Pure: no I/O, clock, env or randomness. Callables such as `now`/`uuid` are put into the
+context by the caller where the DSL allows them, so a replayed fold renders identically.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator, ItemsView, KeysView, Mapping, ValuesView
+from typing import Any
+
+from jinja2 import StrictUndefined, meta, nodes
+from jinja2 import TemplateSyntaxError as _JinjaSyntaxError
+from jinja2.exceptions import TemplateError as _JinjaError
+from jinja2.runtime import Context, missing
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import object_type_repr
+
+__all__ = [
+    "TemplateError", "render", "evaluate", "truthy", "syntax_error", "referenced_names",
+    "this_view", "unwrap", "missing_paths",
+]
+
+_LENIENT = ("data", "result")      # NoETL accessors that fall back to the value itself
+_CACHE_MAX = 10_000                # cleared wholesale when exceeded: simple and bounded
+# A lone "{{ expr }}" (optionally with whitespace control). The regex only proposes the
+# inner text; the parsed AST decides, because "{{ a }} {{ b }}" also matches it.
+_LONE = re.compile(r"\A\s*\{\{-?(.*?)-?\}\}\s*\Z", re.DOTALL)
+
+
+class TemplateError(Exception):
+    """Any failure to render a template; str() names the template and the cause."""
+
+    def __init__(self, template: Any, cause: BaseException | str):
+        self.template = template
+        self.cause = cause
+        if isinstance(cause, _JinjaSyntaxError):     # incl. unknown filter/test names
+            reason = f"syntax error: {cause.message}"
+        elif isinstance(cause, _JinjaError):         # undefined / sandbox: reads well as is
+            reason = str(cause)
+        elif isinstance(cause, BaseException):       # Python errors (1/0, bad JSON) need the type
+            reason = f"{type(cause).__name__}: {cause}"
+        else:
+            reason = cause
+        super().__init__(f"{reason} in template {template!r}")
+
+
+class _Undefined(StrictUndefined):
+    """StrictUndefined whose message names the missing name (the DSL error must name it)."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        if self._undefined_hint:           # e.g. the sandbox's "access ... is unsafe"
+            return self._undefined_hint
+        name, obj = self._undefined_name, self._undefined_obj
+        if not isinstance(name, str):               # xs[5] on a short list
+            return f"no element {name!r} in {object_type_repr(obj)}"
+        return f"undefined name {name!r}"           # a missing variable, key or attribute
+
+    # repr() must fail too, or "{{ [x.nope] }}" inside text would print "[Undefined]".
+    __repr__ = StrictUndefined._fail_with_undefined_error
+
+
+class _Context(Context):
+    # The caller's context is used as the parent *without copying* (shared=True), which
+    # skips Jinja's usual merge of env globals into it, so fall back to them here.
+    def resolve_or_missing(self, key: str) -> Any:
+        rv = super().resolve_or_missing(key)
+        if rv is missing:
+            rv = self.environment.globals.get(key, missing)
+        return rv
+
+
+def _is_mapping(obj: Any) -> bool:
+    return type(obj) is dict or isinstance(obj, Mapping)   # dict first: the common, cheap case
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """Immutable sandbox (templates cannot mutate engine state) with keys-win and lenient
+    `.data`/`.result` lookups."""
+
+    context_class = _Context
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if _is_mapping(obj):
+            try:
+                return obj[attribute]           # keys win over dict methods (items, keys...)
+            except (KeyError, TypeError):
+                if attribute in _LENIENT:
+                    return obj
+        elif attribute in _LENIENT and isinstance(obj, (list, tuple)):
+            return obj
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if _is_mapping(obj):
+            try:
+                return obj[argument]
+            except (KeyError, TypeError):
+                if type(argument) is str and argument in _LENIENT:
+                    return obj
+        elif type(argument) is str and argument in _LENIENT and isinstance(obj, (list, tuple)):
+            return obj
+        return super().getitem(obj, argument)
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    # Exactly json.dumps: Jinja's builtin HTML-escapes <, >, &, ' which corrupts payloads.
+    return json.dumps(value, indent=indent)
+
+
+def _b64encode(value: str | bytes) -> str:
+    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _b64decode(value: str | bytes) -> str:
+    return base64.b64decode(value).decode("utf-8")
+
+
+_ENV = _Env(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
+_ENV.filters.update(tojson=_tojson, fromjson=json.loads, b64encode=_b64encode, b64decode=_b64decode)
+# Non-deterministic helpers would break replaying the fold: drop them.
+_ENV.filters.pop("random", None)
+_ENV.globals.pop("lipsum", None)
+
+
+# --- compilation (cached per template string) --------------------------------------------
+
+class _Compiled:
+    __slots__ = ("template", "native", "pure_path")
+
+    def __init__(self, template: Any, native: bool, pure_path: bool):
+        self.template = template        # jinja Template (for an expression: its `result=` form)
+        self.native = native            # lone {{ expr }}: return the value, not text
+        self.pure_path = pure_path      # a.b['c'] only: result is context data, no scan needed
+
+
+_compiled: dict[str, _Compiled | TemplateError] = {}
+_names: dict[str, frozenset[str]] = {}
+
+
+def _is_pure_path(node: nodes.Node) -> bool:
+    while True:
+        if isinstance(node, nodes.Name):
+            return True
+        if isinstance(node, nodes.Getattr):
+            node = node.node
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            node = node.node
+        else:
+            return False
+
+
+def _compile(text: str) -> _Compiled:
+    entry = _compiled.get(text)
+    if entry is None:
+        entry = _compile_uncached(text)
+        if len(_compiled) >= _CACHE_MAX:
+            _compiled.clear()
+        _compiled[text] = entry
+    if isinstance(entry, TemplateError):
+        # A fresh exception per raise: re-raising the cached one would grow its traceback.
+        raise TemplateError(entry.template, entry.cause)
+    return entry
+
+
+def _compile_uncached(text: str) -> _Compiled | TemplateError:
+    try:
+        ast = _ENV.parse(text)
+        lone = _LONE.match(text)
+        if lone and len(ast.body) == 1 and isinstance(ast.body[0], nodes.Output):
+            exprs = [n for n in ast.body[0].nodes
+                     if not (isinstance(n, nodes.TemplateData) and not n.data.strip())]
+            if len(exprs) == 1 and not isinstance(exprs[0], nodes.TemplateData):
+                # compile_expression gives a template that stores the value in vars['result'];
+                # we run that template ourselves to avoid TemplateExpression's context copy.
+                expr = _ENV.compile_expression(lone.group(1), undefined_to_none=False)
+                return _Compiled(expr._template, True, _is_pure_path(exprs[0]))
+        return _Compiled(_ENV.from_string(ast), False, False)
+    except _JinjaSyntaxError as exc:    # includes unknown filters/tests (TemplateAssertionError)
+        return TemplateError(text, exc)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def _has_undefined(value: Any) -> bool:
+    if isinstance(value, _Undefined):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_undefined(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_undefined(v) for v in value.values())
+    return False
+
+
+def _render_str(text: str, context: Mapping[str, Any]) -> Any:
+    entry = _compile(text)
+    template = entry.template
+    try:
+        ctx = template.new_context(context, shared=True)    # shared: no copy of the context
+        if not entry.native:
+            return "".join(template.root_render_func(ctx))
+        for _ in template.root_render_func(ctx):
+            pass
+        rv = ctx.vars["result"]
+        if isinstance(rv, _Undefined):
+            rv._fail_with_undefined_error()
+        if isinstance(rv, (Iterator, range, KeysView, ValuesView, ItemsView)):
+            rv = list(rv)                 # e.g. "{{ xs | map('x') }}": a generator is no value
+        elif isinstance(rv, str) and type(rv) is not str:
+            rv = str(rv)                  # Markup from e.g. |escape: hand back a plain str
+        if not entry.pure_path and _has_undefined(rv):
+            _find_undefined(rv)._fail_with_undefined_error()
+        return rv
+    except TemplateError:
+        raise
+    except Exception as exc:              # any failure while rendering, e.g. 1/0, bad fromjson
+        raise TemplateError(text, exc) from exc
+
+
+def _find_undefined(value: Any) -> Any:
+    if isinstance(value, _Undefined):
+        return value
+    items = value.values() if isinstance(value, dict) else value
+    return next(_find_undefined(v) for v in items if _has_undefined(v))
+
+
+def _has_markers(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+def render(value: Any, context: Mapping[str, Any]) -> Any:
+    """Render templates inside value: dict values and list items recursively (keys are not
+    rendered), a lone "{{ expr }}" to its native value, other templates to text."""
+    if isinstance(value, str):
+        return _render_str(value, context) if _has_markers(value) else value
+    if isinstance(value, dict):
+        return {k: render(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render(v, context) for v in value]
+    if isinstance(value, tuple):
+        return tuple(render(v, context) for v in value)
+    return value
+
+
+def evaluate(template: str, context: Mapping[str, Any]) -> Any:
+    """Render one string (a `when`, a where/order_by expression) to its value."""
+    return render(template, context)
+
+
+_TRUE = frozenset(("true", "yes", "1"))
+_FALSE = frozenset(("false", "no", "0", "none", "null", ""))
+
+
+def truthy(value: Any) -> bool:
+    """DSL section 3: Python truthiness, but rendered text like 'false' or 'null' is false."""
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        return True
+    return bool(value)
+
+
+def syntax_error(text: str) -> str | None:
+    """None if the templates in text compile, else a message naming the text (validator)."""
+    if not isinstance(text, str) or not _has_markers(text):
+        return None
+    try:
+        _compile(text)                    # also warms the cache for the run
+    except TemplateError as exc:
+        return str(exc)
+    return None
+
+
+def _names_of(text: str) -> frozenset[str]:
+    names = _names.get(text)
+    if names is None:
+        try:
+            names = frozenset(meta.find_undeclared_variables(_ENV.parse(text)))
+        except _JinjaSyntaxError as exc:
+            raise TemplateError(text, exc) from exc
+        if len(_names) >= _CACHE_MAX:
+            _names.clear()
+        _names[text] = names
+    return names
+
+
+def referenced_names(value: Any) -> set[str]:
+    """Top-level context names used by every template inside value (to ship only those)."""
+    out: set[str] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _has_markers(v):
+                out |= _names_of(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return out
+
+
+def this_view(result: Any, status: str = "COMPLETED", error: str | None = None) -> dict:
+    """`this` (DSL section 5): the result's keys overlaid with data/result (= the result),
+    status and error. The overlay wins over result keys of the same names."""
+    view = dict(result) if isinstance(result, Mapping) else {}
+    view.update(data=result, result=result, status=status, error=error)
+    return view
+
+
+def unwrap(value: Any) -> Any:
+    """NoETL envelope {status, data, ...} -> data; anything else unchanged."""
+    if isinstance(value, Mapping) and "status" in value and "data" in value:
+        return value["data"]
+    return value
+
+
+def missing_paths(value: Any, paths: list[str]) -> list[str]:
+    """The dotted paths (assert.expects/returns) that do not exist in value, in order.
+    Strict: no lenient data/result fallback, so a contract means what it says."""
+    out = []
+    for path in paths:
+        cur = value
+        for seg in str(path).split("."):
+            if isinstance(cur, Mapping) and seg in cur:
+                cur = cur[seg]
+            elif isinstance(cur, (list, tuple)) and seg.lstrip("-").isdigit() \
+                    and -len(cur) <= int(seg) < len(cur):
+                cur = cur[int(seg)]
+            else:
+                out.append(path)
+                break
+    return out

@@ -1,0 +1,111 @@
+"""Execution state: everything the fold knows about one execution, serialisable to bytes.
+
+The fold mutates the state it is given (it owns it for the duration of `advance`): copying a state with
+thousands of iteration results on every message would make big iterators quadratic.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, PrivateAttr
+
+from noetl_common.messages import ActionSpec
+
+StepStatus = Literal["running", "retry_wait", "completed", "failed", "cancelled"]
+ExecutionStatus = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+
+
+class Work(BaseModel):
+    """One attempt in flight: a command sent to a worker (or a child execution it started)."""
+    command_id: str
+    step: str
+    visit: int
+    attempt: int
+    index: int | None = None           # iteration index
+    phase: Literal["action", "save"] = "action"
+    dispatched: float
+    started: float | None = None       # ActionStarted seen
+    child_execution_id: str | None = None
+    result: Any = None                 # phase "save": the result being saved (kept for redelivery)
+
+
+class IteratorRun(BaseModel):
+    items: list[Any]                   # after where → order_by → limit → chunk
+    next_index: int = 0                # next item to dispatch
+    results: dict[int, Any] = Field(default_factory=dict)
+    attempts: dict[int, int] = Field(default_factory=dict)   # current attempt per in-flight/waiting item
+    actions: dict[int, ActionSpec] = Field(default_factory=dict)  # rendered task per unfinished item (retries reuse it)
+    failed: dict[int, str] = Field(default_factory=dict)
+    retry_wait: list[int] = Field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+class StepRun(BaseModel):
+    """The latest visit of a step."""
+    status: StepStatus
+    visit: int
+    attempt: int = 1
+    started: float
+    data: dict[str, Any] = Field(default_factory=dict)   # rendered inputs of this visit
+    action: ActionSpec | None = None   # rendered action of this visit (retries reuse it)
+    iteration: IteratorRun | None = None
+    result: Any = None
+    error: str | None = None
+
+
+class Pending(BaseModel):
+    """A step targeted by at least one fired edge and not yet dispatched (a join waits here)."""
+    arrivals: list[dict[str, Any]] = Field(default_factory=list)   # rendered edge data, arrival order
+
+
+class ExecutionState(BaseModel):
+    execution_id: str
+    path: str
+    version: int | None = None
+    playbook: dict[str, Any]           # the document as submitted; normalised lazily (see `compiled`)
+    workload: dict[str, Any]
+    parent_execution_id: str | None = None
+    parent_command_id: str | None = None
+    parent_step: str | None = None
+    return_step: str | None = None
+    lease_seconds: float = 30.0
+    status: ExecutionStatus = "RUNNING"
+    started: float
+    finished: float | None = None
+    seq: int = 0                       # next event position
+    results: dict[str, Any] = Field(default_factory=dict)     # latest completed visit's result per step
+    variables: dict[str, Any] = Field(default_factory=dict)   # save: {name: X}
+    steps: dict[str, StepRun] = Field(default_factory=dict)
+    active: set[str] = Field(default_factory=set)   # steps running or waiting to retry (kept by set_status)
+    pending: dict[str, Pending] = Field(default_factory=dict)  # insertion order = arrival order
+    work: dict[str, Work] = Field(default_factory=dict)        # by command_id
+    timers: dict[str, float] = Field(default_factory=dict)     # durable deadlines: key -> due (epoch s)
+    result: Any = None                 # the execution result (rendered at `end`)
+    error: str | None = None
+
+    _compiled: Any = PrivateAttr(default=None)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status != "RUNNING"
+
+    def active_steps(self) -> set[str]:
+        """Steps dispatched, running or waiting to retry (pending ones are tracked in `pending`)."""
+        return self.active
+
+    def set_status(self, name: str, status: StepStatus) -> None:
+        self.steps[name].status = status
+        if status in ("running", "retry_wait"):
+            self.active.add(name)
+        else:
+            self.active.discard(name)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ExecutionState:
+        return cls.model_validate_json(raw)

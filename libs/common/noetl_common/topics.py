@@ -1,0 +1,35 @@
+"""Topic names: defined here and nowhere else (architecture §1). A prefix isolates installations/tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = ""
+
+    def _name(self, base: str) -> str:
+        return f"{self.prefix}{base}"
+
+    @property
+    def requests(self) -> str:
+        return self._name("noetl.requests")
+
+    @property
+    def results(self) -> str:
+        return self._name("noetl.results")
+
+    @property
+    def events(self) -> str:
+        return self._name("noetl.events")
+
+    @property
+    def catalog(self) -> str:
+        return self._name("noetl.catalog")
+
+    @property
+    def dlq(self) -> str:
+        return self._name("noetl.dlq")
+
+    def commands(self, pool: str = "default") -> str:
+        return self._name(f"noetl.commands.{pool}")

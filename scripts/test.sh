@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Every check CI runs (.ci/run is this script): a from-scratch install into a fresh venv, a throwaway
+# Postgres, the import contract, the test suite, the playbook conformance kit and, when present, the
+# quick benchmarks. All checks run even after one fails; the exit status is non-zero if any failed.
+#
+#   bash scripts/test.sh                 # exactly what CI does
+#   bash scripts/test.sh --venv .venv    # reuse (or create) this venv instead of a fresh temporary one
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+
+VENV=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --venv) VENV="$2"; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+# Time budgets (seconds) keep the whole run well under CI's 90 minutes.
+PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-1500}"
+CONFORMANCE_TIMEOUT="${NOETL_CONFORMANCE_TIMEOUT:-2100}"
+BENCH_TIMEOUT="${NOETL_BENCH_TIMEOUT:-600}"
+
+START=$SECONDS
+FAILED=()
+PASSED=()
+section() { printf '\n==================== %s  (t=%ss) ====================\n' "$1" "$((SECONDS - START))"; }
+record() {  # record NAME RC
+  if [[ "$2" -eq 0 ]]; then PASSED+=("$1"); echo "---- $1: OK"; else FAILED+=("$1"); echo "---- $1: FAILED (exit $2)"; fi
+}
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/noetl-test.XXXXXX")"
+PG_STARTED=""
+cleanup() {
+  if [[ -n "$PG_STARTED" ]]; then
+    bash "$ROOT/scripts/pg-stop.sh" "$PG_STARTED" || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------------------------------------ install
+section "install: pip install -e '.[server,kafka,test]'"
+if [[ -z "$VENV" ]]; then
+  VENV="$WORK/venv"
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv "$VENV"
+fi
+VENV="$(cd "$VENV" && pwd)"
+set +e
+"$VENV/bin/python" -m pip install --progress-bar off -q -e '.[server,kafka,test]' >"$WORK/pip.log" 2>&1
+rc=$?
+set -e
+# The machine's pip config lists local indexes that lack most packages; drop that noise, keep the rest.
+grep -v "is ignored: it is neither a file nor a directory" "$WORK/pip.log" || true
+if [[ $rc -ne 0 ]]; then
+  echo "pip install failed (exit $rc): nothing else can run"
+  exit "$rc"
+fi
+"$VENV/bin/python" --version
+export PATH="$VENV/bin:$PATH"
+export PYTHONUNBUFFERED=1
+
+# ----------------------------------------------------------------------------------------------- postgres
+section "postgres: scripts/pg-start.sh"
+unset NOETL_TEST_PG_DSN
+PG_ENV="$(bash scripts/pg-start.sh)"
+eval "$PG_ENV"
+PG_STARTED="$NOETL_TEST_PG_INFO"
+export NOETL_TEST_PG_DSN
+PG_BIN="$(sed -n 's/^PG_BIN=//p' "$NOETL_TEST_PG_INFO")"
+export PATH="$PATH:$PG_BIN"        # psql for the conformance kit, after any system one
+echo "NOETL_TEST_PG_DSN=$NOETL_TEST_PG_DSN"
+
+# --------------------------------------------------------------------------------------- import contract
+section "import contracts: lint-imports"
+set +e
+lint-imports
+record "lint-imports" $?
+set -e
+
+# --------------------------------------------------------------------------------------------------- tests
+section "tests: python -m pytest tests"
+set +e
+timeout --kill-after=30 "$PYTEST_TIMEOUT" python -m pytest tests
+rc=$?
+set -e
+if [[ $rc -eq 5 ]]; then
+  echo "pytest collected no tests: that is a failure"
+elif [[ $rc -eq 124 ]]; then
+  echo "pytest exceeded ${PYTEST_TIMEOUT}s"
+fi
+record "pytest" $rc
+
+# ------------------------------------------------------------------------------------------- conformance
+section "conformance: ../shared/conformance/run.py --cmd 'noetl run'"
+CONFORMANCE="$ROOT/../shared/conformance/run.py"
+if [[ -f "$CONFORMANCE" ]]; then
+  set +e
+  timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+    python "$CONFORMANCE" --cmd "noetl run" --pg-dsn "$NOETL_TEST_PG_DSN" --report "$WORK/conformance.json"
+  rc=$?
+  set -e
+  [[ $rc -eq 124 ]] && echo "conformance exceeded ${CONFORMANCE_TIMEOUT}s"
+  record "conformance" $rc
+else
+  echo "missing $CONFORMANCE (shared/ must sit beside the repository)"
+  record "conformance" 1
+fi
+
+# ------------------------------------------------------------------------------------------------- bench
+if [[ -f bench/run_all.py ]]; then
+  section "bench: python bench/run_all.py --quick"
+  set +e
+  timeout --kill-after=30 "$BENCH_TIMEOUT" python bench/run_all.py --quick
+  record "bench" $?
+  set -e
+fi
+
+# ----------------------------------------------------------------------------------------------- summary
+section "summary"
+for name in "${PASSED[@]}"; do echo "OK      $name"; done
+for name in "${FAILED[@]+"${FAILED[@]}"}"; do echo "FAILED  $name"; done
+echo "total time: $((SECONDS - START))s"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  echo "RESULT: FAILED (${FAILED[*]})"
+  exit 1
+fi
+echo "RESULT: all checks passed"

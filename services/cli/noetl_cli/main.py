@@ -1,0 +1,147 @@
+"""The `noetl` command line."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from noetl_common.dsl import load_playbook
+from noetl_cli.running import UsageError, load_credentials, parse_payload, register_catalogs, run_command
+from noetl_runtime.sqlite_store import SqliteStore
+
+app = typer.Typer(help="Run NoETL playbooks (noetl.io/v1): embedded by default.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+catalog_app = typer.Typer(help="The playbook catalog of the local store.", no_args_is_help=True)
+credential_app = typer.Typer(help="Credentials in the local store (encrypted at rest).", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(credential_app, name="credential")
+err = Console(stderr=True, highlight=False)
+
+StoreOption = typer.Option(None, "--store", envvar="NOETL_STORE",
+                           help="SQLite file for the event log, catalog and credentials (default ~/.noetl/noetl.db).")
+
+
+@app.command()
+def run(file: Path = typer.Argument(..., help="The playbook YAML file."),
+        payload: Optional[str] = typer.Option(None, "--payload", help="JSON object deep-merged into the workload."),
+        set_: list[str] = typer.Option([], "--set", help="key=value (dotted keys, YAML values); repeatable."),
+        catalog: list[Path] = typer.Option([], "--catalog", help="Register every playbook under DIR first."),
+        credentials: Optional[Path] = typer.Option(None, "--credentials", help="JSON {name: {type, data}}."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
+        timeout: Optional[float] = typer.Option(None, "--timeout", help="Cancel the run after S seconds."),
+        store: Optional[Path] = StoreOption) -> None:
+    """Run a playbook in this process and report what happened."""
+    try:
+        code = run_command(file, parse_payload(payload, set_), catalog, credentials, as_json, timeout, store)
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(file: Path = typer.Argument(..., help="The playbook YAML file."),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Check a playbook: every error with its location (exit 2), warnings for keys that do not apply."""
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot read {file}: {exc}")
+        raise typer.Exit(2)
+    playbook, problems = load_playbook(text)
+    if as_json:
+        print(json.dumps({"valid": playbook is not None, "problems": [p.model_dump() for p in problems]}))
+    else:
+        for p in problems:
+            colour = "red" if p.severity == "error" else "yellow"
+            err.print(f"[{colour}]{p.severity}[/] {p.path} (line {p.line}): {p.message}")
+        if playbook is not None:
+            print(f"valid: {playbook.path} ({len(playbook.steps)} steps)")
+    raise typer.Exit(0 if playbook is not None else 2)
+
+
+@catalog_app.command("register")
+def catalog_register(paths: list[Path] = typer.Argument(..., help="Playbook files or folders."),
+                     store: Optional[Path] = StoreOption) -> None:
+    """Register playbooks (each file must validate)."""
+    async def go() -> None:
+        async with SqliteStore(store) as db:
+            for path in paths:
+                files = sorted(path.rglob("*.y*ml")) if path.is_dir() else [path]
+                for file in files:
+                    text = file.read_text()
+                    playbook, problems = load_playbook(text)
+                    if playbook is None:
+                        if path.is_dir():
+                            continue
+                        for p in problems:
+                            err.print(f"[red]{p.path}[/] (line {p.line}): {p.message}")
+                        raise typer.Exit(2)
+                    entry = await db.catalog.register(text, yaml.safe_load(text), playbook.path)
+                    print(f"registered {entry.path} version {entry.version}")
+    asyncio.run(go())
+
+
+@catalog_app.command("list")
+def catalog_list(store: Optional[Path] = StoreOption) -> None:
+    async def go() -> None:
+        async with SqliteStore(store) as db:
+            for entry in await db.catalog.list():
+                print(f"{entry.path}\tv{entry.version}")
+    asyncio.run(go())
+
+
+@credential_app.command("set")
+def credential_set(name: str, type_: str = typer.Option("generic", "--type"),
+                   data: Optional[str] = typer.Option(None, "--data", help="JSON object (or - for stdin)."),
+                   file: Optional[Path] = typer.Option(None, "--file", help="JSON {name: {type, data}} to load."),
+                   store: Optional[Path] = StoreOption) -> None:
+    """Store a credential, encrypted with NOETL_SECRET_KEY (or the store's key file)."""
+    async def go() -> None:
+        async with SqliteStore(store) as db:
+            if file is not None:
+                print(f"stored {await load_credentials(db, file)} credential(s)")
+                return
+            raw = sys.stdin.read() if data == "-" else (data or "{}")
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise UsageError("--data must be a JSON object")
+            await db.credentials.put(name, type_, value)
+            print(f"stored credential {name} ({type_})")
+    try:
+        asyncio.run(go())
+    except (UsageError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+
+
+@credential_app.command("list")
+def credential_list(store: Optional[Path] = StoreOption) -> None:
+    async def go() -> None:
+        async with SqliteStore(store) as db:
+            for cred in await db.credentials.list():
+                print(f"{cred.name}\t{cred.type}")
+    asyncio.run(go())
+
+
+@credential_app.command("delete")
+def credential_delete(name: str, store: Optional[Path] = StoreOption) -> None:
+    async def go() -> bool:
+        async with SqliteStore(store) as db:
+            return await db.credentials.delete(name)
+    if not asyncio.run(go()):
+        err.print(f"no credential named {name}")
+        raise typer.Exit(1)
+    print(f"deleted {name}")
+
+
+def main() -> None:   # pragma: no cover - console entry
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,137 @@
+"""`noetl run`: load, validate, register the catalog and credentials, run embedded, report."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from noetl_common.dsl import load_playbook
+from noetl_common.merge import deep_merge
+from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_runtime.report import invalid_report, run_report
+from noetl_runtime.sqlite_store import SqliteStore
+from noetl_cli.live import LiveView, summary
+
+EXIT = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 1, "INVALID": 2}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported on stderr, exit status 2."""
+
+
+def parse_payload(payload: str | None, sets: list[str]) -> dict[str, Any]:
+    try:
+        merged = json.loads(payload) if payload else {}
+    except ValueError as exc:
+        raise UsageError(f"--payload is not valid JSON: {exc}") from exc
+    if not isinstance(merged, dict):
+        raise UsageError("--payload must be a JSON object")
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        value: Any = yaml.safe_load(raw) if raw else ""
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        merged = deep_merge(merged, value)
+    return merged
+
+
+def problems_as_errors(problems: list[Any]) -> list[dict[str, Any]]:
+    return [{"path": p.path, "line": p.line, "message": p.message} for p in problems if p.severity == "error"]
+
+
+def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], credentials: Path | None,
+                as_json: bool, timeout: float | None, store_path: Path | None) -> int:
+    out = Console(file=sys.stdout if not as_json else sys.stderr, highlight=False)
+    started = time.monotonic()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc}") from exc
+    playbook, problems = load_playbook(text)
+    errors = problems_as_errors(problems)
+    if playbook is None:
+        report = invalid_report(errors, int((time.monotonic() - started) * 1000))
+        if as_json:
+            print(json.dumps(report))
+        else:
+            out.print(f"[red]INVALID[/] {file}: {len(errors)} error(s)")
+            for e in errors:
+                out.print(f"  {e['path']} (line {e['line']}): {e['message']}")
+        return EXIT["INVALID"]
+    document = yaml.safe_load(text)
+    report = asyncio.run(_run(document, text, playbook.path, payload, catalogs, credentials, out, as_json,
+                              timeout, store_path, started))
+    if as_json:
+        print(json.dumps(report, default=str))
+    else:
+        summary(out, report)
+    return EXIT[report["status"]]
+
+
+async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str, Any], catalogs: list[Path],
+               credentials: Path | None, out: Console, as_json: bool, timeout: float | None,
+               store_path: Path | None, started: float) -> dict[str, Any]:
+    store = SqliteStore(store_path)
+    try:
+        await register_catalogs(store, catalogs)
+        entry = await store.catalog.register(text, document, path)
+        if credentials is not None:
+            await load_credentials(store, credentials)
+        runtime = EmbeddedRuntime(store)
+        await runtime.start()
+        try:
+            start = runtime.start_message(document, path, entry.version, payload, time.time())
+            if not as_json:
+                out.print(f"[bold]{path}[/] v{entry.version} execution {start.execution_id}")
+                runtime.add_listener(LiveView(out, start.execution_id))
+            runtime.submit(start)
+            try:
+                state = await asyncio.wait_for(runtime.wait(start.execution_id), timeout)
+            except asyncio.TimeoutError:
+                runtime.cancel(start.execution_id, time.time(), f"timed out after {timeout:g}s (--timeout)")
+                state = await asyncio.wait_for(runtime.wait(start.execution_id), 30)
+            events = await store.events(start.execution_id)
+        finally:
+            await runtime.stop()
+        return run_report(state, events, int((time.monotonic() - started) * 1000))
+    finally:
+        await store.aclose()
+
+
+async def register_catalogs(store: SqliteStore, folders: list[Path]) -> int:
+    """Register every `kind: Playbook` YAML file under the folders (others, like case files, are skipped)."""
+    count = 0
+    for folder in folders:
+        files = sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml")) if folder.is_dir() else [folder]
+        for file in files:
+            text = file.read_text()
+            try:
+                doc = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+            path = (doc.get("metadata") or {}).get("path") if isinstance(doc, dict) else None
+            if isinstance(doc, dict) and doc.get("kind") == "Playbook" and isinstance(path, str):
+                await store.catalog.register(text, doc, path)
+                count += 1
+    return count
+
+
+async def load_credentials(store: SqliteStore, file: Path) -> int:
+    try:
+        spec = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--credentials {file}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise UsageError("--credentials must hold a JSON object {name: {type, data}}")
+    for name, value in spec.items():
+        await store.credentials.put(name, value.get("type", "generic"), value.get("data") or {},
+                                    value.get("description"))
+    return len(spec)

@@ -1,0 +1,28 @@
+"""What a worker needs from the outside world, handed to `execute` in one object.
+
+The runtime (embedded loop or Kafka consumer) builds it once per worker; tests build it from in-memory
+doubles. Kept separate from `noetl_common.ports` because it bundles worker-only things (the python pool,
+the environment that holds NOETL_SECRET_* values).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from noetl_common.ports import CatalogPort, CredentialPort, Emit
+
+if TYPE_CHECKING:
+    from noetl_worker.python_pool import PythonPool
+
+
+@dataclass
+class WorkerPorts:
+    emit: Emit                                  # async callable: routes each message to its topic
+    credentials: CredentialPort | None = None   # `auth:` names and `{{ secret.X }}` fallbacks
+    catalog: CatalogPort | None = None          # `type: playbook` children
+    python_pool: PythonPool | None = None       # `type: python` steps and python saves
+    worker_id: str = "worker"
+    # Where NOETL_SECRET_<NAME> values come from; os.environ unless a test or an embedding app says so.
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
