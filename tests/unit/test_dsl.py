@@ -61,6 +61,8 @@ def test_the_conformance_suite_is_there():
 def test_conformance_playbook_loads_clean(path: Path):
     playbook, problems = load_playbook(path.read_text())
     assert _errors(problems) == []
+    if path.parent.name.startswith("noetl_"):   # NoETL's own fixtures: not even a warning
+        assert problems == []
     assert playbook is not None and "start" in playbook.steps
     doc = yaml.safe_load(path.read_text())
     assert list(playbook.steps) == list(dict.fromkeys(s["step"] for s in doc["workflow"]))

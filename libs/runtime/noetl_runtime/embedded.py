@@ -22,7 +22,8 @@ from noetl_common.topics import Topics
 from noetl_runtime.bus import InMemoryBus
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.timers import TimerLoop
-from noetl_worker.execute import WorkerPorts, execute
+from noetl_worker.execute import execute
+from noetl_worker.ports import WorkerPorts
 from noetl_worker.python_pool import PythonPool
 
 log = logging.getLogger("noetl.embedded")
@@ -48,6 +49,7 @@ class EmbeddedRuntime:
         self._running: set[asyncio.Task[Any]] = set()
         self.timers = TimerLoop(self._publish_inbound)
         self.pool: PythonPool | None = None
+        self.crashed: BaseException | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -62,10 +64,24 @@ class EmbeddedRuntime:
             for command in redeliver(state):
                 self.bus.publish(self.topics.commands(command.pool), command.execution_id, encode(command))
         self._tasks = [asyncio.create_task(self._fold_loop(), name="fold"),
-                       asyncio.create_task(self._worker_loop(), name="worker"),
-                       asyncio.create_task(self.timers.run(), name="timers")]
+                       asyncio.create_task(self._worker_loop(), name="worker")]
+        for task in self._tasks:
+            task.add_done_callback(self._loop_died)
+
+    def _loop_died(self, task: asyncio.Task[Any]) -> None:
+        """A loop must never end while the runtime runs: fail every waiter loudly instead of hanging."""
+        if task.cancelled():
+            return
+        error = task.exception() or RuntimeError(f"{task.get_name()} loop ended")
+        log.error("the %s loop died: %r", task.get_name(), error, exc_info=error)
+        self.crashed = error
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(RuntimeError(f"embedded runtime {task.get_name()} loop died: {error!r}"))
 
     async def stop(self) -> None:
+        self.timers.stop()
         for task in [*self._tasks, *self._running]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
@@ -89,6 +105,8 @@ class EmbeddedRuntime:
         state = self.final.get(execution_id)
         if state is not None:
             return state
+        if self.crashed is not None:
+            raise RuntimeError(f"embedded runtime died: {self.crashed!r}")
         future: asyncio.Future[ExecutionState] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(execution_id, []).append(future)
         return await future

@@ -51,7 +51,8 @@ class _Proc:
         try:
             self.popen = subprocess.Popen(
                 [sys.executable, "-P", _CHILD, str(req_r), str(rep_w)],
-                pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, close_fds=True)
+                pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=_stdout_target(),
+                env=_child_env(), close_fds=True)
         except BaseException:
             for fd in (req_r, req_w, rep_r, rep_w):
                 os.close(fd)
@@ -103,6 +104,22 @@ class _Proc:
         except subprocess.TimeoutExpired:
             return "stopped answering"
         return f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+
+
+def _stdout_target() -> int:
+    """Output that bypasses sys.stdout (C extensions, os.system) goes to our stderr: stdout may be the
+    CLI's machine-readable JSON report and must stay clean."""
+    try:
+        os.fstat(2)
+        return 2
+    except OSError:
+        return subprocess.DEVNULL
+
+
+def _child_env() -> dict[str, str]:
+    """The worker's environment minus NOETL_SECRET_*: step code gets secrets only through
+    `{{ secret.NAME }}`, where they are tracked and redacted, never by reading the environment."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("NOETL_SECRET_")}
 
 
 _TIMED_OUT = object()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from .models import Edge, IteratorSpec, Playbook, Problem, RetryPolicy, SaveSpec, Step
-from .normalise import normalise
-from .validate import validate
+from .normalise import normalise as normalise_document
+from .validate import validate as validate_document
 from .yaml_source import LineMap, line_for, parse_yaml
 
 parse_playbook_yaml = parse_yaml   # text -> (data, {path: line}, problems)
@@ -26,7 +26,7 @@ def load_playbook(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
                 return None, problems
         else:
             data, lines, problems = source, {}, []
-        playbook, found = validate(data, lines)
+        playbook, found = validate_document(data, lines)
         return playbook, problems + found
     except Exception as exc:   # last line of defence: a bad document must never surface as a traceback
         return None, [Problem(path="", message=f"could not load the playbook: {type(exc).__name__}: {exc}")]
@@ -38,5 +38,5 @@ def problems_as_dicts(problems: list[Problem]) -> list[dict[str, Any]]:
 
 
 __all__ = ["Edge", "IteratorSpec", "LineMap", "Playbook", "Problem", "RetryPolicy", "SaveSpec", "Step",
-           "line_for", "load_playbook", "normalise", "parse_playbook_yaml", "parse_yaml", "problems_as_dicts",
-           "validate"]
+           "line_for", "load_playbook", "normalise_document", "parse_playbook_yaml", "parse_yaml",
+           "problems_as_dicts", "validate_document"]

@@ -22,6 +22,8 @@ def complete_step(tick: Tick, name: str, result: Any) -> None:
     template that fails fails the step instead (it is never silently false)."""
     step = tick.playbook.steps[name]
     run = tick.state.steps[name]
+    tick.state.results[name] = result     # its own `next` and `result:` may name it (`{{ envelope.x }}`)
+    tick.invalidate()
     scope = step_scope(tick, result)
     try:
         arrivals = [(edge.step, edge_data(edge, scope)) for edge in fire(step.next, scope)]
@@ -30,8 +32,6 @@ def complete_step(tick: Tick, name: str, result: Any) -> None:
         return fail_step(tick, name, str(exc))
     tick.state.set_status(name, "completed")
     run.result, run.error = result, None
-    tick.state.results[name] = result
-    tick.invalidate()
     tick.emit("step_completed", name, "step", "COMPLETED", result=result, duration=tick.time - run.started)
     if name == END_STEP:
         tick.state.result = final

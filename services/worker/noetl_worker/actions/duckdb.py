@@ -62,7 +62,8 @@ def _run_sync(database: str, setup: list[tuple[str, str]], statements: list[str]
             try:
                 con.execute(sql)
             except duckdb.Error as exc:
-                notes.append(f"duckdb secret {alias!r} not created: {str(exc).strip()}")
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                notes.append(f"duckdb secret {alias!r} not created: {first_line}")
         for i, statement in enumerate(statements):
             if holder.get("cancelled"):
                 return ActionError("cancelled")

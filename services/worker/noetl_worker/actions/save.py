@@ -36,7 +36,8 @@ async def run_save(spec: dict[str, Any], result: Any, inv: Invocation) -> SaveOu
     except TemplateError as exc:
         raise ActionError(f"save ({storage}): {exc}") from exc
     merged = {**spec, **rendered}
-    data = rendered.get("data")
+    # No `data` at all means "save the result" (a bare `save: {name: X}` keeps the step's result).
+    data = rendered["data"] if "data" in raw else result
 
     if storage == "event":
         return SaveOutcome(saved=data, report={"storage": "event", "data": data})
