@@ -264,8 +264,8 @@ async def test_execute_never_raises_even_when_emit_fails_on_the_result(pool):
             self.append(message)
     ports = make_ports(pool, emit=Picky())
     await execute(command("python", config={"code": "def main():\n    return 1\n"}), ports)
-    assert ports.emit.kinds() == ["action_started", "action_failed"]
-    assert "message too large" in ports.emit.last().error
+    assert ports.emit.kinds() == ["action_failed"]          # a quick attempt reports once, with `started`
+    assert "message too large" in ports.emit.last().error and ports.emit.last().started is not None
 
 
 async def test_cancellation_propagates_and_stops_heartbeats(pool):

@@ -129,6 +129,7 @@ class ActionCompleted(_Msg):
     command_id: str
     time: float
     result: Any = None                   # the unwrapped result (after assert.returns and save)
+    started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
     saved: Any = None                    # rendered data of an `event` save
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
     log: str | None = None               # captured stdout/stderr (python)
@@ -143,6 +144,7 @@ class ActionFailed(_Msg):
     status_code: int | None = None       # http: visible to retry_when
     result: Any = None                   # what the failed attempt produced, if anything
     log: str | None = None
+    started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
 
 
 class ChildStarted(_Msg):

@@ -154,17 +154,26 @@ class EmbeddedRuntime:
         if not touched:
             return
         terminal = [eid for eid, state in touched.items() if state.terminal]
-        await self.store.commit_batch(events, {eid: s.to_bytes() for eid, s in touched.items()}, terminal)
+        # Durable before any effect (architecture invariant 6). Serialising and writing happen in a thread
+        # so the workers keep running meanwhile; this loop is the only writer of these states and waits.
+        await asyncio.to_thread(self._persist, events, touched, terminal)
         for command in commands:
             self.bus.publish(self.topics.commands(command.pool), command.execution_id, encode(command))
         for event in events:
             for listener in self._listeners:
-                listener(event)
+                try:
+                    listener(event)
+                except Exception:   # an observer must never take the fold loop (and every execution) down
+                    log.exception("event listener %r failed on event %s", listener, event.event_id)
         for eid in terminal:
             state = self.final[eid] = self.states.pop(eid)
             for future in self._waiters.pop(eid, []):
                 if not future.done():
                     future.set_result(state)
+
+    def _persist(self, events: list[Event], touched: dict[str, ExecutionState], terminal: list[str]) -> None:
+        snapshots = {eid: state.to_bytes() for eid, state in touched.items()}
+        self.store.commit_batch_sync(events, snapshots, terminal)
 
     async def _worker_loop(self) -> None:
         slots = asyncio.Semaphore(self.concurrency)

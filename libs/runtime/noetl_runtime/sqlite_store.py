@@ -165,6 +165,11 @@ class SqliteStore:
     async def commit_batch(self, events: Iterable[Event], states: Mapping[str, bytes],
                            terminal: Collection[str] = ()) -> int:
         """Append events and save snapshots in ONE transaction: either all of it is stored or none."""
+        return self.commit_batch_sync(events, states, terminal)
+
+    def commit_batch_sync(self, events: Iterable[Event], states: Mapping[str, bytes],
+                          terminal: Collection[str] = ()) -> int:
+        """commit_batch for callers that run it in a thread of their own (the embedded fold loop)."""
         with self._tx() as db:
             added = self._insert_events(db, events)
             self._upsert_states(db, states, terminal)

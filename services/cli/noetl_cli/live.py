@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from noetl_common.messages import Event
@@ -27,7 +28,10 @@ class LiveView:
         if event.event_type not in _SHOWN:
             return
         t = event.timestamp[11:23]
-        name = event.node_name
+        # Step names and errors are user text: escaped, or rich reads `[x]` in them as markup (and a stray
+        # `[/x]` raises MarkupError inside the runtime's fold loop).
+        name = escape(event.node_name)
+        error = escape(str(event.error))
         kind = event.event_type
         if kind == "step_started":
             self.console.print(f"[dim]{t}[/] [cyan]▶[/] {name}")
@@ -35,31 +39,32 @@ class LiveView:
             took = f" [dim]({event.duration * 1000:.0f} ms)[/]" if event.duration is not None else ""
             self.console.print(f"[dim]{t}[/] [green]✓[/] {name}{took}")
         elif kind == "step_failed":
-            self.console.print(f"[dim]{t}[/] [red]✗ {name}[/]: {event.error}")
+            self.console.print(f"[dim]{t}[/] [red]✗ {name}[/]: {error}")
         elif kind == "action_error":
-            where = f"[{event.current_index}]" if event.current_index is not None else ""
-            self.console.print(f"[dim]{t}[/] [yellow]![/] {name}{where} attempt {event.attempt}: {event.error}")
+            where = f"\\[{event.current_index}]" if event.current_index is not None else ""
+            self.console.print(f"[dim]{t}[/] [yellow]![/] {name}{where} attempt {event.attempt}: {error}")
         elif kind == "action_retry":
             delay = (event.result or {}).get("delay", 0)
             self.console.print(f"[dim]{t}[/] [yellow]↻[/] {name} retry in {delay:.2f}s")
         elif kind == "iteration_failed":
-            self.console.print(f"[dim]{t}[/] [red]✗[/] {name}[{event.current_index}]: {event.error}")
+            self.console.print(f"[dim]{t}[/] [red]✗[/] {name}\\[{event.current_index}]: {error}")
 
 
 def summary(console: Console, report: dict[str, Any]) -> None:
     table = Table(title=f"execution {report['execution_id']}", show_lines=False)
+    # Every cell and message below is user text (step names, results, errors): escaped, never markup.
     for column in ("step", "status", "visits", "attempts", "result / error"):
         table.add_column(column)
     for name, step in report["steps"].items():
         detail = step["error"] if step["error"] else _short(step["result"])
-        table.add_row(name, step["status"], str(step["visits"]), str(step["attempts"]), detail)
+        table.add_row(escape(name), step["status"], str(step["visits"]), str(step["attempts"]), escape(detail))
     console.print(table)
     colour = {"COMPLETED": "green", "FAILED": "red"}.get(report["status"], "yellow")
     console.print(f"[bold {colour}]{report['status']}[/] in {report['duration_ms']} ms")
     if report.get("error"):
-        console.print(f"[red]{report['error']}[/]")
+        console.print(f"[red]{escape(report['error'])}[/]")
     if report["status"] == "COMPLETED":
-        console.print(f"result: {_short(report['result'], 500)}")
+        console.print(f"result: {escape(_short(report['result'], 500))}")
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -11,9 +11,11 @@ from typing import Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
-from noetl_cli.running import UsageError, load_credentials, parse_payload, register_catalogs, run_command
+from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, register_catalogs,
+                               run_command)
 from noetl_runtime.sqlite_store import SqliteStore
 
 app = typer.Typer(help="Run NoETL playbooks (noetl.io/v1): embedded by default.", no_args_is_help=True,
@@ -22,7 +24,9 @@ catalog_app = typer.Typer(help="The playbook catalog of the local store.", no_ar
 credential_app = typer.Typer(help="Credentials in the local store (encrypted at rest).", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(credential_app, name="credential")
-err = Console(stderr=True, highlight=False)
+# soft_wrap: messages are never broken at 80 columns when stderr is not a terminal (paths stay whole).
+# Everything user-supplied that is printed through it is escaped: `[x]` in a message is text, not markup.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StoreOption = typer.Option(None, "--store", envvar="NOETL_STORE",
                            help="SQLite file for the event log, catalog and credentials (default ~/.noetl/noetl.db).")
@@ -41,7 +45,7 @@ def run(file: Path = typer.Argument(..., help="The playbook YAML file."),
     try:
         code = run_command(file, parse_payload(payload, set_), catalog, credentials, as_json, timeout, store)
     except UsageError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2)
     raise typer.Exit(code)
 
@@ -51,9 +55,9 @@ def validate(file: Path = typer.Argument(..., help="The playbook YAML file."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Check a playbook: every error with its location (exit 2), warnings for keys that do not apply."""
     try:
-        text = file.read_text()
-    except OSError as exc:
-        err.print(f"[red]error:[/] cannot read {file}: {exc}")
+        text = read_playbook_text(file)
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2)
     playbook, problems = load_playbook(text)
     if as_json:
@@ -61,7 +65,7 @@ def validate(file: Path = typer.Argument(..., help="The playbook YAML file."),
     else:
         for p in problems:
             colour = "red" if p.severity == "error" else "yellow"
-            err.print(f"[{colour}]{p.severity}[/] {p.path} (line {p.line}): {p.message}")
+            err.print(f"[{colour}]{p.severity}[/] " + escape(f"{p.path} (line {p.line}): {p.message}"))
         if playbook is not None:
             print(f"valid: {playbook.path} ({len(playbook.steps)} steps)")
     raise typer.Exit(0 if playbook is not None else 2)
@@ -76,13 +80,20 @@ def catalog_register(paths: list[Path] = typer.Argument(..., help="Playbook file
             for path in paths:
                 files = sorted(path.rglob("*.y*ml")) if path.is_dir() else [path]
                 for file in files:
-                    text = file.read_text()
+                    try:
+                        text = read_playbook_text(file)
+                    except UsageError as exc:
+                        if path.is_dir():
+                            continue
+                        err.print(f"[red]error:[/] {escape(str(exc))}")
+                        raise typer.Exit(2)
                     playbook, problems = load_playbook(text)
                     if playbook is None:
                         if path.is_dir():
                             continue
+                        err.print(f"[red]INVALID[/] {escape(str(file))}")
                         for p in problems:
-                            err.print(f"[red]{p.path}[/] (line {p.line}): {p.message}")
+                            err.print(f"[red]{escape(p.path)}[/] " + escape(f"(line {p.line}): {p.message}"))
                         raise typer.Exit(2)
                     entry = await db.catalog.register(text, yaml.safe_load(text), playbook.path)
                     print(f"registered {entry.path} version {entry.version}")
@@ -118,7 +129,7 @@ def credential_set(name: str, type_: str = typer.Option("generic", "--type"),
     try:
         asyncio.run(go())
     except (UsageError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2)
 
 
@@ -137,7 +148,7 @@ def credential_delete(name: str, store: Optional[Path] = StoreOption) -> None:
         async with SqliteStore(store) as db:
             return await db.credentials.delete(name)
     if not asyncio.run(go()):
-        err.print(f"no credential named {name}")
+        err.print(f"no credential named {escape(name)}")
         raise typer.Exit(1)
     print(f"deleted {name}")
 

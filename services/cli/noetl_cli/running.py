@@ -10,10 +10,10 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
 from noetl_common.merge import deep_merge
-from noetl_runtime.embedded import EmbeddedRuntime
 from noetl_runtime.report import invalid_report, run_report
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_cli.live import LiveView, summary
@@ -36,7 +36,10 @@ def parse_payload(payload: str | None, sets: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got {item!r}")
-        value: Any = yaml.safe_load(raw) if raw else ""
+        try:
+            value: Any = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {key}: {raw!r} is not a valid YAML value (quote it to pass a string)") from exc
         for part in reversed(key.split(".")):
             value = {part: value}
         merged = deep_merge(merged, value)
@@ -49,12 +52,11 @@ def problems_as_errors(problems: list[Any]) -> list[dict[str, Any]]:
 
 def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], credentials: Path | None,
                 as_json: bool, timeout: float | None, store_path: Path | None) -> int:
-    out = Console(file=sys.stdout if not as_json else sys.stderr, highlight=False)
+    # soft_wrap: lines are never broken at the terminal width (a pipe gets 80 columns): ids, paths and
+    # errors stay whole for grep and copy-paste.
+    out = Console(file=sys.stdout if not as_json else sys.stderr, highlight=False, soft_wrap=True)
     started = time.monotonic()
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read {file}: {exc}") from exc
+    text = read_playbook_text(file)
     playbook, problems = load_playbook(text)
     errors = problems_as_errors(problems)
     if playbook is None:
@@ -62,9 +64,9 @@ def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], crede
         if as_json:
             print(json.dumps(report))
         else:
-            out.print(f"[red]INVALID[/] {file}: {len(errors)} error(s)")
+            out.print(f"[red]INVALID[/] {escape(str(file))}: {len(errors)} error(s)")
             for e in errors:
-                out.print(f"  {e['path']} (line {e['line']}): {e['message']}")
+                out.print(escape(f"  {e['path']} (line {e['line']}): {e['message']}"))
         return EXIT["INVALID"]
     document = yaml.safe_load(text)
     report = asyncio.run(_run(document, text, playbook.path, payload, catalogs, credentials, out, as_json,
@@ -79,6 +81,10 @@ def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], crede
 async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str, Any], catalogs: list[Path],
                credentials: Path | None, out: Console, as_json: bool, timeout: float | None,
                store_path: Path | None, started: float) -> dict[str, Any]:
+    # Imported here: the runtime pulls in the worker and every action (httpx, asyncpg, duckdb), which
+    # `validate`, `catalog` and `credential` do not need (they start about twice as fast without it).
+    from noetl_runtime.embedded import EmbeddedRuntime
+
     store = SqliteStore(store_path)
     try:
         await register_catalogs(store, catalogs)
@@ -90,7 +96,7 @@ async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str
         try:
             start = runtime.start_message(document, path, entry.version, payload, time.time())
             if not as_json:
-                out.print(f"[bold]{path}[/] v{entry.version} execution {start.execution_id}")
+                out.print(f"[bold]{escape(path)}[/] v{entry.version} execution {start.execution_id}")
                 runtime.add_listener(LiveView(out, start.execution_id))
             runtime.submit(start)
             try:
@@ -132,6 +138,17 @@ async def load_credentials(store: SqliteStore, file: Path) -> int:
     if not isinstance(spec, dict):
         raise UsageError("--credentials must hold a JSON object {name: {type, data}}")
     for name, value in spec.items():
+        if not isinstance(value, dict) or not isinstance(value.get("data") or {}, dict):
+            raise UsageError(f"--credentials {file}: {name!r} must be an object {{type, data: {{...}}}}")
+    for name, value in spec.items():
         await store.credentials.put(name, value.get("type", "generic"), value.get("data") or {},
                                     value.get("description"))
     return len(spec)
+
+
+def read_playbook_text(file: Path) -> str:
+    """The file's text, or a UsageError naming the file and why (missing, a folder, not UTF-8)."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {file}: {exc}") from exc

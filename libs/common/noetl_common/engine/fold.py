@@ -82,8 +82,13 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
     if work is None or work.started is not None:
         tick.stale = True
         return
-    work.started = msg.time
+    _mark_started(tick, work, msg.time)
     tick.set_timer(f"lease:{work.command_id}", msg.time + _lease(tick, work))
+
+
+def _mark_started(tick: Tick, work: Work, started: float) -> None:
+    """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
+    work.started = started
     if work.index is None and work.phase == "action":
         tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id)
 
@@ -126,6 +131,8 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
         tick.stale = True
         return
     tick.clear_timer(f"lease:{work.command_id}")
+    if work.started is None:
+        _mark_started(tick, work, msg.started or msg.time)
     if msg.variables:
         s.variables.update(msg.variables)
         tick.invalidate()
@@ -154,6 +161,8 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
         tick.stale = True
         return
     tick.clear_timer(f"lease:{work.command_id}")
+    if work.started is None:
+        _mark_started(tick, work, msg.started or msg.time)
     step = tick.playbook.steps[work.step]
     run = s.steps[work.step]
     if step.iterator is not None:   # items retry by the task's policy; the iterator's own save does not retry

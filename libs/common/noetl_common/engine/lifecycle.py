@@ -32,11 +32,18 @@ def complete_step(tick: Tick, name: str, result: Any) -> None:
         return fail_step(tick, name, str(exc))
     tick.state.set_status(name, "completed")
     run.result, run.error = result, None
+    _forget_inputs(run)
     tick.emit("step_completed", name, "step", "COMPLETED", result=result, duration=tick.time - run.started)
     if name == END_STEP:
         tick.state.result = final
     for target, data in arrivals:
         tick.state.pending.setdefault(target, Pending()).arrivals.append(data)
+
+
+def _forget_inputs(run: Any) -> None:
+    """A finished visit needs neither its rendered action (only retries reuse it) nor its per-item
+    bookkeeping: dropping them keeps every later snapshot of the state small."""
+    run.action, run.data, run.iteration = None, {}, None
 
 
 def _execution_result(step: Any, result: Any, scope: dict[str, Any]) -> Any:
@@ -52,6 +59,7 @@ def fail_step(tick: Tick, name: str, error: str) -> None:
     run = tick.state.steps[name]
     tick.state.set_status(name, "failed")
     run.error = error
+    _forget_inputs(run)
     tick.emit("step_failed", name, "step", "FAILED", error=error, attempt=run.attempt)
     fail_execution(tick, f"step '{name}' failed: {error}")
 

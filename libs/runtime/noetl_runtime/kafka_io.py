@@ -1,0 +1,184 @@
+"""Thin aiokafka helpers shared by the Kafka-mode services: clients built from `Settings`, topic
+creation, and the dead-letter record.
+
+Clients are returned unstarted: the caller owns their lifecycle (`await x.start()` / `await x.stop()`).
+Values and keys stay raw bytes here; `noetl_common.codec` decodes them, and a `DecodeError` sends the
+record to the DLQ with `send_dead_letter` before the consumer commits past it.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable, Literal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+from pydantic import BaseModel, ConfigDict
+
+from noetl_common.topics import Topics
+
+if TYPE_CHECKING:
+    from noetl_runtime.settings import Settings
+
+DEFAULT_PARTITIONS = 6
+
+__all__ = [
+    "DEFAULT_PARTITIONS", "DeadLetter", "all_topic_names", "ensure_topics", "make_admin", "make_consumer",
+    "make_producer", "send_dead_letter",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The dead-letter record (noetl.dlq). Key: the original record's key, so an operator can find the execution.
+# ---------------------------------------------------------------------------------------------------------
+class DeadLetter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: int = 1
+    kind: Literal["dead_letter"] = "dead_letter"
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key: str | None = None              # the original key, base64 (keys are bytes too)
+    value: str                          # the original value, base64: never re-encoded, so nothing is lost
+    reason: str
+    time: float                         # when it was dead-lettered, epoch seconds
+    timestamp: str                      # the same instant, ISO-8601 UTC
+
+    def original_value(self) -> bytes:
+        return base64.b64decode(self.value)
+
+    def original_key(self) -> bytes | None:
+        return None if self.key is None else base64.b64decode(self.key)
+
+
+def _b64(raw: bytes | None) -> str | None:
+    return None if raw is None else base64.b64encode(raw).decode("ascii")
+
+
+async def send_dead_letter(
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    key: bytes | None,
+    raw: bytes | None,
+    reason: str,
+    source_topic: str,
+    *,
+    source_partition: int | None = None,
+    source_offset: int | None = None,
+    now: float | None = None,
+) -> DeadLetter:
+    """Write `raw` to the DLQ with why it was rejected, and wait until the broker has it.
+
+    Waiting (not fire-and-forget) is what lets the caller commit past the bad record safely (§2.6).
+    """
+    at = time.time() if now is None else now
+    letter = DeadLetter(
+        source_topic=source_topic, source_partition=source_partition, source_offset=source_offset,
+        key=_b64(key), value=_b64(raw or b"") or "", reason=reason, time=at,
+        timestamp=datetime.fromtimestamp(at, timezone.utc).isoformat(),
+    )
+    await producer.send_and_wait(topics.dlq, letter.model_dump_json().encode(), key=key)
+    return letter
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------------------
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer of raw bytes. acks=all: a send is confirmed only once the partition has it durably."""
+    options: dict[str, Any] = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"{settings.kafka_client_id}-producer",
+        acks="all",
+        enable_idempotence=settings.kafka_enable_idempotence,
+        linger_ms=settings.kafka_linger_ms,
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(
+    settings: Settings, topics: Iterable[str], group: str | None, **overrides: Any
+) -> AIOKafkaConsumer:
+    """A consumer of raw bytes in `group`, committing manually (after the effect is durable, §2.6)."""
+    session_ms = overrides.pop("session_timeout_ms", settings.kafka_session_timeout_ms)
+    options: dict[str, Any] = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"{settings.kafka_client_id}-consumer",
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_ms,
+        heartbeat_interval_ms=max(100, session_ms // 3),
+        # A rebalance waits at most this long for members to rejoin; the session timeout keeps it short.
+        rebalance_timeout_ms=session_ms,
+    )
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+def make_admin(settings: Settings, **overrides: Any) -> AIOKafkaAdminClient:
+    options: dict[str, Any] = dict(
+        bootstrap_servers=settings.kafka_bootstrap, client_id=f"{settings.kafka_client_id}-admin",
+    )
+    options.update(overrides)
+    return AIOKafkaAdminClient(**options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Topics
+# ---------------------------------------------------------------------------------------------------------
+def all_topic_names(topics: Topics, pools: Iterable[str]) -> list[str]:
+    """Every topic an installation with these worker pools uses (names from `noetl_common.topics`)."""
+    names = [topics.requests, topics.results, topics.events, topics.catalog, topics.dlq]
+    names += [topics.commands(pool) for pool in pools]
+    return list(dict.fromkeys(names))
+
+
+def _configs(topics: Topics, name: str) -> dict[str, str]:
+    # The catalog is the latest registration per playbook path; the event log is kept for good.
+    if name == topics.catalog:
+        return {"cleanup.policy": "compact"}
+    if name == topics.events:
+        return {"retention.ms": "-1"}
+    return {}
+
+
+async def ensure_topics(
+    settings: Settings,
+    topics: Topics,
+    pools: Iterable[str],
+    partitions: int = DEFAULT_PARTITIONS,
+    replication_factor: int = 1,
+) -> list[str]:
+    """Create the missing topics; return the names this call created. Existing topics are left alone
+    (their partition counts are not checked or changed).
+
+    Every execution-keyed topic gets the same partition count: the broker folds requests and results of
+    one execution on one partition owner, which needs them co-partitioned.
+    """
+    wanted = all_topic_names(topics, pools)
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        if not missing:
+            return []
+        response = await admin.create_topics([
+            NewTopic(name, partitions, replication_factor, topic_configs=_configs(topics, name))
+            for name in missing
+        ])
+        created = []
+        for topic_error in response.topic_errors:
+            name, code = topic_error[0], topic_error[1]
+            if code == 0:
+                created.append(name)
+            elif code != TopicAlreadyExistsError.errno:   # another process won the race: fine
+                message = topic_error[2] if len(topic_error) > 2 and topic_error[2] else ""
+                raise for_code(code)(f"creating topic {name!r}: {message}".rstrip(": "))
+        return created
+    finally:
+        await admin.close()

@@ -1,0 +1,56 @@
+"""Runtime settings for the services (Kafka mode): read from NOETL_* environment variables.
+
+Nothing is read at import time: call `load_settings()` in a service's factory and pass the result down.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from noetl_common.topics import Topics
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NOETL_", extra="ignore", frozen=True, populate_by_name=True)
+
+    # The NOETL_ name wins; KAFKA_BOOTSTRAP_SERVERS is what scripts/kafka-start.sh, testcontainers and
+    # most Kafka tooling export, so accepting it spares a second variable.
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("NOETL_KAFKA_BOOTSTRAP", "KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    topic_prefix: str = ""
+    kafka_client_id: str = "noetl"
+    # Tansu answers group joins only after half the session timeout, so a small value keeps tests fast;
+    # production clusters may want the Kafka default (45 s) for fewer spurious rebalances.
+    kafka_session_timeout_ms: int = Field(6000, gt=0)
+    kafka_linger_ms: int = Field(0, ge=0)
+    # Off by default: Tansu (tests) rejects the InitProducerId that idempotence needs. Turn it on against
+    # a real Kafka cluster; correctness never depends on it (architecture §2.6).
+    kafka_enable_idempotence: bool = False
+    database_url: str | None = None
+    secret_key: SecretStr | None = None
+    lease_seconds: float = Field(30.0, gt=0)
+    worker_pool: str = "default"
+    worker_concurrency: int = Field(64, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8082, gt=0, lt=65536)
+    log_level: LogLevel = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(prefix=self.topic_prefix)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; keyword overrides (field names) win over it."""
+    return Settings(**overrides)
