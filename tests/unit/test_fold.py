@@ -461,3 +461,13 @@ workflow:
     sim.start(doc)
     sim.run()
     assert sim.state().results["b"] == {"c": "teal", "d": "teal"}
+
+
+def test_a_quick_attempt_reporting_only_its_completion_still_logs_started_then_completed():
+    from noetl_common.messages import StartExecution
+    state = advance(None, StartExecution(execution_id="q", time=10.0, playbook=LINEAR, path="t")).state
+    transition = advance(state, ActionCompleted(execution_id="q", command_id="q:a:1:1", time=10.5, started=10.2,
+                                                result=3))
+    kinds = [e.event_type for e in transition.events]
+    assert kinds[:3] == ["action_started", "action_completed", "step_completed"]
+    assert transition.events[1].duration == 10.5 - 10.2

@@ -39,15 +39,24 @@ async def run(cmd, ports):
     return ports.emit
 
 
-async def test_python_step_reports_started_then_completed(pool):
+async def test_a_quick_python_step_reports_once_with_its_start_time(pool):
     cmd = command("python", data={"n": 4}, config={"code": "def main(n):\n    print('squaring', n)\n    return n * n\n"})
+    emitted = await run(cmd, make_ports(pool))
+    assert emitted.kinds() == ["action_completed"]
+    done = emitted.last()
+    assert isinstance(done, ActionCompleted) and done.result == 16 and done.log == "squaring 4\n"
+    assert done.command_id == cmd.command_id and done.started is not None and done.started <= done.time
+    assert done.saved is None and done.variables == {}
+
+
+async def test_a_slower_python_step_announces_its_start_first(pool):
+    cmd = command("python", config={"code": "import time\ndef main():\n    time.sleep(0.3)\n    return 1\n"})
     emitted = await run(cmd, make_ports(pool))
     assert emitted.kinds() == ["action_started", "action_completed"]
     started, done = emitted
     assert isinstance(started, ActionStarted) and started.worker_id == "w-1"
     assert started.command_id == cmd.command_id and started.execution_id == "exec-1"
-    assert isinstance(done, ActionCompleted) and done.result == 16 and done.log == "squaring 4\n"
-    assert done.saved is None and done.variables == {}
+    assert done.started is None      # the fold already knows when it started
 
 
 async def test_envelope_is_unwrapped(pool):
