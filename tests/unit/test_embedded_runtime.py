@@ -321,3 +321,23 @@ async def test_d_a_duplicate_action_completed_changes_nothing(tmp_path: Path) ->
     assert kinds(log, "a").count("action_completed") == 1 and kinds(log, "b").count("step_started") == 1
     assert clean.status == "COMPLETED"
     assert [raw for raw, _ in rt.dead_letters] == [b"sentinel"]   # the duplicates were not poison either
+
+
+# ------------------------------------------------------------------------------------------ listeners
+async def test_a_failing_listener_does_not_take_the_runtime_down(tmp_path: Path) -> None:
+    """A listener is an observer (the CLI's live view is one): its exception is logged, the fold goes on.
+    Before the fix, a listener that raised killed the fold loop and every execution with it."""
+    rt = await started(tmp_path / "x.db")
+    seen: list[str] = []
+
+    def broken(event: Event) -> None:
+        raise ValueError(f"listener bug on {event.event_type}")
+
+    rt.add_listener(broken)
+    rt.add_listener(lambda event: seen.append(event.event_type))   # later listeners still hear everything
+    try:
+        state = await asyncio.wait_for(rt.wait(submit(rt, QUICK)), 10)
+    finally:
+        await shut(rt)
+    assert state.status == "COMPLETED" and rt.crashed is None
+    assert seen[0] == "execution_start" and seen[-1] == "execution_complete"

@@ -1,27 +1,19 @@
-"""The run report of the command contract (conformance README): one JSON object per execution."""
+"""The run report of the command contract (conformance README): one JSON object per execution.
+
+Steps are projected from the event log (noetl_common.projection), exactly as the query service does.
+"""
 from __future__ import annotations
 
 from typing import Any
 
+from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.state import ExecutionState
-
-STEP_STATUS = {"running": "RUNNING", "retry_wait": "RETRYING", "completed": "COMPLETED", "failed": "FAILED",
-               "cancelled": "CANCELLED"}
-
-
-def step_report(state: ExecutionState) -> dict[str, Any]:
-    steps = {}
-    for name, run in state.steps.items():
-        steps[name] = {"status": STEP_STATUS[run.status],
-                       "result": run.result if run.status == "completed" else state.results.get(name),
-                       "attempts": run.attempt, "visits": run.visit, "error": run.error}
-    return steps
 
 
 def run_report(state: ExecutionState, events: list[Event], duration_ms: int) -> dict[str, Any]:
     return {"execution_id": state.execution_id, "status": state.status, "result": state.result,
-            "error": state.error, "steps": step_report(state),
+            "error": state.error, "steps": projection.steps(events),
             "events": [e.model_dump(mode="json", exclude_none=True) for e in events], "duration_ms": duration_ms}
 
 

@@ -135,6 +135,7 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
         _mark_started(tick, work, msg.started or msg.time)
     if msg.variables:
         s.variables.update(msg.variables)
+        tick.variables_set = dict(msg.variables)   # logged on the step's (or item's) completion event
         tick.invalidate()
     step = tick.playbook.steps[work.step]
     run = s.steps[work.step]

@@ -44,6 +44,7 @@ class Tick:
     requests: list[Any] = field(default_factory=list)      # inbound messages for other executions
     timers: dict[str, float] = field(default_factory=dict)  # deadlines set during this tick
     stale: bool = False
+    variables_set: dict[str, Any] | None = None   # `save: {name: X}` values set by this message
     _context: dict[str, Any] | None = None
 
     @property
@@ -53,6 +54,9 @@ class Tick:
 
     def emit(self, event_type: str, node_name: str, node_type: str, status: str, **fields: Any) -> None:
         s = self.state
+        if self.variables_set and event_type in ("step_completed", "iteration_completed"):
+            fields["meta"] = {**(fields.get("meta") or {}), "variables": self.variables_set}
+            self.variables_set = None
         self.events.append(Event(
             event_id=f"{s.execution_id}:{s.seq}", execution_id=s.execution_id,
             parent_execution_id=s.parent_execution_id, seq=s.seq, event_type=event_type, node_name=node_name,
