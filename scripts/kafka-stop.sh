@@ -18,7 +18,7 @@ else
 fi
 [[ -f "$INFO" ]] || { log "no info file $INFO: nothing to stop"; exit 0; }
 
-BASE="" PID="" PORT="" TANSU=""
+BASE="" PID="" PORT=""
 # shellcheck disable=SC1090
 source "$INFO"
 [[ "$PID" =~ ^[0-9]+$ ]] || { log "malformed info file $INFO"; exit 1; }

@@ -35,7 +35,8 @@ class KafkaEndpoint:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "kafka: needs a Kafka protocol endpoint (KAFKA_BOOTSTRAP_SERVERS, Docker or Tansu)")
+    config.addinivalue_line(
+        "markers", "kafka: needs a Kafka protocol endpoint (KAFKA_BOOTSTRAP_SERVERS, Docker or Tansu)")
 
 
 def _port_open(port: int) -> bool:

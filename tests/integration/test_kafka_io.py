@@ -114,6 +114,14 @@ async def test_round_trip_through_codec(kafka_settings: Any, topics: Topics) -> 
         assert [m for m in by_topic[topics.requests] if m.execution_id == execution_id] == sent
 
 
+async def test_ensure_topics_refuses_what_real_kafka_would(kafka_settings: Any, topics: Topics) -> None:
+    # Tansu would create these; a real cluster would not.
+    with pytest.raises(ValueError, match="illegal Kafka topic names"):
+        await kafka_io.ensure_topics(kafka_settings, Topics(prefix=f"{topics.prefix}bad/"), [])
+    with pytest.raises(ValueError, match="at least 1"):
+        await kafka_io.ensure_topics(kafka_settings, topics, [], partitions=0)
+
+
 async def test_restarted_consumer_resumes_after_committed_offset(kafka_settings: Any, topics: Topics) -> None:
     await kafka_io.ensure_topics(kafka_settings, topics, [], partitions=3)
     sent = [start(f"ex-{i % 5}", i) for i in range(20)]
@@ -208,7 +216,6 @@ async def test_malformed_record_goes_to_dlq_and_consumer_moves_on(kafka_settings
         assert letter.original_key() == key
         assert letter.time > 0 and letter.timestamp.endswith("+00:00")
     reasons = [letter.reason for letter in parsed]
-    print(reasons)
     assert all(reason.startswith(("invalid message", "undecodable message")) for reason in reasons)
     assert "Invalid JSON" in reasons[0] and "Field required" in reasons[1]
 

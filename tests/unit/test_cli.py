@@ -204,6 +204,8 @@ USAGE_ERRORS = {   # case -> (extra arguments of `run`, what stderr must say)
     "payload_not_object": (["--payload", "[1, 2]"], "--payload must be a JSON object"),
     "set_without_value": (["--set", "novalue"], "--set expects key=value, got 'novalue'"),
     "set_bad_yaml": (["--set", "x=[1"], "--set x: '[1' is not a valid YAML value"),
+    "credentials_not_objects": (["--credentials", "{folder}/creds.json"], "--credentials {folder}/creds.json: "
+                                "'pg' must be an object {type, data: {...}}"),
 }
 UNREADABLE = ["missing", "directory", "not_utf8"]
 
@@ -220,6 +222,8 @@ def usage_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
               def main():
                   return 1
             """)
+        (folder / "creds.json").write_text('{"pg": "postgresql://u:p@h/db"}')
+        extra = [arg.replace("{folder}", str(folder)) for arg in extra]
         cases[case] = (path, folder / "x.db", ["run", path, "--json", "--store", folder / "x.db", *extra])
     for kind in UNREADABLE:
         folder = tmp_path_factory.mktemp(kind)
@@ -248,11 +252,13 @@ def test_unreadable_playbook_file_is_a_clear_usage_error(usage_errors: dict, kin
 
 @pytest.mark.parametrize("case", list(USAGE_ERRORS))
 def test_bad_payload_or_set_exits_2(usage_errors: dict, case: str) -> None:
-    _path, store, proc = usage_errors[case]
+    path, store, proc = usage_errors[case]
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.startswith(f"error: {USAGE_ERRORS[case][1]}"), proc.stderr
-    assert not store.exists()                     # rejected before the store was opened
+    message = USAGE_ERRORS[case][1].replace("{folder}", str(path.parent))
+    assert proc.stderr.startswith(f"error: {message}"), proc.stderr
+    if not case.startswith("credentials"):
+        assert not store.exists()                 # rejected before the store was opened
 
 
 # ------------------------------------------------------------------------------------------ --set, live view
@@ -525,15 +531,15 @@ def test_catalog_register_and_list(tmp_path: Path, store: Path) -> None:
     proc = cli("catalog", "register", folder, store=store)    # NOETL_STORE; the folder skips non-playbooks
     assert proc.returncode == 0 and proc.stdout.strip() == "registered tests/cli/child version 2"
 
-    proc = cli("catalog", "register", tmp_path / "playbooks" / "broken.yaml", store=store)
-    assert proc.returncode == 2 and "registered" not in proc.stdout
-    assert "INVALID" in proc.stderr and "nowhere_step" in proc.stderr
-    proc = cli("catalog", "register", tmp_path / "nope.yaml", store=store)
-    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    bad = run_all({"invalid": (["catalog", "register", folder / "broken.yaml"], store),
+                   "missing": (["catalog", "register", tmp_path / "nope.yaml"], store)})
+    assert bad["invalid"].returncode == 2 and "registered" not in bad["invalid"].stdout
+    assert "INVALID" in bad["invalid"].stderr and "nowhere_step" in bad["invalid"].stderr
+    assert bad["missing"].returncode == 2 and "cannot read" in bad["missing"].stderr
 
     proc = cli("catalog", "list", "--store", store, store=store)
     assert proc.returncode == 0
-    assert proc.stdout.splitlines() == ["tests/cli/child\tv1", "tests/cli/child\tv2"]
+    assert proc.stdout.splitlines() == ["tests/cli/child\tv1", "tests/cli/child\tv2"]   # nothing else added
 
 
 def test_run_with_catalog_finds_child_playbooks(tmp_path: Path, store: Path) -> None:
@@ -583,9 +589,9 @@ def test_credentials_set_list_delete_never_show_the_secret(tmp_path: Path, store
     assert [(n, t) for n, t, _ in rows] == [("pg_main", "postgres"), ("token", "bearer")]
     assert all(bytes(secret).startswith(b"gAAAAA") for _, _, secret in rows)   # Fernet tokens
 
-    for bad in ("not json", "[1, 2]"):
-        proc = cli("credential", "set", "broken", "--data", bad, store=store)
-        assert proc.returncode == 2 and proc.stderr.startswith("error:")
+    bad = run_all({data: (["credential", "set", "broken", "--data", data], store) for data in ("not json", "[1, 2]")})
+    assert bad["not json"].returncode == 2 and bad["not json"].stderr.startswith("error: Expecting value")
+    assert bad["[1, 2]"].returncode == 2 and bad["[1, 2]"].stderr.startswith("error: --data must be a JSON object")
 
     proc = cli("credential", "delete", "pg_main", store=store)
     assert proc.returncode == 0 and proc.stdout.strip() == "deleted pg_main"

@@ -1,5 +1,6 @@
 """execute(): the worker contract end to end, with real actions and in-memory ports."""
 import asyncio
+import dataclasses
 import uuid
 
 import pytest
@@ -41,7 +42,7 @@ async def run(cmd, ports):
 
 async def test_a_quick_python_step_reports_once_with_its_start_time(pool):
     cmd = command("python", data={"n": 4}, config={"code": "def main(n):\n    print('squaring', n)\n    return n * n\n"})
-    emitted = await run(cmd, make_ports(pool))
+    emitted = await run(cmd, dataclasses.replace(make_ports(pool), announce_after=30.0))
     assert emitted.kinds() == ["action_completed"]
     done = emitted.last()
     assert isinstance(done, ActionCompleted) and done.result == 16 and done.log == "squaring 4\n"
@@ -51,7 +52,7 @@ async def test_a_quick_python_step_reports_once_with_its_start_time(pool):
 
 async def test_a_slower_python_step_announces_its_start_first(pool):
     cmd = command("python", config={"code": "import time\ndef main():\n    time.sleep(0.3)\n    return 1\n"})
-    emitted = await run(cmd, make_ports(pool))
+    emitted = await run(cmd, dataclasses.replace(make_ports(pool), announce_after=0.01))
     assert emitted.kinds() == ["action_started", "action_completed"]
     started, done = emitted
     assert isinstance(started, ActionStarted) and started.worker_id == "w-1"
@@ -265,13 +266,13 @@ async def test_unknown_type_and_missing_pool_are_clear_errors():
     assert "no python pool" in failed.error
 
 
-async def test_execute_never_raises_even_when_emit_fails_on_the_result(pool):
+async def test_execute_never_raises_even_when_emit_fails_on_the_result(pool):  # noqa: D103
     class Picky(Emitted):
         async def __call__(self, message):
             if isinstance(message, ActionCompleted):
                 raise ValueError("message too large")
             self.append(message)
-    ports = make_ports(pool, emit=Picky())
+    ports = dataclasses.replace(make_ports(pool, emit=Picky()), announce_after=30.0)
     await execute(command("python", config={"code": "def main():\n    return 1\n"}), ports)
     assert ports.emit.kinds() == ["action_failed"]          # a quick attempt reports once, with `started`
     assert "message too large" in ports.emit.last().error and ports.emit.last().started is not None

@@ -6,6 +6,7 @@ seconds (`time`), so the fold never reads a clock.
 """
 from __future__ import annotations
 
+from base64 import b64decode
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -180,3 +181,22 @@ Inbound = Annotated[
           ChildStarted, ChildFinished, TimerFired],
     Field(discriminator="kind"),
 ]
+
+
+class DeadLetter(_Msg):
+    """A record that could not be decoded or validated (noetl.dlq), kept byte for byte with the reason."""
+    kind: Literal["dead_letter"] = "dead_letter"
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key: str | None = None              # the original key, base64 (keys are bytes too)
+    value: str                          # the original value, base64: never re-encoded, so nothing is lost
+    reason: str
+    time: float                         # when it was dead-lettered, epoch seconds
+    timestamp: str                      # the same instant, ISO-8601 UTC
+
+    def original_value(self) -> bytes:
+        return b64decode(self.value)
+
+    def original_key(self) -> bytes | None:
+        return None if self.key is None else b64decode(self.key)

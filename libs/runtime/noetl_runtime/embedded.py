@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from typing import Any, Callable
 
 from noetl_common.codec import DecodeError, decode_command, decode_inbound, encode
 from noetl_common.engine import advance
 from noetl_common.engine.actions import redeliver
+from noetl_common.engine.lifecycle import child_finished
 from noetl_common.messages import CancelExecution, Event, StartExecution
 from noetl_common.state import ExecutionState
 from noetl_common.topics import Topics
@@ -32,7 +34,8 @@ EventListener = Callable[[Event], None]
 
 class EmbeddedRuntime:
     def __init__(self, store: SqliteStore, *, concurrency: int = 64, python_processes: int | None = None,
-                 lease_seconds: float = 30.0, batch_size: int = 1000) -> None:
+                 lease_seconds: float = 30.0, batch_size: int = 1000, resume: bool = True) -> None:
+        self.resume = resume   # `noetl server` resumes in-flight executions; `noetl run` runs only its own
         self.store = store
         self.topics = Topics()
         self.bus = InMemoryBus()
@@ -56,13 +59,8 @@ class EmbeddedRuntime:
         self.pool = PythonPool(self.python_processes)
         self.ports = WorkerPorts(emit=self._emit, credentials=self.store.credentials, catalog=self.store.catalog,
                                  python_pool=self.pool, worker_id=f"embedded-{os.getpid()}")
-        for execution_id, raw in (await self.store.load_states()).items():
-            state = ExecutionState.from_bytes(raw)
-            self.states[execution_id] = state
-            for key, due in state.timers.items():
-                self.timers.schedule(execution_id, key, due)
-            for command in redeliver(state):
-                self.bus.publish(self.topics.commands(command.pool), command.execution_id, encode(command))
+        if self.resume:
+            await self._resume()
         self._tasks = [asyncio.create_task(self._fold_loop(), name="fold"),
                        asyncio.create_task(self._worker_loop(), name="worker")]
         for task in self._tasks:
@@ -79,6 +77,25 @@ class EmbeddedRuntime:
             for future in futures:
                 if not future.done():
                     future.set_exception(RuntimeError(f"embedded runtime {task.get_name()} loop died: {error!r}"))
+
+    async def _resume(self) -> None:
+        """Load in-flight executions, reschedule their deadlines and resend what was in flight. A child
+        that finished (or never started) while the process was down is reconciled from its snapshot."""
+        for execution_id, raw in (await self.store.load_states()).items():
+            state = ExecutionState.from_bytes(raw)
+            self.states[execution_id] = state
+            for key, due in state.timers.items():
+                self.timers.schedule(execution_id, key, due)
+            children = {w.command_id: w.child_execution_id for w in state.work.values() if w.child_execution_id}
+            for command in redeliver(state, include_children=True):
+                child_id = children.get(command.command_id)
+                child_raw = await self.store.load_state(child_id) if child_id else None
+                if child_id and child_raw is not None:
+                    finished = child_finished(ExecutionState.from_bytes(child_raw), time.time())
+                    if finished is not None:   # finished while we were down: tell the parent again
+                        self._publish_inbound(finished)
+                    continue                   # still running: it resumes by itself and reports back
+                self.bus.publish(self.topics.commands(command.pool), command.execution_id, encode(command))
 
     async def stop(self) -> None:
         self.timers.stop()

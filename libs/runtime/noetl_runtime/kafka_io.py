@@ -8,21 +8,27 @@ record to the DLQ with `send_dead_letter` before the consumer commits past it.
 from __future__ import annotations
 
 import base64
+import re
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 from pydantic import BaseModel, ConfigDict
 
+from noetl_common.messages import DeadLetter
 from noetl_common.topics import Topics
 
 if TYPE_CHECKING:
     from noetl_runtime.settings import Settings
 
 DEFAULT_PARTITIONS = 6
+# Kafka's rule for topic names. Tansu accepts anything (and 0 partitions), so check here, or a bad
+# NOETL_TOPIC_PREFIX would pass every test and fail only against a real cluster.
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 __all__ = [
     "DEFAULT_PARTITIONS", "DeadLetter", "all_topic_names", "ensure_topics", "make_admin", "make_consumer",
@@ -33,26 +39,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # The dead-letter record (noetl.dlq). Key: the original record's key, so an operator can find the execution.
 # ---------------------------------------------------------------------------------------------------------
-class DeadLetter(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    v: int = 1
-    kind: Literal["dead_letter"] = "dead_letter"
-    source_topic: str
-    source_partition: int | None = None
-    source_offset: int | None = None
-    key: str | None = None              # the original key, base64 (keys are bytes too)
-    value: str                          # the original value, base64: never re-encoded, so nothing is lost
-    reason: str
-    time: float                         # when it was dead-lettered, epoch seconds
-    timestamp: str                      # the same instant, ISO-8601 UTC
-
-    def original_value(self) -> bytes:
-        return base64.b64decode(self.value)
-
-    def original_key(self) -> bytes | None:
-        return None if self.key is None else base64.b64decode(self.key)
-
-
 def _b64(raw: bytes | None) -> str | None:
     return None if raw is None else base64.b64encode(raw).decode("ascii")
 
@@ -76,7 +62,7 @@ async def send_dead_letter(
     at = time.time() if now is None else now
     letter = DeadLetter(
         source_topic=source_topic, source_partition=source_partition, source_offset=source_offset,
-        key=_b64(key), value=_b64(raw or b"") or "", reason=reason, time=at,
+        key=_b64(key), value=base64.b64encode(raw or b"").decode("ascii"), reason=reason, time=at,
         timestamp=datetime.fromtimestamp(at, timezone.utc).isoformat(),
     )
     await producer.send_and_wait(topics.dlq, letter.model_dump_json().encode(), key=key)
@@ -160,6 +146,11 @@ async def ensure_topics(
     one execution on one partition owner, which needs them co-partitioned.
     """
     wanted = all_topic_names(topics, pools)
+    illegal = [name for name in wanted if not _LEGAL_TOPIC.fullmatch(name)]
+    if illegal:
+        raise ValueError(f"illegal Kafka topic names {illegal}: use only [a-zA-Z0-9._-], at most 249 characters")
+    if partitions < 1 or replication_factor < 1:
+        raise ValueError("partitions and replication_factor must be at least 1")
     admin = make_admin(settings)
     await admin.start()
     try:

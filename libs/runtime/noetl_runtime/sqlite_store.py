@@ -181,6 +181,10 @@ class SqliteStore:
                            (execution_id, after_seq))
         return [Event.model_validate_json(body) for (body,) in rows]
 
+    async def load_state(self, execution_id: str) -> bytes | None:
+        rows = self._query("SELECT snapshot FROM states WHERE execution_id = ?", (execution_id,))
+        return bytes(rows[0][0]) if rows else None
+
     async def load_states(self, active_only: bool = True) -> dict[str, bytes]:
         sql = "SELECT execution_id, snapshot FROM states" + (" WHERE terminal = 0" if active_only else "")
         return {eid: bytes(snap) for eid, snap in self._query(sql)}

@@ -40,14 +40,33 @@ def run(file: Path = typer.Argument(..., help="The playbook YAML file."),
         credentials: Optional[Path] = typer.Option(None, "--credentials", help="JSON {name: {type, data}}."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
         timeout: Optional[float] = typer.Option(None, "--timeout", help="Cancel the run after S seconds."),
-        store: Optional[Path] = StoreOption) -> None:
-    """Run a playbook in this process and report what happened."""
+        store: Optional[Path] = StoreOption,
+        server: Optional[str] = typer.Option(None, "--server", metavar="URL",
+                                             help="Run on a noetl server or cluster at URL (its HTTP API) instead "
+                                                  "of in this process; --store is then not used.")) -> None:
+    """Run a playbook in this process (or on --server) and report what happened."""
     try:
-        code = run_command(file, parse_payload(payload, set_), catalog, credentials, as_json, timeout, store)
+        if server:
+            from noetl_cli.remote import run_remote   # httpx only: no runtime, no workers in this process
+            code = run_remote(server, file, parse_payload(payload, set_), catalog, credentials, as_json, timeout)
+        else:
+            code = run_command(file, parse_payload(payload, set_), catalog, credentials, as_json, timeout, store)
     except UsageError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2)
     raise typer.Exit(code)
+
+
+@app.command("server")
+def server_command(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+                   port: int = typer.Option(8080, "--port", min=1, max=65535),
+                   store: Optional[Path] = StoreOption,
+                   log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+                   ) -> None:
+    """Serve the HTTP API with every role in this process (SQLite store, in-process workers); resumes
+    in-flight executions. JSON logs on stderr."""
+    from noetl_cli.server import serve   # FastAPI and uvicorn only for this command
+    raise typer.Exit(serve(host, port, store, log_level))
 
 
 @app.command()

@@ -91,7 +91,7 @@ async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str
         entry = await store.catalog.register(text, document, path)
         if credentials is not None:
             await load_credentials(store, credentials)
-        runtime = EmbeddedRuntime(store)
+        runtime = EmbeddedRuntime(store, resume=False)   # a run never picks up other executions
         await runtime.start()
         try:
             start = runtime.start_message(document, path, entry.version, payload, time.time())

@@ -222,4 +222,7 @@ def first_unserialisable(value: Any, path: str, depth: int = 0) -> str:
 
 if __name__ == "__main__":
     # Started with -P, so this script's folder (the engine's modules) cannot shadow the user's imports.
-    child_main(int(sys.argv[1]), int(sys.argv[2]))
+    try:
+        child_main(int(sys.argv[1]), int(sys.argv[2]))
+    except (BrokenPipeError, ConnectionResetError):
+        pass   # the parent is gone (killed): nobody is waiting for this answer

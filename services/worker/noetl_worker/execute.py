@@ -67,13 +67,13 @@ async def execute(cmd: Command, ports: WorkerPorts) -> None:
     secrets = Secrets(ports.credentials, ports.env)
     started = time.time()
     # A quick attempt reports once: its ActionCompleted/ActionFailed carries `started`, which saves the fold
-    # a whole round (a transaction) per step. A slower one announces itself after ANNOUNCE_AFTER so its
+    # a whole round (a transaction) per step. A slower one announces itself after ports.announce_after so its
     # lease starts; a child playbook announces at once (the parent then waits on the child).
     announce = _Announce(cmd, ports, started)
     if cmd.action.type == "playbook" and cmd.phase == "action":
         await announce.now()
     else:
-        announce.later(ANNOUNCE_AFTER)
+        announce.later(ports.announce_after)
     beating = _Heartbeat(cmd, ports) if cmd.lease_seconds > 0 else None
     try:
         message = await _run(cmd, ports, secrets)
@@ -85,9 +85,6 @@ async def execute(cmd: Command, ports: WorkerPorts) -> None:
         if not announce.sent:
             message = message.model_copy(update={"started": started})
         await _deliver(ports, message)
-
-
-ANNOUNCE_AFTER = 0.05   # seconds
 
 
 class _Announce:

@@ -24,5 +24,8 @@ class WorkerPorts:
     catalog: CatalogPort | None = None          # `type: playbook` children
     python_pool: PythonPool | None = None       # `type: python` steps and python saves
     worker_id: str = "worker"
+    # An attempt still running after this many seconds announces itself (ActionStarted) so its lease
+    # starts; a quicker one reports once, with `started` on its final message.
+    announce_after: float = 0.05
     # Where NOETL_SECRET_<NAME> values come from; os.environ unless a test or an embedding app says so.
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)

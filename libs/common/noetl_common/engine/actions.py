@@ -96,7 +96,7 @@ def _lookup(root: Any, path: str) -> Any:
     return node
 
 
-def redeliver(state: ExecutionState) -> list[Command]:
+def redeliver(state: ExecutionState, include_children: bool = False) -> list[Command]:
     """The commands of every attempt still in flight, rebuilt from the state with their original ids.
 
     A runtime that lost its in-flight messages (an embedded server restart) sends these again; workers and
@@ -106,8 +106,8 @@ def redeliver(state: ExecutionState) -> list[Command]:
     for work in state.work.values():
         run = state.steps[work.step]
         action = run.iteration.actions.get(work.index) if work.index is not None and run.iteration else run.action
-        if action is None or work.child_execution_id:   # a started child reports back by itself
-            continue
+        if action is None or (work.child_execution_id and not include_children):
+            continue   # a started child reports back by itself
         commands.append(Command(
             command_id=work.command_id, execution_id=state.execution_id, parent_execution_id=state.parent_execution_id,
             step=work.step, visit=work.visit, attempt=work.attempt, index=work.index, phase=work.phase,

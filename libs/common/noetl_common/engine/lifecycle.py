@@ -13,8 +13,8 @@ from noetl_common.state import Pending
 END_STEP = "end"
 
 
-def step_scope(tick: Tick, result: Any) -> dict[str, Any]:
-    return {**tick.context(), "result": result, "this": this_view(result)}
+def step_scope(tick: Tick, result: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**tick.context(), "data": data or {}, "result": result, "this": this_view(result)}
 
 
 def complete_step(tick: Tick, name: str, result: Any) -> None:
@@ -24,7 +24,7 @@ def complete_step(tick: Tick, name: str, result: Any) -> None:
     run = tick.state.steps[name]
     tick.state.results[name] = result     # its own `next` and `result:` may name it (`{{ envelope.x }}`)
     tick.invalidate()
-    scope = step_scope(tick, result)
+    scope = step_scope(tick, result, run.data)
     try:
         arrivals = [(edge.step, edge_data(edge, scope)) for edge in fire(step.next, scope)]
         final = _execution_result(step, result, scope) if name == END_STEP else None
@@ -113,13 +113,19 @@ def _stop_work(tick: Tick, reason: str) -> None:
 
 
 def _tell_parent(tick: Tick) -> None:
-    s = tick.state
-    if not (s.parent_execution_id and s.parent_command_id):
-        return
+    message = child_finished(tick.state, tick.time)
+    if message is not None:
+        tick.requests.append(message)
+
+
+def child_finished(s: Any, time: float) -> ChildFinished | None:
+    """The message a finished child sends its parent (also rebuilt by a runtime that resumes)."""
+    if not (s.parent_execution_id and s.parent_command_id and s.terminal):
+        return None
     result = s.results.get(s.return_step) if s.return_step else s.result
-    tick.requests.append(ChildFinished(
-        execution_id=s.parent_execution_id, command_id=s.parent_command_id, child_execution_id=s.execution_id,
-        status=s.status, result=result, error=s.error, time=tick.time))
+    return ChildFinished(execution_id=s.parent_execution_id, command_id=s.parent_command_id,
+                         child_execution_id=s.execution_id, status=s.status, result=result, error=s.error,
+                         time=time)
 
 
 def _playbook_name(tick: Tick) -> str:

@@ -1,0 +1,90 @@
+"""`noetl server`: every role in one process (architecture §3): the embedded runtime (fold, worker pool,
+timers) on a SQLite store, and one FastAPI app with the ingest, query and context-render routers, served by
+uvicorn on the same event loop. In-flight executions resume on start (the runtime reloads their snapshots).
+
+The routers and handlers are the services' own; only the ports differ from the cluster:
+    ingest  submit = runtime.submit (the in-process bus), catalog/credentials = the SQLite store
+    query   SqliteReadModel(store)
+    render  events = store.events
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from noetl_ingest.app import router as ingest_router
+from noetl_ingest.handlers import IngestPorts
+from noetl_ingest.ops import configure_json_logging, install_ops
+from noetl_query.app import router as query_router
+from noetl_query.sqlite_reads import SqliteReadModel
+from noetl_render.app import router as render_router
+from noetl_render.handlers import RenderPorts
+from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_runtime.sqlite_store import SqliteStore
+
+log = logging.getLogger("noetl.server")
+
+
+def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
+    """The one app of embedded mode. The runtime starts and stops with the app (its lifespan)."""
+    started = False
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        nonlocal started
+        await runtime.start()   # resumes in-flight executions
+        started = True
+        log.info("runtime started", extra={"store": str(store.path), "resumed": len(runtime.states)})
+        try:
+            yield
+        finally:
+            started = False
+            await runtime.stop()
+            log.info("runtime stopped")
+
+    async def submit(message: BaseModel) -> None:
+        runtime.submit(message)   # type: ignore[arg-type]  # any inbound message: the bus routes by execution_id
+
+    def ready() -> str | None:
+        if runtime.crashed is not None:
+            return f"the runtime died: {runtime.crashed!r}"
+        return None if started else "starting"
+
+    app = FastAPI(title="noetl", version="1", lifespan=lifespan,
+                  description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).")
+    app.include_router(ingest_router(IngestPorts(catalog=store.catalog, credentials=store.credentials,
+                                                 submit=submit, clock=time.time,
+                                                 lease_seconds=runtime.lease_seconds)))
+    app.include_router(query_router(SqliteReadModel(store)))
+    app.include_router(render_router(RenderPorts(events=store.events)))
+    install_ops(app, service="server", ready=ready, gauges={
+        "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
+        "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
+    })
+    return app
+
+
+def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO", **runtime_options: Any) -> int:
+    """Run until SIGINT/SIGTERM; 0 after a clean shutdown, 1 when the server could not start."""
+    configure_json_logging(log_level.upper())
+    store = SqliteStore(store_path)
+    try:
+        runtime = EmbeddedRuntime(store, **runtime_options)
+        app = build_app(store, runtime)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
+                                log_level=log_level.lower(), timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        log.info("noetl server on http://%s:%d (store %s)", host, port, store.path)
+        asyncio.run(server.serve())
+        return 0 if server.started else 1
+    finally:
+        store.close()

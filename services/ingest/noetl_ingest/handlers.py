@@ -1,0 +1,239 @@
+"""The write API's logic, free of any transport: plain async functions of (ports, request model).
+
+The same functions serve embedded mode (`submit` = the in-process runtime) and the cluster (`submit` =
+produce to noetl.requests / noetl.results). They raise plain exceptions that the app maps to answers
+(`noetl_ingest.ops.answer`): LookupError 404, ValueError 400 (with `errors`), PermissionError 403,
+pydantic ValidationError and codec DecodeError 422.
+
+Secret data goes in (POST /api/credentials) and never comes back out: every credential answer is built
+by `_public`, which has no `data` field at all.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from noetl_common.codec import DecodeError, decode_inbound
+from noetl_common.dsl import load_playbook
+from noetl_common.messages import CancelExecution, StartExecution
+from noetl_common.ports import CatalogPort, Credential, CredentialPort
+
+Submit = Callable[[BaseModel], Awaitable[None]]
+# Facts an outside system may post (a worker of its own, a callback). Starting goes through the catalog
+# (/api/executions/run) and timers are the broker's own, so those two kinds are refused here.
+POSTABLE_KINDS = ("cancel", "action_started", "heartbeat", "action_completed", "action_failed", "child_started",
+                  "child_finished")
+
+
+@dataclass
+class IngestPorts:
+    catalog: CatalogPort
+    credentials: CredentialPort
+    submit: Submit                                    # routes an inbound message to the fold (requests/results)
+    clock: Callable[[], float] = time.time
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    lease_seconds: float = 30.0
+
+
+class Rejected(ValueError):
+    """A well-formed request the engine refuses (an invalid playbook): 400 with every located error."""
+
+    def __init__(self, reason: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(reason)
+        self.errors = errors
+
+
+# ----------------------------------------------------------------------------------------------- requests
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    content: str | None = None
+    content_base64: str | None = None
+    resource_type: str | None = "Playbook"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RegisterRequest":
+        if (self.content is None) == (self.content_base64 is None):
+            raise ValueError("give exactly one of `content` (YAML text) or `content_base64`")
+        if self.resource_type not in (None, "Playbook", "playbook"):
+            raise ValueError(f"resource_type {self.resource_type!r} is not supported (only Playbook)")
+        return self
+
+    def text(self) -> str:
+        if self.content is not None:
+            return self.content
+        try:
+            return base64.b64decode(self.content_base64 or "", validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise Rejected(f"content_base64 is not base64 of UTF-8 text: {exc}") from exc
+
+
+def parse_version(value: Any) -> int | None:
+    """None, "latest" or "" -> None (the newest); 3 or "3" -> 3; anything else is an error."""
+    if value is None or value == "" or value == "latest":
+        return None
+    if isinstance(value, bool):
+        raise ValueError("version must be a positive integer or 'latest'")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        version = int(value)
+        if version >= 1:
+            return version
+    raise ValueError(f"version must be a positive integer or 'latest', got {value!r}")
+
+
+class RunRequest(BaseModel):
+    """NoETL's body: `path` (alias `playbook_id`) or `catalog_id` ("path:version"), `version`,
+    `parameters` (alias `input_payload`), `merge`. Other NoETL fields are accepted and ignored."""
+    model_config = ConfigDict(extra="ignore")
+    path: str | None = Field(None, validation_alias=AliasChoices("path", "playbook_id"))
+    catalog_id: str | None = None
+    version: int | str | None = None
+    parameters: dict[str, Any] | None = Field(None, validation_alias=AliasChoices("parameters", "input_payload"))
+    # NoETL's `merge`: our payload is always deep-merged over the playbook's workload (DSL §2), so both
+    # values behave the same; the flag is accepted for compatibility.
+    merge: bool = False
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        parse_version(value)
+        return value
+
+    @model_validator(mode="after")
+    def _target(self) -> "RunRequest":
+        if not self.path and not self.catalog_id:
+            raise ValueError("give the playbook: `path` (or `playbook_id`) or `catalog_id`")
+        return self
+
+    def target(self) -> tuple[str, int | None]:
+        if self.path:
+            return self.path, parse_version(self.version)
+        path, _, version = (self.catalog_id or "").rpartition(":")
+        if not path:
+            raise LookupError(f"unknown catalog_id {self.catalog_id!r} (expected 'path:version')")
+        return path, parse_version(version)
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("cancelled by request", max_length=1000)
+
+
+class CredentialRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    type: str = Field("generic", min_length=1, max_length=100,
+                      validation_alias=AliasChoices("type", "credential_type"))
+    data: dict[str, Any]
+    description: str | None = Field(None, max_length=2000)
+
+
+# ----------------------------------------------------------------------------------------------- catalog
+async def register(ports: IngestPorts, req: RegisterRequest) -> dict[str, Any]:
+    text = req.text()
+    playbook, problems = load_playbook(text)
+    if playbook is None:
+        errors = _errors(problems)
+        raise Rejected(f"invalid playbook: {len(errors)} error(s)", errors)
+    document = yaml.safe_load(text)
+    entry = await ports.catalog.register(text, document, playbook.path)
+    return {"status": "success", "message": f"registered {entry.path} version {entry.version}",
+            "path": entry.path, "version": entry.version, "catalog_id": f"{entry.path}:{entry.version}",
+            "kind": "Playbook",
+            "warnings": [p.model_dump() for p in problems if p.severity != "error"]}
+
+
+def _errors(problems: list[Any]) -> list[dict[str, Any]]:
+    return [{"path": p.path, "line": p.line, "message": p.message} for p in problems if p.severity == "error"]
+
+
+# ----------------------------------------------------------------------------------------------- executions
+async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
+    """Resolve the playbook, validate it, submit the start. Returns before any step runs."""
+    path, version = req.target()
+    entry = await ports.catalog.get(path, version)
+    if entry is None:
+        raise LookupError(f"playbook {path!r} {'version ' + str(version) if version else '(latest)'}"
+                          " is not in the catalog")
+    playbook, problems = load_playbook(entry.content)
+    if playbook is None:
+        errors = _errors(problems)
+        raise Rejected(f"invalid playbook {entry.path} version {entry.version}: {len(errors)} error(s)", errors)
+    now = ports.clock()
+    start = StartExecution(execution_id=ports.new_id(), time=now, playbook=entry.document, path=entry.path,
+                           version=entry.version, payload=req.parameters or {}, lease_seconds=ports.lease_seconds)
+    await ports.submit(start)
+    return {"execution_id": start.execution_id, "id": start.execution_id,
+            "catalog_id": f"{entry.path}:{entry.version}", "path": entry.path, "playbook_id": entry.path,
+            "playbook_name": playbook.name, "version": str(entry.version), "type": "playbook",
+            "execution_type": "playbook", "status": "running", "timestamp": _iso(now), "start_time": None,
+            "end_time": None, "progress": 0, "result": None, "error": None}
+
+
+async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest) -> dict[str, Any]:
+    """Ask the fold to cancel. Asynchronous like everything the fold does: an execution already finished
+    (or unknown) is left as it is; GET /api/executions/{id} shows the outcome."""
+    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason))
+    return {"execution_id": execution_id, "status": "cancel_requested", "reason": req.reason}
+
+
+async def post_event(ports: IngestPorts, body: Any) -> dict[str, Any]:
+    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it."""
+    if not isinstance(body, dict):
+        raise DecodeError("the body must be a JSON object (an inbound message with `kind` and `execution_id`)")
+    kind = body.get("kind")
+    if kind in ("start", "timer_fired"):
+        raise ValueError(f"kind {kind!r} cannot be posted here"
+                         + (": use POST /api/executions/run" if kind == "start" else " (timers are internal)"))
+    message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
+    await ports.submit(message)
+    return {"status": "accepted", "kind": message.kind, "execution_id": message.execution_id}
+
+
+# ----------------------------------------------------------------------------------------------- credentials
+def _public(cred: Credential) -> dict[str, Any]:
+    """A credential as the API shows it: never its data."""
+    return {"id": cred.name, "name": cred.name, "type": cred.type, "description": cred.description,
+            "meta": None, "tags": [], "created_at": _iso(cred.created_at), "updated_at": _iso(cred.updated_at)}
+
+
+async def put_credential(ports: IngestPorts, req: CredentialRequest) -> dict[str, Any]:
+    return _public(await ports.credentials.put(req.name, req.type, req.data, req.description))
+
+
+async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None) -> dict[str, Any]:
+    items = [c for c in await ports.credentials.list()
+             if (type is None or c.type == type)
+             and (not q or q.lower() in c.name.lower() or q.lower() in (c.description or "").lower())]
+    return {"items": [_public(c) for c in items], "filter": {"type": type, "q": q}}
+
+
+async def get_credential(ports: IngestPorts, name: str, include_data: bool = False) -> dict[str, Any]:
+    if include_data:
+        raise PermissionError("secret data is never returned over HTTP; only the worker that runs an action "
+                              "resolves it (architecture invariant 7)")
+    # from the list, which never decrypts anything
+    cred = next((c for c in await ports.credentials.list() if c.name == name), None)
+    if cred is None:
+        raise LookupError(f"no credential named {name!r}")
+    return _public(cred)
+
+
+async def delete_credential(ports: IngestPorts, name: str) -> dict[str, Any]:
+    if not await ports.credentials.delete(name):
+        raise LookupError(f"no credential named {name!r}")
+    return {"status": "deleted", "name": name}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+

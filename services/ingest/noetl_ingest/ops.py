@@ -1,0 +1,130 @@
+"""What every service's HTTP app shares: /health, /ready, Prometheus /metrics, request metrics, the mapping of
+handler exceptions to HTTP answers, and JSON logs.
+
+The handlers of ingest, query and render never import FastAPI; they raise plain exceptions and this module
+turns them into answers, the same way for every service:
+
+    pydantic ValidationError, codec DecodeError  -> 422  {"detail": [...pydantic errors...] | "reason"}
+    LookupError                                  -> 404  {"detail": "reason"}
+    PermissionError                              -> 403  {"detail": "reason"}
+    ValueError (an `errors` attribute optional)  -> 400  {"detail": "reason", "errors": [...]}
+
+(It lives in the ingest package because the services share nothing else at the edge yet; it belongs in
+`noetl_runtime` next to the settings once that package takes HTTP helpers.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+
+from noetl_common.codec import DecodeError
+
+T = TypeVar("T")
+ReadyCheck = Callable[[], "str | None"]        # None when ready, else why not
+GaugeFn = tuple[str, Callable[[], float]]     # (help text, current value)
+
+
+async def answer(call: Awaitable[T]) -> T | JSONResponse:
+    """Await a handler; map its exceptions to the HTTP answers above."""
+    try:
+        return await call
+    except ValidationError as exc:   # before ValueError: pydantic's errors subclass it
+        detail = exc.errors(include_url=False, include_context=False, include_input=False)
+        return JSONResponse({"detail": detail}, status_code=422)
+    except DecodeError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+    except LookupError as exc:
+        return JSONResponse({"detail": _reason(exc)}, status_code=404)
+    except PermissionError as exc:
+        return JSONResponse({"detail": _reason(exc)}, status_code=403)
+    except ValueError as exc:
+        body: dict[str, Any] = {"detail": _reason(exc)}
+        if getattr(exc, "errors", None) is not None:
+            body["errors"] = exc.errors   # type: ignore[attr-defined]
+        return JSONResponse(body, status_code=400)
+
+
+def _reason(exc: BaseException) -> str:
+    # KeyError's str() is the repr of its argument; every other exception's str() is the message
+    return str(exc.args[0]) if exc.args else type(exc).__name__
+
+
+def install_ops(app: FastAPI, *, service: str, ready: ReadyCheck | None = None,
+                gauges: Mapping[str, GaugeFn] | None = None) -> CollectorRegistry:
+    """Add /health, /ready, /metrics and per-request metrics to `app`. One registry per app (not the
+    global one), so several apps can live in one process (tests, `noetl server`)."""
+    registry = CollectorRegistry()
+    requests = Counter("noetl_http_requests", "HTTP requests answered", ["service", "method", "route", "status"],
+                       registry=registry)
+    latency = Histogram("noetl_http_request_seconds", "HTTP request latency", ["service", "method", "route"],
+                        registry=registry)
+    for name, (doc, value) in (gauges or {}).items():
+        Gauge(name, doc, registry=registry).set_function(value)
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")   # the template, e.g. /api/executions/{execution_id}
+        latency.labels(service, request.method, path).observe(time.perf_counter() - started)
+        requests.labels(service, request.method, path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"], response_model=None)
+    async def is_ready() -> dict[str, str] | JSONResponse:
+        why = ready() if ready is not None else None
+        if why is not None:
+            return JSONResponse({"status": "not ready", "reason": why}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return registry
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, any `extra=` fields, the exception."""
+
+    _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                             "color_message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_json_logging(level: str = "INFO") -> None:
+    """Route every logger (uvicorn's too) to stderr as JSON lines. Called by entry points, never at import."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True

@@ -1,0 +1,91 @@
+"""The query service's HTTP transport: each route decodes, calls one handler, encodes.
+
+    router(read)      the /api read routes, to mount in any app (`noetl server` mounts every service's router)
+    create_app(read)  a standalone app: the router + /health, /ready, /metrics
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Response
+from pydantic import ValidationError
+
+from noetl_ingest.ops import ReadyCheck, answer, install_ops
+from noetl_query import handlers as h
+from noetl_query.handlers import ExecutionFilters, Page, ReadModel
+
+
+def _version(value: str | None) -> int | None:
+    """None/"latest" -> None, "3" -> 3; anything else raises (pydantic-style) for a 422."""
+    if value in (None, "", "latest"):
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"version must be a positive integer or 'latest', got {value!r}")
+
+
+async def _listing(read: ReadModel, response: Response, filters: dict[str, Any], page: dict[str, Any]) -> Any:
+    items, total = await h.list_executions(read, ExecutionFilters.model_validate(filters), Page.model_validate(page))
+    response.headers["X-Total-Count"] = str(total)
+    return items
+
+
+async def _playbook(read: ReadModel, playbook_id: str, version: str | None) -> Any:
+    try:
+        parsed = _version(version)
+    except ValueError as exc:   # a request problem, not a refused playbook: 422 like other bad parameters
+        raise ValidationError.from_exception_data("version", [
+            {"type": "value_error", "loc": ("query", "version"), "input": version, "ctx": {"error": str(exc)}}
+        ]) from exc
+    return await h.catalog_playbook(read, playbook_id, parsed)
+
+
+def router(read: ReadModel) -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["query"])
+
+    @api.get("/executions")
+    async def list_executions(response: Response, status: str | None = None, path: str | None = None,
+                              since: str | None = None, until: str | None = None,
+                              parent_execution_id: str | None = None, limit: int = 50, offset: int = 0) -> Any:
+        """NoETL's list (a JSON array), newest first; the total number matching is in X-Total-Count."""
+        filters = {"status": status, "path": path, "since": since, "until": until,
+                   "parent_execution_id": parent_execution_id}
+        return await answer(_listing(read, response, {k: v for k, v in filters.items() if v is not None},
+                                     {"limit": limit, "offset": offset}))
+
+    @api.get("/executions/{execution_id}")
+    async def get_execution(execution_id: str, events: bool = True) -> Any:
+        return await answer(h.get_execution(read, execution_id, include_events=events))
+
+    @api.get("/executions/{execution_id}/events")
+    async def execution_events(execution_id: str, after_seq: int = Query(-1, ge=-1)) -> Any:
+        return await answer(h.execution_events(read, execution_id, after_seq))
+
+    @api.get("/execution/data/{execution_id}")
+    async def execution_data(execution_id: str) -> Any:
+        return await answer(h.execution_data(read, execution_id))
+
+    @api.get("/events/summary/{execution_id}")
+    async def events_summary(execution_id: str) -> Any:
+        return await answer(h.events_summary(read, execution_id))
+
+    @api.get("/events/by-execution/{execution_id}")
+    async def events_by_execution(execution_id: str) -> Any:
+        return await answer(h.execution_data(read, execution_id))
+
+    @api.get("/catalog/list")
+    async def catalog_list(resource_type: str | None = None) -> Any:
+        return await answer(h.catalog_list(read, resource_type))
+
+    @api.get("/catalog/playbook")
+    async def catalog_playbook(playbook_id: str, version: str | None = None) -> Any:
+        return await answer(_playbook(read, playbook_id, version))
+
+    return api
+
+
+def create_app(read: ReadModel, *, ready: ReadyCheck | None = None) -> FastAPI:
+    app = FastAPI(title="noetl query", version="1")
+    app.include_router(router(read))
+    install_ops(app, service="query", ready=ready)
+    return app

@@ -1,0 +1,163 @@
+"""The read API's logic, free of any transport, over a `ReadModel` (SQLite in embedded mode, Postgres in the
+cluster). Shapes follow NoETL's API (reference §13) with status and progress by DSL §7: every status,
+progress, step report and summary is computed by `noetl_common.projection` from the execution's events, so
+the embedded report, `noetl run --server` and this API cannot disagree.
+
+Handlers raise LookupError for an unknown execution or playbook (404); pydantic validates the filters.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from noetl_common import projection
+from noetl_common.messages import Event
+from noetl_common.ports import CatalogEntry
+
+Status = Literal["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+
+
+class ExecutionFilters(BaseModel):
+    """Filters of GET /api/executions. `since`/`until` bound the start time (inclusive); a naive datetime
+    is taken as UTC."""
+    model_config = ConfigDict(extra="forbid")
+    status: Status | None = None
+    path: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    parent_execution_id: str | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def since_iso(self) -> str | None:
+        return iso(self.since) if self.since else None
+
+    def until_iso(self) -> str | None:
+        return iso(self.until) if self.until else None
+
+
+class Page(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limit: int = Field(50, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+
+def iso(moment: datetime) -> str:
+    """The events' timestamp format (ISO-8601 UTC, milliseconds, Z), so range filters compare as text."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ReadModel(Protocol):
+    """What the query service reads. Implementations: `noetl_query.sqlite_reads.SqliteReadModel` (embedded),
+    the Postgres projection (cluster). A summary is exactly `projection.summary(events)` of the execution."""
+
+    async def executions(self, filters: ExecutionFilters, page: Page) -> tuple[list[dict[str, Any]], int]:
+        """(summaries of the page, newest start first; how many executions match in all)."""
+        ...
+
+    async def execution(self, execution_id: str) -> dict[str, Any] | None:
+        """projection.summary of the execution, or None when it has no events."""
+        ...
+
+    async def events(self, execution_id: str, after_seq: int = -1) -> list[Event]:
+        """The execution's events in seq order (seq > after_seq); [] when unknown."""
+        ...
+
+    async def catalog(self) -> list[CatalogEntry]:
+        """Every registered playbook version."""
+        ...
+
+    async def playbook(self, path: str, version: int | None = None) -> CatalogEntry | None:
+        """One version (None = the latest), or None."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------- executions
+def execution_out(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary under NoETL's names too (`id`, `playbook_id`)."""
+    return {"id": summary.get("execution_id"), "playbook_id": summary.get("path"), **summary}
+
+
+def event_out(event: Event) -> dict[str, Any]:
+    return event.model_dump(mode="json", exclude_none=True)
+
+
+async def list_executions(read: ReadModel, filters: ExecutionFilters, page: Page) -> tuple[list[dict[str, Any]], int]:
+    summaries, total = await read.executions(filters, page)
+    return [execution_out(s) for s in summaries], total
+
+
+async def _events_or_404(read: ReadModel, execution_id: str, after_seq: int = -1) -> list[Event]:
+    events = await read.events(execution_id, after_seq)
+    if not events and (after_seq < 0 or await read.execution(execution_id) is None):
+        raise LookupError(f"no execution {execution_id!r}")
+    return events
+
+
+async def get_execution(read: ReadModel, execution_id: str, include_events: bool = True) -> dict[str, Any]:
+    """The summary + `steps` (the per-step report of the command contract) + `events`. With
+    include_events=False only the summary (a cheap poll)."""
+    if not include_events:
+        summary = await read.execution(execution_id)
+        if summary is None:
+            raise LookupError(f"no execution {execution_id!r}")
+        return execution_out(summary)
+    events = await _events_or_404(read, execution_id)
+    return {**execution_out(projection.summary(events)), "steps": projection.steps(events),
+            "events": [event_out(e) for e in events]}
+
+
+async def execution_events(read: ReadModel, execution_id: str, after_seq: int = -1) -> dict[str, Any]:
+    events = await _events_or_404(read, execution_id, after_seq)
+    return {"execution_id": execution_id, "events": [event_out(e) for e in events]}
+
+
+async def execution_data(read: ReadModel, execution_id: str) -> dict[str, Any]:
+    """NoETL's GET /api/execution/data/{id}: {"events": [...]} (only execution ids are accepted here)."""
+    return {"events": [event_out(e) for e in await _events_or_404(read, execution_id)]}
+
+
+async def events_summary(read: ReadModel, execution_id: str) -> dict[str, Any]:
+    events = await _events_or_404(read, execution_id)
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.event_type] = counts.get(event.event_type, 0) + 1
+    skipped = sum(1 for e in events if e.event_type == "action_completed" and isinstance(e.result, dict)
+                  and e.result.get("skipped"))
+    errors = [{"node_name": e.node_name, "error": e.error, "created_at": e.timestamp, "attempt": e.attempt}
+              for e in events if e.event_type == "action_error"][-3:]
+    return {"status": "ok", "summary": {"execution_id": execution_id, "status": projection.execution_status(events),
+                                        "counts": counts, "skipped": skipped, "errors": errors}}
+
+
+# ----------------------------------------------------------------------------------------------- catalog
+def _entry_out(entry: CatalogEntry, *, with_payload: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": entry.path, "kind": "Playbook", "version": entry.version,
+                           "catalog_id": f"{entry.path}:{entry.version}", "content": entry.content,
+                           "meta": None, "created_at": iso(datetime.fromtimestamp(entry.created_at, timezone.utc))}
+    if with_payload:
+        out["payload"] = entry.document
+    return out
+
+
+async def catalog_list(read: ReadModel, resource_type: str | None = None) -> dict[str, Any]:
+    """Every registered version, newest first (NoETL's order)."""
+    if resource_type not in (None, "", "Playbook", "playbook"):
+        return {"entries": []}
+    entries = sorted(await read.catalog(), key=lambda e: (e.created_at, e.version), reverse=True)
+    return {"entries": [_entry_out(e) for e in entries]}
+
+
+async def catalog_playbook(read: ReadModel, playbook_id: str, version: int | None = None) -> dict[str, Any]:
+    entry = await read.playbook(playbook_id, version)
+    if entry is None:
+        raise LookupError(f"playbook {playbook_id!r} {'version ' + str(version) if version else '(latest)'}"
+                          " is not in the catalog")
+    return _entry_out(entry)

@@ -1,0 +1,31 @@
+"""The context-render service's HTTP transport.
+
+    router(ports)      POST /api/context/render, to mount in any app (`noetl server` mounts it)
+    create_app(ports)  a standalone app: the router + /health, /ready, /metrics
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+
+from noetl_ingest.ops import ReadyCheck, answer, install_ops
+from noetl_render import handlers as h
+from noetl_render.handlers import RenderPorts, RenderRequest
+
+
+def router(ports: RenderPorts) -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["render"])
+
+    @api.post("/context/render")
+    async def render_context(body: RenderRequest) -> Any:
+        return await answer(h.render_template(ports, body))
+
+    return api
+
+
+def create_app(ports: RenderPorts, *, ready: ReadyCheck | None = None) -> FastAPI:
+    app = FastAPI(title="noetl context-render", version="1")
+    app.include_router(router(ports))
+    install_ops(app, service="render", ready=ready)
+    return app
