@@ -65,6 +65,7 @@ fi
 "$VENV/bin/python" --version
 export PATH="$VENV/bin:$PATH"
 export PYTHONUNBUFFERED=1
+export NOETL_STORE="$WORK/noetl.db"   # never the user's ~/.noetl store
 
 # ----------------------------------------------------------------------------------------------- postgres
 section "postgres: scripts/pg-start.sh"
