@@ -15,7 +15,6 @@ from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
 from noetl_query.handlers import ExecutionFilters, Page
 from noetl_query.postgres_schema import DEFAULT_SCHEMA, connection, qualify
-from noetl_query.projector import parse_time
 
 _SUMMARY_COLUMNS = ("execution_id, parent_execution_id, path, version, playbook_name, status, start_time,"
                     " end_time, duration, progress, result::text AS result, error, last_event_time")
@@ -41,7 +40,8 @@ def to_datetime(value: TimeBound) -> datetime | None:
     try:
         return datetime.fromtimestamp(float(value), tz=timezone.utc)
     except ValueError:
-        return parse_time(value)
+        parsed = datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _summary(row: Any) -> dict[str, Any]:

@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error("--database-url or NOETL_DATABASE_URL is required")
-    applied = asyncio.run(_main(args.database_url, check_schema(args.schema)))
+    try:
+        check_schema(args.schema)
+    except ValueError as exc:
+        parser.error(str(exc))
+    applied = asyncio.run(_main(args.database_url, args.schema))
     print(f"schema {args.schema}: " + (f"applied {', '.join(f'{v:04d}' for v in applied)}" if applied
                                          else "up to date"))
     return 0

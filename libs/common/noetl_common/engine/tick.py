@@ -46,6 +46,7 @@ class Tick:
     stale: bool = False
     variables_set: dict[str, Any] | None = None   # `save: {name: X}` values set by this message
     _context: dict[str, Any] | None = None
+    _iso: str | None = None
 
     @property
     def playbook(self) -> Playbook:
@@ -60,7 +61,7 @@ class Tick:
         self.events.append(Event(
             event_id=f"{s.execution_id}:{s.seq}", execution_id=s.execution_id,
             parent_execution_id=s.parent_execution_id, seq=s.seq, event_type=event_type, node_name=node_name,
-            node_type=node_type, status=status, timestamp=iso(self.time), time=self.time, **fields))
+            node_type=node_type, status=status, timestamp=self._stamp(), time=self.time, **fields))
         s.seq += 1
 
     def set_timer(self, key: str, due: float) -> None:
@@ -84,4 +85,9 @@ class Tick:
         self._context = None
 
     def _now(self) -> str:
-        return iso(self.time)
+        return self._stamp()
+
+    def _stamp(self) -> str:
+        if self._iso is None:          # every event of one message shares its instant
+            self._iso = iso(self.time)
+        return self._iso
