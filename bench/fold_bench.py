@@ -1,7 +1,7 @@
 """The fold alone: messages per second through advance(), no I/O (target ≥ 50,000/s).
 
 Drives a 5,000-item async iterator and a 200-step chain through the pure simulator and times only the
-calls to advance() (the simulator's own bookkeeping is excluded).
+calls to advance() (the simulator's own bookkeeping is excluded), with the runtimes' GC settings.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from noetl_common import simulate
 from noetl_common.simulate import Outcome, Simulation
 
 from common import chain, describe, iterator
+from noetl_runtime.tuning import tune_gc
 
 
 def measure(document: dict) -> tuple[int, float]:
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--items", type=int, default=5000)
     args = parser.parse_args()
+    tune_gc()   # the GC settings the runtimes (embedded, broker) use
     for label, doc in (("iterator", iterator(args.items)), ("chain200", chain(200))):
         rates = []
         for _ in range(args.repeat):

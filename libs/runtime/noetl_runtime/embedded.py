@@ -24,6 +24,7 @@ from noetl_common.topics import Topics
 from noetl_runtime.bus import InMemoryBus
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.timers import TimerLoop
+from noetl_runtime.tuning import tune_gc
 from noetl_worker.execute import execute
 from noetl_worker.ports import WorkerPorts
 from noetl_worker.python_pool import PythonPool
@@ -56,6 +57,7 @@ class EmbeddedRuntime:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        tune_gc()
         self.pool = PythonPool(self.python_processes)
         self.ports = WorkerPorts(emit=self._emit, credentials=self.store.credentials, catalog=self.store.catalog,
                                  python_pool=self.pool, worker_id=f"embedded-{os.getpid()}")
