@@ -369,3 +369,15 @@ def test_list_pagination_and_filters(api: httpx.Client) -> None:
     assert len(api.get("/api/executions", params={"path": "tests/api_list", "until": future}).json()) == 3
     for bad in ({"status": "SLEEPING"}, {"limit": 0}, {"limit": 5000}, {"offset": -1}, {"since": "yesterday"}):
         assert api.get("/api/executions", params=bad).status_code == 422, bad
+
+
+def test_one_server_per_store(server: Server) -> None:
+    """A second server on the same store would resume (and run again) the first one's executions."""
+    proc = subprocess.run([str(NOETL), "server", "--port", str(free_port()), "--store", str(server.store)],
+                          capture_output=True, text=True, timeout=30, env=server_env())
+    assert proc.returncode == 1 and "another noetl server is using the store" in proc.stderr
+    taken = subprocess.run([str(NOETL), "server", "--port", str(server.port), "--store",
+                            str(server.store.with_name("other.db"))],
+                           capture_output=True, text=True, timeout=30, env=server_env())
+    assert taken.returncode == 1 and "address already in use" in taken.stderr.lower()
+    assert httpx.get(server.url + "/ready").status_code == 200

@@ -34,6 +34,7 @@ SECRET_PREFIX = "NOETL_SECRET_"
 NOT_SECRETS = {"NOETL_SECRET_KEY"}
 POLL_FIRST, POLL_MAX = 0.01, 0.2          # seconds: quick runs report fast, long ones cost little
 UNREACHABLE_FOR = 120.0                   # give up after the server has not answered for this long
+UNSEEN_FOR = 60.0                         # ... or has not shown the accepted execution for this long
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 
@@ -184,7 +185,11 @@ async def _follow(api: _Api, execution_id: str, timeout: float | None, live: Liv
             if time.monotonic() - unreachable_since > UNREACHABLE_FOR:
                 raise
             response = None
-        if response is not None and response.status_code != 404:   # 404: accepted, not folded yet
+        if response is not None and response.status_code == 404:   # accepted, not folded (or projected) yet
+            if time.monotonic() - begun > UNSEEN_FOR:
+                raise RemoteError(f"execution {execution_id} was accepted but has not appeared in "
+                                  f"{UNSEEN_FOR:g} s (was the server restarted before it started?)")
+        elif response is not None:
             if api.ok(response, f"reading execution {execution_id}")["status"] in TERMINAL:
                 detail = api.ok(await api.call("GET", f"/api/executions/{execution_id}"),
                                 f"reading execution {execution_id}")

@@ -10,10 +10,11 @@ The routers and handlers are the services' own; only the ports differ from the c
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,46 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
 
 
 def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO", **runtime_options: Any) -> int:
-    """Run until SIGINT/SIGTERM; 0 after a clean shutdown, 1 when the server could not start."""
+    """Run until SIGINT/SIGTERM; 0 after a clean shutdown, 1 when the server could not start.
+
+    Two guards run before the runtime starts, because starting it resumes the store's in-flight executions:
+    an exclusive lock on the store (two servers on one store would both resume and run every step twice)
+    and the listening socket (uvicorn would otherwise start the app, hence the runtime, before binding)."""
     configure_json_logging(log_level.upper())
     store = SqliteStore(store_path)
     try:
-        runtime = EmbeddedRuntime(store, **runtime_options)
-        app = build_app(store, runtime)
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
-                                log_level=log_level.lower(), timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
-        log.info("noetl server on http://%s:%d (store %s)", host, port, store.path)
-        asyncio.run(server.serve())
-        return 0 if server.started else 1
+        with _exclusive(store.path.with_name(store.path.name + ".server.lock")) as locked:
+            if not locked:
+                log.error("another noetl server is using the store %s", store.path)
+                return 1
+            config = uvicorn.Config(build_app(store, EmbeddedRuntime(store, **runtime_options)), host=host,
+                                    port=port, log_config=None, lifespan="on", log_level=log_level.lower(),
+                                    timeout_graceful_shutdown=5)
+            try:
+                sock = config.bind_socket()   # logs the reason and exits 1 when the port is taken
+            except SystemExit:
+                return 1
+            server = uvicorn.Server(config)
+            log.info("noetl server on http://%s:%d (store %s)", host, port, store.path)
+            try:
+                asyncio.run(server.serve(sockets=[sock]))
+            finally:
+                sock.close()
+            return 0 if server.started else 1
     finally:
         store.close()
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[bool]:
+    """An advisory lock held for the server's lifetime (released by the OS if the process dies)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

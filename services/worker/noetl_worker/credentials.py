@@ -61,6 +61,8 @@ class Secrets:
                 value = self._env.get(_ENV_PREFIX + name.upper())
             if value is None:
                 cred = await self.credential(name)
+                if cred is None and name.upper() != name:   # uploaded from NOETL_SECRET_<NAME>: upper case
+                    cred = await self.credential(name.upper())
                 if cred is not None:
                     data = cred.data or {}
                     value = data.get("value", data.get("token", data))

@@ -273,20 +273,34 @@ class WorkerService:
 
     # ------------------------------------------------------------------------------------------ fetching
     async def _fetch_loop(self) -> None:
+        paused = False
         while not self._stopping:
-            free = self.concurrency - len(self._inflight)
-            if free <= 0:
+            if len(self._inflight) >= self.concurrency:
                 self._slot.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.options.poll_timeout_ms / 1000):
+                try:
+                    async with asyncio.timeout(1.0):
                         await self._slot.wait()
+                except TimeoutError:
+                    # Still full. Poll anyway, every partition paused (nothing is fetched or lost): a consumer
+                    # that does not poll for max_poll_interval_ms is put out of its group, and long commands
+                    # may hold every slot for that long.
+                    self.consumer.pause(*self.consumer.assignment())
+                    paused = True
+                    self._take_all(await self.consumer.getmany(timeout_ms=0))   # partitions assigned since
                 continue
+            if paused:
+                self.consumer.resume(*self.consumer.paused())
+                paused = False
+            free = self.concurrency - len(self._inflight)
             batches = await self.consumer.getmany(timeout_ms=self.options.poll_timeout_ms, max_records=free)
             if self._stopping:
                 break        # not taken: never committed, so the next owner gets them
-            for records in batches.values():
-                for record in records:
-                    self._take(record)
+            self._take_all(batches)
+
+    def _take_all(self, batches: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
+        for records in batches.values():
+            for record in records:
+                self._take(record)
 
     def _take(self, record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)

@@ -1,0 +1,245 @@
+"""The broker: a faust-streaming app folding noetl.requests + noetl.results into execution state.
+
+    app = create_app(settings)     # a factory: nothing is built at import time
+
+One agent over both inbound topics (raw bytes, key = execution_id) takes batches (`stream.take_events`);
+per batch (see docs/broker.md for why in this order):
+
+    1. handlers.apply_batch: decode, advance() per message, collect the outputs       (pure, no I/O)
+    2. produce events, commands, requests, dead letters and wait for every ack       (effects durable)
+    3. write the changed snapshots to the Table "executions" (→ its changelog topic)
+    4. flush the producer (the changelog too), update the timer schedule
+    5. the batch's records are acked; faust's commit loop commits their offsets later, after its own flush
+
+A state therefore never becomes durable before the effects it caused; a crash anywhere replays the
+uncommitted records, which the fold either re-derives identically (same ids) or drops as stale.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from faust.types import EventT
+
+from noetl_common.codec import encode
+from noetl_common.messages import TimerFired
+from noetl_runtime import kafka_io
+from noetl_runtime.settings import Settings
+
+from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch
+from noetl_broker.metrics import Metrics
+from noetl_broker.settings import BrokerSettings
+from noetl_broker.timers import TimerLoop
+
+log = logging.getLogger("noetl.broker")
+
+TABLE = "executions"
+
+
+def app_id(settings: Settings) -> str:
+    """faust's app id: the consumer group, and the stem of faust's own topics (`<id>-executions-changelog`,
+    `<id>-__assignor-__leader`). It carries the topic prefix, so installations sharing a cluster never
+    share a group or a changelog."""
+    return f"{settings.topic_prefix}noetl-broker"
+
+
+class _TableView:
+    """The table as handlers.apply_batch sees it: execution id (str) -> snapshot bytes."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._table.get(key.encode(), default)
+
+
+class Broker:
+    """Everything the agent, the timer task and the web views share."""
+
+    def __init__(self, app: faust.App, settings: BrokerSettings, table: Any) -> None:
+        self.app = app
+        self.settings = settings
+        self.topics = settings.topics
+        self.table = table
+        self.view = _TableView(table)
+        self.cache = StateCache(settings.broker_state_cache)
+        self.metrics = Metrics()
+        self.timers = TimerLoop(self.fire, settings.topic_partitions)
+        self.known_pools: set[str] = set(settings.pools)
+        self.recovered = False   # the table is recovered for the current assignment: ready to fold
+        self.assigned: set[int] = set()
+
+    # ------------------------------------------------------------------------------------------ batches
+    async def process(self, batch: Sequence[EventT]) -> None:
+        started, t0 = time.time(), time.perf_counter()
+        records = [Record(value=e.message.value, key=e.message.key, topic=e.message.topic,
+                          partition=e.message.partition, offset=e.message.offset) for e in batch]
+        out = apply_batch(self.view, records, now=started, cache=self.cache)
+        await self.send_outputs(out)                     # 2. effects durable first
+        for execution_id, raw in out.states.items():     # 3. then the states that caused them
+            self.table[execution_id.encode()] = raw
+        await self.app.producer.flush()                  # 4. the changelog too, before the next batch
+        for execution_id, timers in out.timers.items():
+            self.timers.update(execution_id, timers)
+        m = self.metrics
+        m.folded += out.folded
+        m.stale += out.stale
+        m.dead_letters += len(out.dead_letters)
+        m.events += len(out.events)
+        m.commands += len(out.commands)
+        m.requests += len(out.requests)
+        m.states_written += len(out.states)
+        m.executions_finished += len(out.terminal)
+        m.batch(len(records), started, time.perf_counter() - t0)
+        for letter in out.dead_letters:
+            log.warning("dead letter: %s", letter.reason, extra={
+                "source_topic": letter.source_topic, "source_partition": letter.source_partition,
+                "source_offset": letter.source_offset})
+
+    async def send_outputs(self, out: BatchOutput) -> None:
+        """Produce every output of a batch and wait until Kafka acknowledged all of them."""
+        topics = self.topics
+        for pool in {c.pool for c in out.commands} - self.known_pools:
+            await kafka_io.ensure_topics(self.settings, topics, [pool], partitions=self.settings.topic_partitions)
+            self.known_pools.add(pool)
+        send = self.app.producer.send
+        pending: list[Any] = []
+        # Events first, commands after: a worker may answer a command at once, and nothing needs the
+        # events to be behind the commands; per key, Kafka keeps each topic's order.
+        for event in out.events:
+            pending.append(await send(topics.events, event.execution_id.encode(), encode(event), None, None, None))
+        for command in out.commands:
+            pending.append(await send(topics.commands(command.pool), command.execution_id.encode(), encode(command),
+                                      None, None, None))
+        for request in out.requests:
+            pending.append(await send(topics.requests, request.execution_id.encode(), encode(request),
+                                      None, None, None))
+        for letter in out.dead_letters:
+            pending.append(await send(topics.dlq, letter.original_key(), encode(letter), None, None, None))
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def fire(self, due: list[TimerFired]) -> None:
+        """The timer loop's output: TimerFired requests on the executions' own keys, acknowledged."""
+        send = self.app.producer.send
+        pending = [await send(self.topics.requests, msg.execution_id.encode(), encode(msg), None, None, None)
+                   for msg in due]
+        await asyncio.gather(*pending)
+        self.metrics.timers_fired += len(due)
+
+    # ------------------------------------------------------------------------------------------ rebalances
+    async def on_recovered(self) -> None:
+        """The table is recovered for the new assignment: rebuild the timer schedule from it."""
+        assignment = self.app.consumer.assignment() if self.app.consumer is not None else set()
+        self.assigned = {tp.partition for tp in assignment if tp.topic == self.topics.requests}
+        scheduled = self.timers.rebuild(((k.decode(), v) for k, v in list(self.table.items())), self.assigned)
+        self.recovered = True
+        log.info("table recovered: partitions %s, %d deadline(s) scheduled", sorted(self.assigned), scheduled)
+
+    def on_revoked(self) -> None:
+        self.recovered = False
+        self.timers.revoke()
+
+    def not_ready(self) -> str | None:
+        if not self.recovered:
+            return "waiting for a partition assignment and the table's recovery"
+        return None
+
+
+def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faust.App:
+    """The broker app. `overrides` are faust settings (tests, benchmarks)."""
+    if settings is None:
+        from noetl_broker.settings import load_broker_settings
+        settings = load_broker_settings()
+    topics = settings.topics
+    session = settings.session_timeout
+    options: dict[str, Any] = dict(
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",") if host.strip()],
+        store=settings.broker_store,
+        autodiscover=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=1,
+        # Tansu (architecture §5): joins wait half the session timeout; faust needs heartbeats well inside it.
+        broker_session_timeout=session,
+        broker_rebalance_timeout=session,
+        broker_heartbeat_interval=max(0.5, session / 6),
+        broker_commit_interval=settings.broker_commit_interval,
+        consumer_auto_offset_reset="earliest",
+        # at_least_once: no transactions, so no idempotent producer either (Tansu refuses InitProducerId).
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        producer_linger=settings.kafka_linger_ms / 1000,
+        recovery_consistency_check=False,   # rocksdb:// on Tansu (its offsets are not what faust expects)
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+        web_enabled=settings.broker_web,
+        web_port=settings.http_port,
+        web_bind=settings.http_host,
+        web_host=settings.http_host,
+        web_stats_enabled=False, web_graph_enabled=False, web_router_enabled=False, web_tables_enabled=False,
+        web_metrics_enabled=False,
+    )
+    options.update(overrides)
+    app = faust.App(app_id(settings), **options)
+
+    inbound = app.topic(topics.requests, topics.results, key_type=bytes, value_type=bytes,
+                        key_serializer="raw", value_serializer="raw")
+    table = app.Table(TABLE, default=None, key_type=bytes, value_type=bytes,   # bytes: the "raw" codec
+                      partitions=settings.topic_partitions,
+                      # the partition of a snapshot is the Kafka partitioner's choice for its key, i.e. the
+                      # partition of the execution's requests/results, whatever batch wrote it
+                      use_partitioner=True)
+    broker = Broker(app, settings, table)
+    app.noetl_broker = broker   # type: ignore[attr-defined]
+
+    @app.agent(inbound, name="fold")
+    async def fold(stream: Any) -> None:
+        async for batch in stream.take_events(settings.broker_batch_size, within=settings.broker_batch_within):
+            try:
+                await broker.process(batch)
+            except Exception as exc:
+                # The batch's records stay unacked; restarting the agent would leave a gap faust never commits
+                # past. Crash the worker instead: its replacement replays from the last commit (at-least-once).
+                log.exception("batch failed; stopping the broker so that it restarts from its last commit")
+                await app.crash(exc)
+                raise
+
+    table.on_recover(broker.on_recovered)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(_app: Any, revoked: Any, **_kwargs: Any) -> None:
+        broker.on_revoked()
+
+    @app.task
+    async def _timer_loop() -> None:
+        await broker.timers.run()
+
+    if settings.broker_web:
+        _install_views(app, broker)
+    return app
+
+
+def _install_views(app: faust.App, broker: Broker) -> None:
+    @app.page("/health")
+    async def health(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        why = broker.not_ready()
+        if why is not None:
+            return web.json({"status": "not ready", "reason": why}, status=503)
+        return web.json({"status": "ready", "partitions": sorted(broker.assigned)})
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        gauges = {
+            "noetl_broker_timers_pending": ("deadlines scheduled", float(broker.timers.pending())),
+            "noetl_broker_state_cache": ("parsed states cached", float(len(broker.cache))),
+            "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
+        }
+        return web.text(broker.metrics.prometheus(gauges), content_type="text/plain; version=0.0.4")

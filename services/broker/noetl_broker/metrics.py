@@ -1,0 +1,60 @@
+"""The broker's counters, served as Prometheus text on /metrics (and read by the benchmark)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Metrics:
+    batches: int = 0
+    inbound: int = 0            # records taken from requests + results
+    folded: int = 0             # of those, messages that reached advance()
+    stale: int = 0              # of those, duplicates / out of date (changed nothing)
+    dead_letters: int = 0
+    events: int = 0
+    commands: int = 0
+    requests: int = 0           # messages the fold addressed to other executions (child finished, cancel)
+    timers_fired: int = 0
+    states_written: int = 0
+    executions_finished: int = 0
+    batch_seconds: float = 0.0  # total time spent in batches (fold + sends + table writes + flush)
+    first_batch_at: float = 0.0  # wall clock, epoch seconds
+    last_batch_at: float = 0.0
+    last_batch_size: int = 0
+
+    _HELP = {
+        "batches": "inbound batches processed", "inbound": "inbound records taken",
+        "folded": "inbound messages folded", "stale": "folded messages that were duplicates or out of date",
+        "dead_letters": "records sent to the dead-letter topic", "events": "events produced",
+        "commands": "commands produced", "requests": "requests produced for other executions",
+        "timers_fired": "timer_fired requests produced", "states_written": "execution snapshots written",
+        "executions_finished": "executions that reached a terminal status",
+        "batch_seconds": "seconds spent processing batches",
+        "first_batch_at": "epoch seconds of the first batch", "last_batch_at": "epoch seconds of the last batch",
+        "last_batch_size": "records in the last batch",
+    }
+
+    def batch(self, size: int, started: float, spent: float) -> None:
+        self.batches += 1
+        self.inbound += size
+        self.batch_seconds += spent
+        self.last_batch_size = size
+        if not self.first_batch_at:
+            self.first_batch_at = started
+        self.last_batch_at = time.time()
+
+    def prometheus(self, gauges: dict[str, tuple[str, float]] | None = None) -> str:
+        lines: list[str] = []
+        for f in fields(self):
+            if f.name.startswith("_"):
+                continue
+            counter = f.name in ("batches", "inbound", "folded", "stale", "dead_letters", "events", "commands",
+                                 "requests", "timers_fired", "states_written", "executions_finished",
+                                 "batch_seconds")
+            name = f"noetl_broker_{f.name}" + ("_total" if counter else "")
+            lines += [f"# HELP {name} {self._HELP[f.name]}", f"# TYPE {name} {'counter' if counter else 'gauge'}",
+                      f"{name} {getattr(self, f.name)}"]
+        for name, (doc, value) in (gauges or {}).items():
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+"""The broker's settings: the shared NOETL_* Settings plus the few knobs only the broker has."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from noetl_runtime.settings import Settings
+
+
+class BrokerSettings(Settings):
+    # Every execution-keyed topic (requests, results, commands) and the table's changelog have this many
+    # partitions: faust co-partitions the agent's topics with the table, and refuses a mismatch.
+    topic_partitions: int = Field(6, ge=1)
+    broker_batch_size: int = Field(2000, ge=1)         # NOETL_BROKER_BATCH_SIZE: stream.take(max_)
+    # NOETL_BROKER_BATCH_WITHIN: seconds take() waits for a batch to fill. It is added to every
+    # step-to-step transition on a quiet broker, so it stays small; under load batches fill anyway.
+    broker_batch_within: float = Field(0.002, gt=0)
+    broker_store: str = "memory://"                    # NOETL_BROKER_STORE: memory:// or rocksdb://
+    broker_pools: str = "default"                      # NOETL_BROKER_POOLS: command topics created at start
+    broker_commit_interval: float = Field(1.0, gt=0)   # NOETL_BROKER_COMMIT_INTERVAL: faust's commit loop (s)
+    # None: derived from NOETL_KAFKA_SESSION_TIMEOUT_MS, but never below 6 s (faust's heartbeats need the room).
+    broker_session_timeout: float | None = Field(None, gt=0)
+    broker_state_cache: int = Field(20_000, ge=0)      # parsed states kept between batches
+    broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
+
+    @property
+    def pools(self) -> list[str]:
+        return [p.strip() for p in self.broker_pools.split(",") if p.strip()] or ["default"]
+
+    @property
+    def session_timeout(self) -> float:
+        if self.broker_session_timeout is not None:
+            return self.broker_session_timeout
+        return max(6.0, self.kafka_session_timeout_ms / 1000)
+
+
+def load_broker_settings(**overrides: Any) -> BrokerSettings:
+    """Settings from the environment; keyword overrides (field names) win over it."""
+    return BrokerSettings(**overrides)
