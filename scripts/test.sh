@@ -114,6 +114,29 @@ else
   record "conformance" 1
 fi
 
+# ------------------------------------------------------------------------------ conformance via the HTTP API
+section "conformance: against 'noetl server' with --cmd 'noetl run --server URL'"
+if [[ -f "$CONFORMANCE" ]]; then
+  SERVER_PORT="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  noetl server --port "$SERVER_PORT" --store "$WORK/server.db" >"$WORK/server.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 100); do
+    curl -fs "http://127.0.0.1:$SERVER_PORT/ready" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  set +e
+  timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+    python "$CONFORMANCE" --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --pg-dsn "$NOETL_TEST_PG_DSN"
+  rc=$?
+  set -e
+  kill "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
+  kill -9 "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  [[ $rc -ne 0 ]] && tail -n 40 "$WORK/server.log"
+  record "conformance (noetl server)" $rc
+fi
+
 # ------------------------------------------------------------------------------------------------- bench
 if [[ -f bench/run_all.py ]]; then
   section "bench: python bench/run_all.py --quick"
