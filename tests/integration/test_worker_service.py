@@ -307,6 +307,20 @@ async def test_a_garbage_record_goes_to_the_dlq_and_the_partition_flows(kafka: K
     assert "noetl_worker_dead_letters_total 1.0" in (await http_get(service.http_port, "/metrics"))[1]
 
 
+async def test_a_redelivered_command_is_not_run_twice(kafka: Kafka, worker: Any, topics: Topics) -> None:
+    # What a rebalance does: the same record again, while the first copy runs and after it finished.
+    service = await worker()
+    slow = command("ex-dup", sleeper(0.6))
+    await kafka.send(slow)
+    await kafka.send(slow)
+    await wait_for(lambda: kafka.tap.final(topics.results, slow.command_id), "completion")
+    partition, offset = await kafka.send(slow)
+    await kafka.wait_committed(partition, offset + 1)           # every copy counts as finished ...
+    kinds = [type(m) for m in kafka.tap.about(topics.results, slow.command_id)]
+    assert kinds == [ActionStarted, ActionCompleted]            # ... but it ran once
+    assert "noetl_worker_duplicates_total 2.0" in (await http_get(service.http_port, "/metrics"))[1]
+
+
 async def test_graceful_stop_finishes_in_flight_work_and_commits(kafka: Kafka, worker: Any, topics: Topics) -> None:
     service = await worker(options=WorkerOptions(http_port=0, create_topics=False, shutdown_grace=2.5))
     short, long = command("ex-short", sleeper(1.0)), command("ex-long", sleeper(30))

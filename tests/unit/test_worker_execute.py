@@ -292,3 +292,11 @@ async def test_cancellation_propagates_and_stops_heartbeats(pool):
     assert len(ports.emit) == count      # no heartbeat after the end
     ok = await pool.run("def main():\n    return 1\n", {}, 10)   # the pool's slot was freed
     assert ok.result == 1
+
+
+async def test_the_master_key_is_never_a_playbook_secret(pool):
+    ports = dataclasses.replace(make_ports(pool), env={"NOETL_SECRET_KEY": "master-key-value"})
+    cmd = command("python", data={"k": "{{ secret.KEY }}"}, deferred=["data.k"], context={},
+                  config={"code": "def main(k):\n    return k\n"})
+    emitted = await run(cmd, ports)
+    assert emitted.last().kind == "action_failed" and "master-key-value" not in repr(list(emitted))

@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     # a real Kafka cluster; correctness never depends on it (architecture §2.6).
     kafka_enable_idempotence: bool = False
     database_url: str | None = Field(None, repr=False)   # may hold a password: keep it out of logs
+    # The Postgres schema of the installation's tables (catalog, credentials, read models): one per
+    # installation, as the topic prefix is one per installation on a shared Kafka.
+    database_schema: str = Field("noetl", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    # Partitions of the topics a service creates when they are missing (the broker's setting of the same
+    # name): every execution-keyed topic must have the same count, whoever creates it first.
+    topic_partitions: int = Field(6, ge=1)
+    # The query service's consumer group (the topic prefix is put in front, like every group name).
+    query_group: str = "noetl-query"
     secret_key: SecretStr | None = None
     lease_seconds: float = Field(30.0, gt=0)
     worker_pool: str = "default"

@@ -21,6 +21,7 @@ def main() -> int:
 
     from noetl_ingest.ops import configure_json_logging
     from noetl_runtime import kafka_io
+    from noetl_runtime.tuning import tune_gc
 
     from noetl_broker.app import create_app
     from noetl_broker.settings import load_broker_settings
@@ -34,6 +35,7 @@ def main() -> int:
     if created:
         log.info("created topics %s", created)
     app = create_app(settings)
+    tune_gc()   # after the imports and the app: what exists now is frozen out of the collector's way
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False,
                           redirect_stdouts=False)
     worker.execute_from_commandline()   # exits the process: 0 after a signal, 1 after a crash

