@@ -34,7 +34,11 @@ record() {  # record NAME RC
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/noetl-test.XXXXXX")"
 PG_STARTED=""
+CLUSTER_STARTED=""
 cleanup() {
+  if [[ -n "$CLUSTER_STARTED" ]]; then
+    bash "$ROOT/scripts/cluster-stop.sh" "$CLUSTER_STARTED" >/dev/null 2>&1 || true
+  fi
   if [[ -n "$PG_STARTED" ]]; then
     bash "$ROOT/scripts/pg-stop.sh" "$PG_STARTED" || true
   fi
@@ -135,6 +139,26 @@ if [[ -f "$CONFORMANCE" ]]; then
   wait "$SERVER_PID" 2>/dev/null || true
   [[ $rc -ne 0 ]] && tail -n 40 "$WORK/server.log"
   record "conformance (noetl server)" $rc
+fi
+
+# ------------------------------------------------------------------------------ conformance on the cluster
+section "conformance: against ingest, broker, worker, query, render as separate processes (Kafka + Postgres)"
+if [[ -f "$CONFORMANCE" ]]; then
+  set +e
+  CLUSTER_ENV="$(PYTHON="$VENV/bin/python" NOETL_DATABASE_URL="$NOETL_TEST_PG_DSN" NOETL_DATABASE_SCHEMA=noetl_ci \
+                 NOETL_CLUSTER_DIR="$WORK/cluster" bash scripts/cluster-start.sh)"
+  rc=$?
+  if [[ $rc -eq 0 ]]; then
+    eval "$CLUSTER_ENV"
+    CLUSTER_STARTED="$NOETL_CLUSTER_INFO"
+    timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+      python "$CONFORMANCE" --cmd "noetl run --server $NOETL_SERVER_URL" --pg-dsn "$NOETL_TEST_PG_DSN"
+    rc=$?
+    bash scripts/cluster-stop.sh "$CLUSTER_STARTED" >/dev/null 2>&1 || true
+    CLUSTER_STARTED=""
+  fi
+  set -e
+  record "conformance (cluster)" $rc
 fi
 
 # ------------------------------------------------------------------------------------------------- bench
