@@ -44,6 +44,7 @@ from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
 from noetl_runtime import kafka_io  # noqa: E402
 from noetl_runtime.settings import load_settings  # noqa: E402
+from noetl_runtime.tuning import tune_gc  # noqa: E402
 
 from noetl_broker.handlers import Record, StateCache, apply_batch  # noqa: E402
 
@@ -156,15 +157,17 @@ async def run_once(bootstrap: str, messages: list[Any], args: argparse.Namespace
                 raise RuntimeError(f"broker did not fold {len(messages)} messages in time")
             with contextlib.suppress(httpx.HTTPError):
                 m = await metrics(port)
-                if m.get("noetl_broker_inbound_total", 0) >= len(messages):
+                if (m.get("noetl_broker_inbound_total", 0) >= len(messages)
+                        and m["noetl_broker_batches_durable_total"] == m["noetl_broker_batches_total"]):
                     break
             await asyncio.sleep(0.2)
         assert m["noetl_broker_executions_finished_total"] == args.executions, m
         assert m["noetl_broker_dead_letters_total"] == 0, m
-        elapsed = m["noetl_broker_last_batch_at"] - m["noetl_broker_first_batch_at"]
+        # from the start of the first batch to the moment the last one was durable (effects + snapshots acked)
+        elapsed = m["noetl_broker_last_durable_at"] - m["noetl_broker_first_batch_at"]
         print(f"  run: {len(messages)} messages in {elapsed:.2f}s ({m['noetl_broker_batches_total']:.0f} batches, "
-              f"{m['noetl_broker_events_total']:.0f} events, {m['noetl_broker_commands_total']:.0f} commands)",
-              flush=True)
+              f"{m['noetl_broker_events_total']:.0f} events, {m['noetl_broker_commands_total']:.0f} commands; "
+              f"fold {m['noetl_broker_fold_seconds_total']:.2f}s)", flush=True)
         return len(messages) / elapsed
     finally:
         proc.terminate()
@@ -174,6 +177,7 @@ async def run_once(bootstrap: str, messages: list[Any], args: argparse.Namespace
 
 async def main_async(args: argparse.Namespace, bootstrap: str) -> None:
     messages = inbound(args.executions, args.in_flight)
+    tune_gc()   # as the broker's __main__ does
     pure = [pure_rate(messages, args.batch) for _ in range(args.repeat)]
     print(f"broker apply_batch alone (no Kafka): messages/s {describe(pure)}", flush=True)
     rates = [await run_once(bootstrap, messages, args) for _ in range(args.repeat)]

@@ -18,9 +18,15 @@ class Metrics:
     timers_fired: int = 0
     states_written: int = 0
     executions_finished: int = 0
-    batch_seconds: float = 0.0  # total time spent in batches (fold + sends + table writes + flush)
+    batch_seconds: float = 0.0  # time the agent spent on batches (fold, encode, queue the effects)
+    fold_seconds: float = 0.0   # of which: apply_batch (decode, advance, serialise states)
+    effects_seconds: float = 0.0  # committer: waiting for the effects' acks
+    states_seconds: float = 0.0   # committer: producing the snapshots to the changelog, acks included
+    batches_durable: int = 0    # batches whose effects and snapshots Kafka acknowledged (records then acked)
+    durable_latency_seconds: float = 0.0   # summed: fold start -> batch durable
     first_batch_at: float = 0.0  # wall clock, epoch seconds
     last_batch_at: float = 0.0
+    last_durable_at: float = 0.0
     last_batch_size: int = 0
 
     _HELP = {
@@ -31,7 +37,13 @@ class Metrics:
         "timers_fired": "timer_fired requests produced", "states_written": "execution snapshots written",
         "executions_finished": "executions that reached a terminal status",
         "batch_seconds": "seconds spent processing batches",
+        "fold_seconds": "seconds spent folding (decode, advance, serialise)",
+        "effects_seconds": "seconds the committer waited for the effects' acks",
+        "states_seconds": "seconds spent producing snapshots to the changelog, acks included",
+        "batches_durable": "batches whose effects and snapshots were acknowledged",
+        "durable_latency_seconds": "seconds from a batch's fold to its durability, summed",
         "first_batch_at": "epoch seconds of the first batch", "last_batch_at": "epoch seconds of the last batch",
+        "last_durable_at": "epoch seconds when the last batch became durable",
         "last_batch_size": "records in the last batch",
     }
 
@@ -51,7 +63,8 @@ class Metrics:
                 continue
             counter = f.name in ("batches", "inbound", "folded", "stale", "dead_letters", "events", "commands",
                                  "requests", "timers_fired", "states_written", "executions_finished",
-                                 "batch_seconds")
+                                 "batch_seconds", "fold_seconds", "effects_seconds", "states_seconds",
+                                 "batches_durable", "durable_latency_seconds")
             name = f"noetl_broker_{f.name}" + ("_total" if counter else "")
             lines += [f"# HELP {name} {self._HELP[f.name]}", f"# TYPE {name} {'counter' if counter else 'gauge'}",
                       f"{name} {getattr(self, f.name)}"]

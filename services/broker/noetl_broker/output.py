@@ -60,14 +60,19 @@ class Output:
             cached = self._key_partition[(n, key)] = partitions[(murmur2(key) & 0x7FFFFFFF) % n]
         return cached
 
-    async def send(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
+    async def send(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> None:
         """Produce (topic, key, value) records, in order per partition; return once all are acknowledged."""
+        pending = await self.submit(records)
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def submit(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> list[asyncio.Future[Any]]:
+        """Queue the records in the producer, in order per partition (and after everything queued before);
+        return the futures of their acknowledgements. Does not wait for the broker."""
         producer = await self.producer()
         builders: dict[tuple[str, int], Any] = {}
         pending: list[asyncio.Future[Any]] = []
-        count = 0
         for topic, key, value in records:
-            count += 1
             if key is None:   # unkeyed (a dead letter of an unkeyed record): any partition will do
                 pending.append(await producer.send(topic, value))
                 continue
@@ -82,6 +87,4 @@ class Output:
                     raise ValueError(f"a record of {len(value)} bytes does not fit in a batch of {MAX_BATCH_BYTES}")
         for (topic, partition), builder in builders.items():
             pending.append(await producer.send_batch(builder, topic, partition=partition))
-        if pending:
-            await asyncio.gather(*pending)
-        return count
+        return pending

@@ -12,10 +12,7 @@ class BrokerSettings(Settings):
     # Every execution-keyed topic (requests, results, commands) and the table's changelog have this many
     # partitions: faust co-partitions the agent's topics with the table, and refuses a mismatch.
     topic_partitions: int = Field(6, ge=1)
-    broker_batch_size: int = Field(2000, ge=1)         # NOETL_BROKER_BATCH_SIZE: stream.take(max_)
-    # NOETL_BROKER_BATCH_WITHIN: seconds take() waits for a batch to fill. It is added to every
-    # step-to-step transition on a quiet broker, so it stays small; under load batches fill anyway.
-    broker_batch_within: float = Field(0.002, gt=0)
+    broker_batch_size: int = Field(2000, ge=1)         # NOETL_BROKER_BATCH_SIZE: the most records a batch takes
     broker_store: str = "memory://"                    # NOETL_BROKER_STORE: memory:// or rocksdb://
     broker_pools: str = "default"                      # NOETL_BROKER_POOLS: command topics created at start
     broker_commit_interval: float = Field(1.0, gt=0)   # NOETL_BROKER_COMMIT_INTERVAL: faust's commit loop (s)
@@ -24,6 +21,8 @@ class BrokerSettings(Settings):
     # NOETL_BROKER_FETCH_WAIT_MS: the longest a fetch waits on the server (see transport.py: Tansu answers a
     # waiting fetch only when the wait is over, so this is added to every transition there).
     broker_fetch_wait_ms: int = Field(10, ge=0)
+    # NOETL_BROKER_PIPELINE: folded batches that may wait for their acks while the agent folds the next ones
+    broker_pipeline: int = Field(4, ge=1)
     broker_state_cache: int = Field(20_000, ge=0)      # parsed states kept between batches
     broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
 
