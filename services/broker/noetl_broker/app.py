@@ -2,14 +2,15 @@
 
     app = create_app(settings)     # a factory: nothing is built at import time
 
-One agent over both inbound topics (raw bytes, key = execution_id) takes batches (`drain`: everything
-queued, at most NOETL_BROKER_BATCH_SIZE). Per batch, in the agent:
+One agent over both inbound topics (raw bytes, key = execution_id) moves each record into the broker's
+inbox; the folder task takes batches from it (group commit: everything queued, at most
+NOETL_BROKER_BATCH_SIZE; a lone record is folded at once). Per batch, in the folder:
 
     1. handlers.apply_batch: decode, advance() per message, collect the outputs      (pure, no I/O)
     2. queue the events, commands, requests and dead letters in the producer          (no waiting)
     3. put the changed snapshots in the Table's store, update the timer schedule
 
-and then, in order, in the committer task (so that the agent folds the next batch meanwhile):
+and then, in order, in the committer task (so that the folder folds the next batch meanwhile):
 
     4. wait until Kafka acknowledged all of 2                                          (effects durable)
     5. produce the snapshots to the Table's changelog and wait for the acks           (states durable)
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,7 @@ class _TableView:
 @dataclass
 class _Pending:
     """A folded batch on its way to durability."""
-    stream: Any
-    events: Sequence[EventT]
+    events: Sequence[tuple[Any, EventT]]   # (the stream it came from, the event): acked once durable
     effects: list[asyncio.Future[Any]]
     states: dict[str, bytes]
     started: float
@@ -91,29 +91,62 @@ class Broker:
         self.known_pools: set[str] = set(settings.pools)
         self.recovered = False   # the table is recovered for the current assignment: ready to fold
         self.assigned: set[int] = set()
+        self._inbox: asyncio.Queue[tuple[Any, EventT]] | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._idle: asyncio.Event | None = None
-        self.inflight = 0
+        self.inflight = 0        # folded batches not yet durable
+        self.folding = False
+
+    def _start(self) -> None:
+        """The queues belong to the running loop: made on first use, not in the factory."""
+        if self._inbox is None:
+            self._inbox = asyncio.Queue(maxsize=2 * self.settings.broker_batch_size)
+            self._queue = asyncio.Queue()
+            self._slots = asyncio.Semaphore(self.settings.broker_pipeline)
 
     # ------------------------------------------------------------------------------------------ the agent
-    async def fold(self, stream: Any, batch: Sequence[EventT]) -> None:
+    async def pump(self, stream: Any) -> None:
+        """The agent's body: every record of the stream into the inbox, unacked (the committer acks it).
+
+        A separate folder (rather than batching inside the agent's iteration) because a batch must close
+        as soon as nothing more is waiting, and only the inbox can tell that reliably: faust's own queue
+        also holds records its iteration skips (rebalances), which would keep a half-built batch waiting.
+        """
+        self._start()
+        stream.enable_acks = False
+        put = self._inbox.put   # type: ignore[union-attr]
+        async for event in stream.events():
+            await put((stream, event))
+
+    async def folder(self) -> None:
+        """Batches from the inbox (everything queued, at most NOETL_BROKER_BATCH_SIZE), folded in order."""
+        self._start()
+        inbox = self._inbox
+        assert inbox is not None
+        limit = self.settings.broker_batch_size
+        while True:
+            batch = [await inbox.get()]
+            while len(batch) < limit and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            self.folding = True
+            try:
+                await self.fold(batch)
+            finally:
+                self.folding = False
+
+    async def fold(self, batch: Sequence[tuple[Any, EventT]]) -> None:
         """Steps 1-3 for one batch; hands it to the committer. Waits only when the pipeline is full."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.settings.broker_pipeline)
-            self._queue = asyncio.Queue()
-            self._idle = asyncio.Event()
-            self._idle.set()
-        await self._slots.acquire()
+        self._start()
+        await self._slots.acquire()   # type: ignore[union-attr]
         try:
             started, t0 = time.time(), time.perf_counter()
             records = [Record(value=e.message.value, key=e.message.key, topic=e.message.topic,
-                              partition=e.message.partition, offset=e.message.offset) for e in batch]
+                              partition=e.message.partition, offset=e.message.offset) for _, e in batch]
             out = apply_batch(self.view, records, now=started, cache=self.cache)
             t1 = time.perf_counter()
             effects = await self.output.submit(await self._effects(out))
         except BaseException:
-            self._slots.release()
+            self._slots.release()   # type: ignore[union-attr]
             raise
         # The store is written now (the next batch folds on top of it) and the changelog only once the
         # effects are acknowledged (the committer). Both are written here, not with `table[key] = v`: faust
@@ -126,8 +159,7 @@ class Broker:
         for execution_id, timers in out.timers.items():
             self.timers.update(execution_id, timers)
         self.inflight += 1
-        self._idle.clear()   # type: ignore[union-attr]
-        self._queue.put_nowait(_Pending(stream, batch, effects, out.states, t0))   # type: ignore[union-attr]
+        self._queue.put_nowait(_Pending(batch, effects, out.states, t0))   # type: ignore[union-attr]
         self._count(out, len(records), started, t0, t1)
 
     async def _effects(self, out: BatchOutput) -> list[tuple[str, bytes | None, bytes]]:
@@ -167,8 +199,8 @@ class Broker:
     # ------------------------------------------------------------------------------------------ the committer
     async def committer(self) -> None:
         """Steps 4-6, batch after batch in fold order (so the changelog gets the snapshots in order)."""
-        while self._queue is None:
-            await asyncio.sleep(0.01)
+        self._start()
+        assert self._queue is not None
         while True:
             pending = await self._queue.get()
             try:
@@ -178,9 +210,10 @@ class Broker:
                 t1 = time.perf_counter()
                 if pending.states:
                     changelog = self.table.changelog_topic.get_topic_name()
-                    await self.output.send((changelog, eid.encode(), raw) for eid, raw in pending.states.items())
-                for event in pending.events:
-                    await pending.stream.ack(event)
+                    await self.output.send(((changelog, eid.encode(), raw) for eid, raw in pending.states.items()),
+                                           last_alone=self.settings.broker_changelog_last_alone)
+                for stream, event in pending.events:
+                    await stream.ack(event)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -196,14 +229,19 @@ class Broker:
             m.durable_latency_seconds += time.perf_counter() - pending.started
             m.last_durable_at = time.time()
             self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()   # type: ignore[union-attr]
             self._slots.release()   # type: ignore[union-attr]
 
-    async def quiesce(self) -> None:
-        """Wait until every folded batch is durable and acked (before partitions move to another worker)."""
-        if self._idle is not None:
-            await self._idle.wait()
+    def busy(self) -> bool:
+        return bool(self.inflight or self.folding or (self._inbox is not None and not self._inbox.empty()))
+
+    async def settle(self, deadline: float) -> bool:
+        """Fold what was taken and wait until it is all durable and acked; False if `deadline` s passed."""
+        end = time.monotonic() + deadline
+        while self.busy():
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
     async def fire(self, due: list[TimerFired]) -> None:
         """The timer loop's output: TimerFired requests on the executions' own keys, acknowledged."""
@@ -224,32 +262,16 @@ class Broker:
         self.recovered = False
         self.timers.revoke()
         # A batch of a revoked partition must be durable before its new owner recovers the changelog:
-        # a snapshot written after the new owner's would roll the execution back.
-        await self.quiesce()
+        # a snapshot written after the new owner's would roll the execution back. The rebalance waits here.
+        if not await self.settle(0.8 * self.settings.session_timeout):
+            log.error("records taken before the rebalance are not durable yet; stopping the broker rather than "
+                      "risk a late snapshot after the new owner's")
+            await self.app.crash(RuntimeError("rebalance: in-flight batches did not settle in time"))
 
     def not_ready(self) -> str | None:
         if not self.recovered:
             return "waiting for a partition assignment and the table's recovery"
         return None
-
-
-async def drain(stream: Any, max_: int) -> AsyncIterator[list[EventT]]:
-    """Batches of everything the stream has queued (at most `max_`); the committer acks them later.
-
-    Group commit, not a timer: a batch closes when the queue is empty, so a lone message is folded at once
-    (no added latency) and under load a batch is whatever arrived while the previous one was folded.
-    faust's `take_events(max_, within)` instead collects for `within` after every batch, and only what
-    arrives in that window: measured on Tansu, ~20 records a batch at within=2 ms.
-    """
-    stream.enable_acks = False   # acked by the committer, once the batch's effects and states are durable
-    queue = stream.channel.queue
-    batch: list[EventT] = []
-    async for event in stream.events():
-        batch.append(event)
-        if len(batch) < max_ and not queue.empty():
-            continue
-        yield batch
-        batch = []
 
 
 def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faust.App:
@@ -277,7 +299,12 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         producer_linger=settings.kafka_linger_ms / 1000,
         recovery_consistency_check=False,   # rocksdb:// on Tansu (its offsets are not what faust expects)
         table_standby_replicas=0,
-        stream_wait_empty=True,   # on revocation, wait until every taken record is acked (committer)
+        # faust's own wait (for every taken record to be acked) would also wait at shutdown, after the folder
+        # stopped; Broker.on_revoked settles instead, and the rebalance waits for it.
+        stream_wait_empty=False,
+        # records queued for the agent before faust pauses fetching: room for a few batches, so the fetcher
+        # refills while the agent folds instead of pausing and resuming partitions around every batch
+        stream_buffer_maxsize=max(4096, 4 * settings.broker_batch_size),
         web_enabled=settings.broker_web,
         web_port=settings.http_port,
         web_bind=settings.http_host,
@@ -302,15 +329,20 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
 
     @app.agent(inbound, name="fold")
     async def fold(stream: Any) -> None:
-        async for batch in drain(stream, settings.broker_batch_size):
-            try:
-                await broker.fold(stream, batch)
-            except Exception as exc:
-                # The batch's records stay unacked; restarting the agent would leave a gap faust never commits
-                # past. Crash the worker instead: its replacement replays from the last commit (at-least-once).
-                log.exception("batch failed; stopping the broker so that it restarts from its last commit")
-                await app.crash(exc)
-                raise
+        await broker.pump(stream)
+
+    @app.task
+    async def _folder() -> None:
+        try:
+            await broker.folder()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The batch's records stay unacked, and nothing after them may be acked either: crash the worker,
+            # its replacement replays from the last commit (at-least-once).
+            log.exception("batch failed; stopping the broker so that it restarts from its last commit")
+            await app.crash(exc)
+            raise
 
     table.on_recover(broker.on_recovered)
 
@@ -328,6 +360,8 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
 
     @app.on_before_shutdown.connect
     async def _shutdown(_app: Any, **_kwargs: Any) -> None:
+        # offsets are committed by now; settling still saves the next owner a replay of what was folded
+        await broker.settle(5.0)
         await broker.output.stop()
 
     if settings.broker_web:

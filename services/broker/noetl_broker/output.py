@@ -60,18 +60,39 @@ class Output:
             cached = self._key_partition[(n, key)] = partitions[(murmur2(key) & 0x7FFFFFFF) % n]
         return cached
 
-    async def send(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> None:
+    async def send(self, records: Iterable[tuple[str, bytes | None, bytes]], *, last_alone: bool = False) -> None:
         """Produce (topic, key, value) records, in order per partition; return once all are acknowledged."""
-        pending = await self.submit(records)
+        pending = await self.submit(records, last_alone=last_alone)
         if pending:
             await asyncio.gather(*pending)
 
-    async def submit(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> list[asyncio.Future[Any]]:
+    async def submit(self, records: Iterable[tuple[str, bytes | None, bytes]], *, last_alone: bool = False
+                     ) -> list[asyncio.Future[Any]]:
         """Queue the records in the producer, in order per partition (and after everything queued before);
-        return the futures of their acknowledgements. Does not wait for the broker."""
+        return the futures of their acknowledgements. Does not wait for the broker.
+
+        `last_alone`: the last record of each partition goes in a record batch of its own. Tansu answers
+        ListOffsets "latest" with the base offset of a partition's last record batch + 1, not its end; faust's
+        table recovery reads a changelog up to that "highwater", so the rest of a last multi-record batch would
+        be skipped and the newest snapshots lost. With a one-record last batch, that answer is the end.
+        """
         producer = await self.producer()
         builders: dict[tuple[str, int], Any] = {}
         pending: list[asyncio.Future[Any]] = []
+        if last_alone:
+            records = list(records)
+            last: dict[tuple[str, int], int] = {}
+            keyed: list[tuple[tuple[str, int] | None, str, bytes | None, bytes]] = []
+            for topic, key, value in records:
+                tp = None if key is None else (topic, await self.partition(topic, key))
+                if tp is not None:
+                    last[tp] = len(keyed)
+                keyed.append((tp, topic, key, value))
+            tails = set(last.values())
+            records = [r[1:] for i, r in enumerate(keyed) if i not in tails]
+            tail_records = [keyed[i][1:] for i in sorted(tails)]
+        else:
+            tail_records = []
         for topic, key, value in records:
             if key is None:   # unkeyed (a dead letter of an unkeyed record): any partition will do
                 pending.append(await producer.send(topic, value))
@@ -87,4 +108,9 @@ class Output:
                     raise ValueError(f"a record of {len(value)} bytes does not fit in a batch of {MAX_BATCH_BYTES}")
         for (topic, partition), builder in builders.items():
             pending.append(await producer.send_batch(builder, topic, partition=partition))
+        for topic, key, value in tail_records:   # after the rest of their partition, one batch each
+            assert key is not None
+            builder = producer.create_batch()
+            builder.append(key=key, value=value, timestamp=None)
+            pending.append(await producer.send_batch(builder, topic, partition=await self.partition(topic, key)))
         return pending

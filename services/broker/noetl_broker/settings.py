@@ -23,6 +23,10 @@ class BrokerSettings(Settings):
     broker_fetch_wait_ms: int = Field(10, ge=0)
     # NOETL_BROKER_PIPELINE: folded batches that may wait for their acks while the agent folds the next ones
     broker_pipeline: int = Field(4, ge=1)
+    # NOETL_BROKER_CHANGELOG_LAST_ALONE: write the last snapshot of each changelog partition per batch in a
+    # record batch of its own (output.py: Tansu's ListOffsets "latest" would cut faust's recovery short).
+    # Harmless on Kafka (one more small batch per partition); turn it off there if you like.
+    broker_changelog_last_alone: bool = True
     broker_state_cache: int = Field(20_000, ge=0)      # parsed states kept between batches
     broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
 
