@@ -35,7 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa:
 
 from noetl_common.codec import decode_command, decode_event, encode  # noqa: E402
 from noetl_common.messages import (  # noqa: E402
-    TERMINAL_EVENTS, ActionCompleted, ActionFailed, ActionStarted, Command, DeadLetter, Event, StartExecution,
+    TERMINAL_EVENTS, ActionCompleted, ActionFailed, ActionStarted, ChildStarted, Command, DeadLetter, Event,
+    StartExecution, TimerFired,
 )
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
@@ -72,9 +73,9 @@ def ok(cmd: Command) -> Outcome:
 
 
 def simulate(document: dict[str, Any], execution_id: str, worker: Callable[[Command], Outcome] = ok,
-             now: float = T0) -> tuple[StartExecution, Simulation]:
+             now: float = T0, catalog: dict[str, Any] | None = None) -> tuple[StartExecution, Simulation]:
     """The expected run: the pure fold with a scripted worker answering at `now` (as the test will)."""
-    sim = Simulation(worker, now=now)
+    sim = Simulation(worker, now=now, catalog=catalog or {})
     sim.start(document, execution_id=execution_id)
     start = sim.inbox[0]
     sim.run()
@@ -144,6 +145,45 @@ def test_apply_batch_without_a_cache_and_a_failing_fold_keeps_the_clean_state(mo
     assert [d.reason for d in out.dead_letters] == ["fold error: RuntimeError: boom"]
     state = out.states["e-boom"]
     assert b'"status":"RUNNING"' in state and b'"steps"' in state
+
+
+async def test_timer_loop_fires_live_deadlines_of_owned_partitions_once() -> None:
+    from noetl_broker.timers import TimerLoop, partition_of
+
+    fired: list[TimerFired] = []
+
+    async def fire(due: list[TimerFired]) -> None:
+        fired.extend(due)
+    loop = TimerLoop(fire, partitions=PARTITIONS)
+    runner = asyncio.create_task(loop.run())
+    try:
+        now = time.time()
+        loop.update("e1", {"retry:a": now + 0.05, "lease:x": now + 0.05})
+        loop.update("e1", {"retry:a": now + 0.05, "lease:x": now + 0.3})   # the lease moved later
+        loop.update("e2", {"retry:b": now + 0.05})
+        loop.update("e2", {})                                             # cleared (e.g. it finished)
+        end = time.monotonic() + DEADLINE
+        while len(fired) < 2:
+            assert time.monotonic() < end, fired
+            await asyncio.sleep(0.01)
+        assert [(f.execution_id, f.timer) for f in fired] == [("e1", "retry:a"), ("e1", "lease:x")]
+        assert fired[1].time >= now + 0.3
+
+        # after a recovery, only the deadlines of this worker's partitions are scheduled
+        owned = {partition_of("e3", PARTITIONS)}
+        other = next(f"e{i}" for i in range(4, 100) if partition_of(f"e{i}", PARTITIONS) not in owned)
+        snapshot = b'{"status": "RUNNING", "timers": {"retry:c": %f}}' % (time.time() - 1)
+        assert loop.rebuild([("e3", snapshot), (other, snapshot)], owned) == 1
+        while len(fired) < 3:
+            assert time.monotonic() < end, fired
+            await asyncio.sleep(0.01)
+        assert (fired[2].execution_id, fired[2].timer) == ("e3", "retry:c")
+        loop.revoke()
+        loop.update("e3", {"retry:d": time.time()})   # a batch folded during the rebalance: not ours any more
+        await asyncio.sleep(0.05)
+        assert len(fired) == 3 and loop.fired == 3
+    finally:
+        runner.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,16 +332,22 @@ class Worker:
 
     async def drive(self, execution_id: str, respond: Callable[[Command], list[Any]],
                     stop: Callable[[], bool] | None = None, deadline: float = DEADLINE) -> None:
-        """Answer each new command of the execution with `respond(command)` until it finishes (or `stop`)."""
+        """Answer each new command of the execution (and of its children) with `respond(command)` until it
+        finishes (or `stop`)."""
         stop = stop or (lambda: self.finished(execution_id))
         end = time.monotonic() + deadline
         while not stop():
             assert time.monotonic() < end, f"{execution_id} did not finish within {deadline}s"
-            commands = self.commands.get(execution_id, [])
-            answered = self.answered.get(execution_id, 0)
-            if answered < len(commands):
-                await self.send(self.topics.results, *respond(commands[answered]))
-                self.answered[execution_id] = answered + 1
+            for eid, commands in list(self.commands.items()):
+                if execution_id not in eid:   # the execution and its children (their ids contain it)
+                    continue
+                answered = self.answered.get(eid, 0)
+                if answered < len(commands):
+                    for message in respond(commands[answered]):   # a child's start goes to requests
+                        topic = self.topics.requests if isinstance(message, StartExecution) else self.topics.results
+                        await self.send(topic, message)
+                    self.answered[eid] = answered + 1
+                    break
             else:
                 await self.pump()
 
@@ -418,6 +464,51 @@ async def test_malformed_records_go_to_the_dlq_and_their_partition_keeps_flowing
         by_topic[topics.requests].reason
     assert by_topic[topics.results].reason.startswith("invalid message") and "Field required" in \
         by_topic[topics.results].reason
+
+
+PARENT = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "parent", "path": "tests/parent"},
+          "workflow": [{"step": "start", "next": [{"step": "call"}]},
+                       {"step": "call", "type": "playbook", "path": "tests/kid", "return_step": "work",
+                        "data": {"x": 7}, "next": [{"step": "end"}]},
+                       {"step": "end", "result": "{{ call.product }}"}]}
+KID = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "kid", "path": "tests/kid"},
+       "workload": {"x": 1},
+       "workflow": [{"step": "start", "next": [{"step": "work"}]},
+                    {"step": "work", "type": "python", "data": {"x": "{{ workload.x }}"},
+                     "code": "def main(x):\n    return {'product': x * 3}\n", "next": [{"step": "end"}]},
+                    {"step": "end"}]}
+
+
+async def test_child_playbook_completion_is_routed_to_the_parent(
+        kafka_bootstrap: str, shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    broker, topics = shared_broker
+    eid, now = f"parent-{uuid.uuid4().hex[:8]}", time.time()
+
+    def product(cmd: Command) -> Outcome:
+        return Outcome(result={"product": cmd.action.data["x"] * 3})
+    start, sim = simulate(PARENT, eid, product, now=now, catalog={"tests/kid": KID})
+    child = f"child:{eid}:call:1:1"
+
+    def respond(cmd: Command) -> list[Any]:
+        """The worker's part, as the simulator plays it: a playbook command starts the child (a request on
+        the child's key) and reports ChildStarted; the child's ChildFinished comes from the broker."""
+        if cmd.action.type == "playbook":
+            return [ActionStarted(execution_id=eid, command_id=cmd.command_id, time=now),
+                    StartExecution(execution_id=child, time=now, playbook=KID, path="tests/kid",
+                                   payload=cmd.action.data, parent_execution_id=eid,
+                                   parent_command_id=cmd.command_id, parent_step=cmd.step,
+                                   return_step=cmd.action.config.get("return_step")),
+                    ChildStarted(execution_id=eid, command_id=cmd.command_id, child_execution_id=child, time=now)]
+        return answer(cmd, product(cmd), now)
+    async with Worker(kafka_bootstrap, topics) as worker:
+        before = await broker.metrics()
+        await worker.send(topics.requests, start)
+        await worker.drive(eid, respond)
+    assert sim.state(eid).result == 21
+    assert worker.events[child] == [e for e in sim.events if e.execution_id == child]
+    assert worker.events[eid] == [e for e in sim.events if e.execution_id == eid]   # completed by ChildFinished
+    assert worker.events[eid][-1].result == 21
+    assert (await broker.metrics())["noetl_broker_requests_total"] - before["noetl_broker_requests_total"] == 1
 
 
 async def test_broker_restart_mid_execution_resumes_from_its_table(kafka_bootstrap: str) -> None:

@@ -1,11 +1,12 @@
 """`python -m noetl_broker`: one broker worker, until SIGTERM/SIGINT.
 
-Reads the Settings (NOETL_KAFKA_BOOTSTRAP, NOETL_TOPIC_PREFIX, NOETL_HTTP_HOST/PORT, NOETL_LOG_LEVEL ...)
-plus the broker's own (noetl_broker.settings): NOETL_TOPIC_PARTITIONS, NOETL_BROKER_BATCH_SIZE,
-NOETL_BROKER_BATCH_WITHIN, NOETL_BROKER_STORE, NOETL_BROKER_POOLS, NOETL_BROKER_COMMIT_INTERVAL,
-NOETL_BROKER_SESSION_TIMEOUT, NOETL_BROKER_WEB. Creates the missing topics, then runs faust's worker (its
-signal handling, graceful stop and crash exit code) with the app from `create_app`. /health, /ready and
-/metrics are served on NOETL_HTTP_PORT.
+Reads the Settings (NOETL_KAFKA_BOOTSTRAP, NOETL_TOPIC_PREFIX, NOETL_KAFKA_SESSION_TIMEOUT_MS,
+NOETL_HTTP_HOST/PORT, NOETL_LOG_LEVEL ...) plus the broker's own (noetl_broker.settings, docs/broker.md):
+NOETL_TOPIC_PARTITIONS, NOETL_BROKER_BATCH_SIZE, NOETL_BROKER_PIPELINE, NOETL_BROKER_POOLS,
+NOETL_BROKER_STORE, NOETL_BROKER_COMMIT_INTERVAL, NOETL_BROKER_SESSION_TIMEOUT, NOETL_BROKER_FETCH_WAIT_MS,
+NOETL_BROKER_CHANGELOG_LAST_ALONE, NOETL_BROKER_STATE_CACHE, NOETL_BROKER_WEB. Creates the missing topics,
+then runs faust's worker (its signal handling, graceful stop and crash exit code) with the app from
+`create_app`. /health, /ready and /metrics are served on NOETL_HTTP_PORT; logs are JSON lines on stderr.
 """
 from __future__ import annotations
 

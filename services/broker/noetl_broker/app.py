@@ -41,8 +41,9 @@ from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch
 from noetl_broker.metrics import Metrics
 from noetl_broker.output import Output
 from noetl_broker.settings import BrokerSettings
-from noetl_broker.timers import TimerLoop
+from noetl_broker.timers import TimerLoop, partition_of
 from noetl_broker.transport import transport_class
+from noetl_broker.web import install_views
 
 log = logging.getLogger("noetl.broker")
 
@@ -126,7 +127,11 @@ class Broker:
         limit = self.settings.broker_batch_size
         while True:
             batch = [await inbox.get()]
-            while len(batch) < limit and not inbox.empty():
+            while len(batch) < limit:
+                if inbox.empty():
+                    await asyncio.sleep(0)   # one round for the pump and the fetcher: more may be on its way
+                    if inbox.empty():
+                        break
                 batch.append(inbox.get_nowait())
             self.folding = True
             try:
@@ -161,6 +166,9 @@ class Broker:
         self.inflight += 1
         self._queue.put_nowait(_Pending(batch, effects, out.states, t0))   # type: ignore[union-attr]
         self._count(out, len(records), started, t0, t1)
+        stamps = [e.message.timestamp for _, e in batch if e.message.timestamp]
+        if stamps:   # producer CreateTime, seconds: how long the oldest record waited for this fold
+            self.metrics.last_batch_wait = max(0.0, started - min(stamps))
 
     async def _effects(self, out: BatchOutput) -> list[tuple[str, bytes | None, bytes]]:
         topics = self.topics
@@ -208,6 +216,7 @@ class Broker:
                 if pending.effects:
                     await asyncio.gather(*pending.effects)
                 t1 = time.perf_counter()
+                self.metrics.last_effects_ack = t1 - pending.started
                 if pending.states:
                     changelog = self.table.changelog_topic.get_topic_name()
                     await self.output.send(((changelog, eid.encode(), raw) for eid, raw in pending.states.items()),
@@ -251,10 +260,25 @@ class Broker:
     # ------------------------------------------------------------------------------------------ rebalances
     async def on_recovered(self) -> None:
         """The table is recovered for the new assignment: rebuild the timer schedule from it."""
-        assignment = self.app.consumer.assignment() if self.app.consumer is not None else set()
-        self.assigned = {tp.partition for tp in assignment if tp.topic == self.topics.requests}
-        scheduled = self.timers.rebuild(((k.decode(), v) for k, v in list(self.table.data.items())),
-                                        self.assigned)
+        consumer = self.app.consumer
+        n = self.settings.topic_partitions
+        for topic in (self.topics.requests, self.topics.results):
+            actual = consumer.topic_partitions(topic)
+            if actual is not None and actual != n:
+                # the snapshots' partitions (and the timer loop's ownership) assume the same count everywhere
+                message = (f"{topic} has {actual} partitions but NOETL_TOPIC_PARTITIONS is {n}: every "
+                           f"execution-keyed topic and the table's changelog must have the same count")
+                log.error(message)
+                await self.app.crash(RuntimeError(message))
+                return
+        self.assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topics.requests}
+        store = self.table.data
+        # faust drops the keys it recovered for partitions that left; the ones this worker wrote itself
+        # (Broker.fold) it does not know about: drop those too, they belong to another worker now
+        for key in [k for k in list(store.keys()) if partition_of(k.decode(), n) not in self.assigned]:
+            del store[key]
+        self.cache.clear()
+        scheduled = self.timers.rebuild(((k.decode(), v) for k, v in list(store.items())), self.assigned)
         self.recovered = True
         log.info("table recovered: partitions %s, %d deadline(s) scheduled", sorted(self.assigned), scheduled)
 
@@ -365,28 +389,5 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         await broker.output.stop()
 
     if settings.broker_web:
-        _install_views(app, broker)
+        install_views(app, broker)
     return app
-
-
-def _install_views(app: faust.App, broker: Broker) -> None:
-    @app.page("/health")
-    async def health(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok"})
-
-    @app.page("/ready")
-    async def ready(web: Any, request: Any) -> Any:
-        why = broker.not_ready()
-        if why is not None:
-            return web.json({"status": "not ready", "reason": why}, status=503)
-        return web.json({"status": "ready", "partitions": sorted(broker.assigned)})
-
-    @app.page("/metrics")
-    async def metrics(web: Any, request: Any) -> Any:
-        gauges = {
-            "noetl_broker_timers_pending": ("deadlines scheduled", float(broker.timers.pending())),
-            "noetl_broker_state_cache": ("parsed states cached", float(len(broker.cache))),
-            "noetl_broker_batches_inflight": ("folded batches not yet durable", float(broker.inflight)),
-            "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
-        }
-        return web.text(broker.metrics.prometheus(gauges), content_type="text/plain; version=0.0.4")

@@ -28,6 +28,8 @@ class Metrics:
     last_batch_at: float = 0.0
     last_durable_at: float = 0.0
     last_batch_size: int = 0
+    last_batch_wait: float = 0.0   # seconds the oldest record of the last batch waited (fold start - its timestamp)
+    last_effects_ack: float = 0.0  # seconds from the last batch's fold start to its effects' acks
 
     _HELP = {
         "batches": "inbound batches processed", "inbound": "inbound records taken",
@@ -45,6 +47,8 @@ class Metrics:
         "first_batch_at": "epoch seconds of the first batch", "last_batch_at": "epoch seconds of the last batch",
         "last_durable_at": "epoch seconds when the last batch became durable",
         "last_batch_size": "records in the last batch",
+        "last_batch_wait": "seconds the oldest record of the last batch waited before its fold began",
+        "last_effects_ack": "seconds from the last batch's fold start to its effects' acknowledgement",
     }
 
     def batch(self, size: int, started: float, spent: float) -> None:

@@ -13,15 +13,18 @@ class BrokerSettings(Settings):
     # partitions: faust co-partitions the agent's topics with the table, and refuses a mismatch.
     topic_partitions: int = Field(6, ge=1)
     broker_batch_size: int = Field(2000, ge=1)         # NOETL_BROKER_BATCH_SIZE: the most records a batch takes
-    broker_store: str = "memory://"                    # NOETL_BROKER_STORE: memory:// or rocksdb://
+    # NOETL_BROKER_STORE: memory:// only. The changelog topic is the durable copy; the broker writes the store
+    # itself per batch (app.py), and faust's rocksdb store files a write under the partition of the event
+    # being processed, which is wrong for a batch that spans partitions.
+    broker_store: str = Field("memory://", pattern=r"^memory://")
     broker_pools: str = "default"                      # NOETL_BROKER_POOLS: command topics created at start
     broker_commit_interval: float = Field(1.0, gt=0)   # NOETL_BROKER_COMMIT_INTERVAL: faust's commit loop (s)
     # None: derived from NOETL_KAFKA_SESSION_TIMEOUT_MS, but never below 6 s (faust's heartbeats need the room).
     broker_session_timeout: float | None = Field(None, gt=0)
     # NOETL_BROKER_FETCH_WAIT_MS: the longest a fetch waits on the server (see transport.py: Tansu answers a
     # waiting fetch only when the wait is over, so this is added to every transition there).
-    broker_fetch_wait_ms: int = Field(10, ge=0)
-    # NOETL_BROKER_PIPELINE: folded batches that may wait for their acks while the agent folds the next ones
+    broker_fetch_wait_ms: int = Field(10, ge=1)
+    # NOETL_BROKER_PIPELINE: folded batches that may wait for their acks while the folder folds the next ones
     broker_pipeline: int = Field(4, ge=1)
     # NOETL_BROKER_CHANGELOG_LAST_ALONE: write the last snapshot of each changelog partition per batch in a
     # record batch of its own (output.py: Tansu's ListOffsets "latest" would cut faust's recovery short).

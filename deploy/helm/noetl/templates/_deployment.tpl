@@ -95,8 +95,6 @@ spec:
               value: {{ include "noetl.poolNames" $root | quote }}
             - name: NOETL_BROKER_BATCH_SIZE
               value: {{ $v.batchSize | int | quote }}
-            - name: NOETL_BROKER_BATCH_WITHIN
-              value: {{ $v.batchWithin | quote }}
             - name: NOETL_BROKER_COMMIT_INTERVAL
               value: {{ $v.commitInterval | quote }}
             {{- end }}

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Any
 
 from .models import Edge, IteratorSpec, Playbook, Problem, RetryPolicy, SaveSpec, Step
@@ -18,7 +20,26 @@ parse_playbook_yaml = parse_yaml   # text -> (data, {path: line}, problems)
 
 
 def load_playbook(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
-    """YAML text (str) or an already-parsed document (dict) -> (Playbook | None, problems)."""
+    """YAML text (str) or an already-parsed document (dict) -> (Playbook | None, problems).
+
+    Memoised: the broker re-reads states (and so playbooks) on every batch, and thousands of executions
+    share a playbook. Callers only read the Playbook they get back; the problem list is a fresh copy.
+    """
+    try:
+        key = source if isinstance(source, str) else json.dumps(source, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return _load(source)
+    playbook, problems = _load_cached(key, isinstance(source, str))
+    return playbook, list(problems)
+
+
+@lru_cache(maxsize=256)
+def _load_cached(key: str, is_text: bool) -> tuple[Playbook | None, tuple[Problem, ...]]:
+    playbook, problems = _load(key if is_text else json.loads(key))
+    return playbook, tuple(problems)
+
+
+def _load(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
     try:
         if isinstance(source, str):
             data, lines, problems = parse_yaml(source)

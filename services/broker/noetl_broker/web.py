@@ -1,0 +1,32 @@
+"""The broker's HTTP views on faust's web server: /health, /ready, /metrics."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import faust
+
+    from noetl_broker.app import Broker
+
+
+def install_views(app: faust.App, broker: Broker) -> None:
+    @app.page("/health")
+    async def health(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        why = broker.not_ready()
+        if why is not None:
+            return web.json({"status": "not ready", "reason": why}, status=503)
+        return web.json({"status": "ready", "partitions": sorted(broker.assigned)})
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        gauges = {
+            "noetl_broker_timers_pending": ("deadlines scheduled", float(broker.timers.pending())),
+            "noetl_broker_state_cache": ("parsed states cached", float(len(broker.cache))),
+            "noetl_broker_batches_inflight": ("folded batches not yet durable", float(broker.inflight)),
+            "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
+        }
+        return web.text(broker.metrics.prometheus(gauges), content_type="text/plain; version=0.0.4")
