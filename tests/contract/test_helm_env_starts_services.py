@@ -105,8 +105,7 @@ def migrated(helm_chart: Any, cluster_values: dict[str, Any]) -> None:
 @pytest.mark.parametrize("role", list(ROLES))
 def test_service_becomes_ready_with_the_charts_environment(role: str, helm_chart: Any,
                                                           cluster_values: dict[str, Any], migrated: None) -> None:
-    if not has_main(ROLES[role]):
-        pytest.skip(f"{ROLES[role]}.__main__ does not exist yet: `python -m {ROLES[role]}` cannot start")
+    assert has_main(ROLES[role]), f"`python -m {ROLES[role]}` cannot start: {ROLES[role]}.__main__ is missing"
     port = free_port()
     rendered = helm_chart.render({**cluster_values, "httpPort": port})
     key = "worker:default" if role == "worker" else role

@@ -330,8 +330,6 @@ def _ready(url: str) -> bool:
 
 def test_cluster_of_separate_processes_runs_hello_world(kafka_endpoint: Any, topics: Topics, pg_dsn: str,
                                                         schema: str) -> None:
-    if not (ROOT / "services" / "broker" / "noetl_broker" / "__main__.py").is_file():
-        pytest.skip("no broker service in this checkout")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
     env.update(KAFKA_BOOTSTRAP_SERVERS=kafka_endpoint.bootstrap, NOETL_DATABASE_URL=pg_dsn,
                NOETL_DATABASE_SCHEMA=schema, NOETL_TOPIC_PREFIX=topics.prefix,

@@ -33,3 +33,12 @@ class Topics:
 
     def commands(self, pool: str = "default") -> str:
         return self._name(f"noetl.commands.{pool}")
+
+    # Consumer groups (and faust's app id, which names its changelog topics) live here too: under the same
+    # prefix, so installations sharing a cluster never share a group.
+    def worker_group(self, pool: str = "default") -> str:
+        return self._name(f"noetl-worker-{pool}")
+
+    @property
+    def broker_app(self) -> str:
+        return self._name("noetl-broker")

@@ -20,7 +20,7 @@ log = logging.getLogger("noetl.broker")
 def main() -> int:
     import faust
 
-    from noetl_ingest.ops import configure_json_logging
+    from noetl_runtime.http_ops import configure_json_logging
     from noetl_runtime import kafka_io
     from noetl_runtime.tuning import tune_gc
 

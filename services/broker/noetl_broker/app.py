@@ -32,6 +32,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 
+from noetl_common.topics import Topics
 from noetl_common.codec import encode
 from noetl_common.messages import TimerFired
 from noetl_runtime import kafka_io
@@ -54,7 +55,7 @@ def app_id(settings: Settings) -> str:
     """faust's app id: the consumer group, and the stem of faust's own topics (`<id>-executions-changelog`,
     `<id>-__assignor-__leader`). It carries the topic prefix, so installations sharing a cluster never
     share a group or a changelog."""
-    return f"{settings.topic_prefix}noetl-broker"
+    return Topics(settings.topic_prefix).broker_app
 
 
 class _TableView:

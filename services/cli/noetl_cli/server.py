@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
-from noetl_ingest.ops import configure_json_logging, install_ops
+from noetl_runtime.http_ops import configure_json_logging, install_ops
 from noetl_query.app import router as query_router
 from noetl_query.sqlite_reads import SqliteReadModel
 from noetl_render.app import router as render_router

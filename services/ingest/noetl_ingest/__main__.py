@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 
 from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
-from noetl_ingest.ops import ReadyCheck, configure_json_logging, install_ops
+from noetl_runtime.http_ops import ReadyCheck, configure_json_logging, install_ops
 from noetl_runtime.postgres_store import MissingSecretKey
 from noetl_runtime.settings import Settings, load_settings
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, FastAPI, Query
 
 from noetl_ingest import handlers as h
 from noetl_ingest.handlers import CancelRequest, CredentialRequest, IngestPorts, RegisterRequest, RunRequest
-from noetl_ingest.ops import ReadyCheck, answer, install_ops
+from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 
 
 async def _validated_register(ports: IngestPorts, data: dict[str, Any]) -> dict[str, Any]:

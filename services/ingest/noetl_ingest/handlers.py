@@ -2,7 +2,7 @@
 
 The same functions serve embedded mode (`submit` = the in-process runtime) and the cluster (`submit` =
 produce to noetl.requests / noetl.results). They raise plain exceptions that the app maps to answers
-(`noetl_ingest.ops.answer`): LookupError 404, ValueError 400 (with `errors`), PermissionError 403,
+(`noetl_runtime.http_ops.answer`): LookupError 404, ValueError 400 (with `errors`), PermissionError 403,
 pydantic ValidationError and codec DecodeError 422.
 
 Secret data goes in (POST /api/credentials) and never comes back out: every credential answer is built

@@ -21,7 +21,7 @@ the installation reads the catalog table itself (the same database) and also pro
 
 The last section is the cluster-mode plumbing the three HTTP services (ingest, query, render) share: the
 Postgres pool (migrated at start) and a uvicorn server that leaves SIGTERM to the caller's cleanup. It lives
-here because the services share no edge package for it yet (like `noetl_ingest.ops`); it belongs in
+here because the services share no edge package for it yet; it belongs in
 `noetl_runtime` next to the settings.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any
 
-from noetl_ingest.ops import configure_json_logging
+from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.settings import Settings, load_settings
 
 log = logging.getLogger("noetl.query")
@@ -61,7 +61,7 @@ def create_service_app(read: Any, consumer: Any) -> Any:
     """The read API (the query app's router) + ops, with the projection's counters on /metrics."""
     from fastapi import FastAPI
 
-    from noetl_ingest.ops import install_ops
+    from noetl_runtime.http_ops import install_ops
     from noetl_query.app import router
 
     app = FastAPI(title="noetl query", version="1")

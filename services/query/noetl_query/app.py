@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Response
 from pydantic import ValidationError
 
-from noetl_ingest.ops import ReadyCheck, answer, install_ops
+from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 from noetl_query import handlers as h
 from noetl_query.handlers import ExecutionFilters, Page, ReadModel
 

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from noetl_ingest.ops import configure_json_logging
+from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.settings import Settings, load_settings
 
 log = logging.getLogger("noetl.render")

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from noetl_ingest.ops import ReadyCheck, answer, install_ops
+from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 from noetl_render import handlers as h
 from noetl_render.handlers import RenderPorts, RenderRequest
 

@@ -87,7 +87,7 @@ async def serve(settings: Settings, options: WorkerOptions) -> None:
 
 
 def main() -> int:
-    from noetl_ingest.ops import configure_json_logging
+    from noetl_runtime.http_ops import configure_json_logging
 
     settings = load_settings()
     configure_json_logging(settings.log_level)

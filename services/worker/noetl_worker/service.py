@@ -36,6 +36,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import Counter
 from pydantic import BaseModel
 
+from noetl_common.topics import Topics
 from noetl_common.codec import DecodeError, decode_command, encode
 from noetl_common.messages import ActionCompleted, ActionFailed, ChildStarted, Command, StartExecution
 from noetl_common.ports import Emit
@@ -54,7 +55,7 @@ _REMEMBER_FINISHED = 10_000   # command ids whose final fact went out: a redeliv
 def group_id(settings: Settings) -> str:
     """The pool's consumer group. It carries the topic prefix: installations (and tests) sharing a cluster
     must not share groups either."""
-    return f"{settings.topic_prefix}noetl-worker-{settings.worker_pool}"
+    return Topics(settings.topic_prefix).worker_group(settings.worker_pool)
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,7 @@ class WorkerService:
     # ------------------------------------------------------------------------------------------ HTTP
     def _build_app(self) -> tuple[Any, Any]:
         from fastapi import FastAPI
-        from noetl_ingest.ops import install_ops   # the ops endpoints every service shares
+        from noetl_runtime.http_ops import install_ops   # the ops endpoints every service shares
 
         app = FastAPI(title="noetl worker", version="1")
         registry = install_ops(app, service="worker", ready=self.not_ready, gauges={
