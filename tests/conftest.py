@@ -4,7 +4,7 @@ import os
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def pg_dsn() -> str:
     """A real Postgres (architecture §5). Set NOETL_TEST_PG_DSN, e.g. by starting one with
     scripts/pg-start.sh; tests that need it are skipped, saying why, when it is unset."""

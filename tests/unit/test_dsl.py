@@ -172,7 +172,18 @@ def test_line_map_from_node_marks():
     assert lines["workflow[0]"] == 5 and lines["workflow[0].next[0].step"] == 7 and lines["workflow[1]"] == 8
     assert lines["metadata.name"] == 3
     assert line_for(lines, "workflow[0].next[0].step.nothing[3]") == 7
-    assert line_for(lines, "nowhere") is None
+    assert line_for(lines, "nowhere") == 1            # unlocated: the document's first line
+    assert line_for({}, "nowhere") is None             # no YAML text at all (a dict was given)
+
+
+@pytest.mark.parametrize("text, path, line", [
+    ("", "", 1),
+    ("# a comment\n\n- a\n- b\n", "", 3),
+    ("# header\napiVersion: noetl.io/v1\nkind: Playbook\nmetadata: {name: x, path: x}\n", "workflow", 2),
+])
+def test_document_level_problems_are_located_at_the_first_line(text, path, line):
+    _, problems = load_playbook(text)
+    assert [(p.path, p.line) for p in problems if p.severity == "error"] == [(path, line)], problems
 
 
 def test_duplicate_yaml_key_is_a_warning():

@@ -30,7 +30,8 @@ def parse_yaml(text: str) -> tuple[Any, LineMap, list[Problem]]:
         try:
             node = loader.get_single_node()
             if node is None:
-                return None, {}, [Problem(path="", message="the document is empty")]
+                return None, {}, [Problem(path="", line=1, message="the document is empty")]
+            lines[""] = node.start_mark.line + 1     # where problems of the whole document are reported
             _index(node, "", lines, problems, set())
             data = loader.construct_document(node)
         finally:
@@ -47,15 +48,16 @@ def parse_yaml(text: str) -> tuple[Any, LineMap, list[Problem]]:
 
 
 def line_for(lines: LineMap, path: str) -> int | None:
-    """The line of `path`, or of its nearest located parent (``a.b[2].c`` -> ``a.b[2]`` -> ``a.b`` -> ``a``)."""
+    """The line of `path`, or of its nearest located parent (``a.b[2].c`` -> ``a.b[2]`` -> ``a.b`` -> ``a``),
+    else the document's first line (a missing top-level key, a document that is not a mapping)."""
     while path:
         if path in lines:
             return lines[path]
         match = _PARENT.fullmatch(path)
         if match is None:
-            return None
+            break
         path = match.group(1)
-    return None
+    return lines.get("")
 
 
 def _syntax_problem(exc: yaml.MarkedYAMLError) -> Problem:
