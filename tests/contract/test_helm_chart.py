@@ -46,10 +46,9 @@ EXTRAS = {
     "NOETL_WORKER_SHUTDOWN_GRACE": "seconds in-flight commands get on SIGTERM (WorkerOptions.from_env)",
     "NOETL_WORKER_PYTHON_PROCESSES": "python step processes per worker (noetl_worker.__main__)",
 }
-# Kafka credentials: the chart can carry them (externalKafka.auth, off by default) but Settings has no
-# field for them yet, so no value set used in production may turn them on. docs/kubernetes.md says so.
-PENDING_SETTINGS = {"NOETL_KAFKA_SECURITY_PROTOCOL", "NOETL_KAFKA_SASL_MECHANISM",
-                    "NOETL_KAFKA_SASL_USERNAME", "NOETL_KAFKA_SASL_PASSWORD"}
+# How the roles connect to Kafka (externalKafka.securityProtocol, .tls, .auth): Settings fields, documented.
+KAFKA_SECURITY = {"NOETL_KAFKA_SECURITY_PROTOCOL", "NOETL_KAFKA_SASL_MECHANISM", "NOETL_KAFKA_SASL_USERNAME",
+                  "NOETL_KAFKA_SASL_PASSWORD", "NOETL_KAFKA_SSL_CAFILE"}
 HTTP = {"NOETL_HTTP_HOST", "NOETL_HTTP_PORT"}
 DB = {"NOETL_DATABASE_URL", "NOETL_DATABASE_SCHEMA"}
 REQUIRED = {
@@ -321,7 +320,7 @@ def test_http_roles_serve_the_probe_and_metrics_paths(role: str) -> None:
 
 
 # --------------------------------------------------------------------------- environment contract
-def _check_env(rendered: Any, allow_pending: bool = False) -> None:
+def _check_env(rendered: Any) -> None:
     problems: list[str] = []
     for key, workload in rendered.workloads().items():
         role = role_of(key)
@@ -330,8 +329,6 @@ def _check_env(rendered: Any, allow_pending: bool = False) -> None:
         source = None
         for name in env:
             if name in known:
-                continue
-            if allow_pending and name in PENDING_SETTINGS:
                 continue
             if name in EXTRAS or role == "migrate":
                 source = source if source is not None else role_source(role)
@@ -401,7 +398,8 @@ def test_roles_share_one_database_one_key_one_schema(rendered: Any) -> None:
 
 def test_secrets_only_come_from_secrets(helm_chart: Any) -> None:
     rendered = helm_chart.render({"externalDatabase": {"password": "s3cret-pw"},
-                                  "externalKafka": {"auth": {"enabled": True, "username": "u", "password": "kafka-pw"}}})
+                                  "externalKafka": {"securityProtocol": "SASL_SSL",
+                                                    "auth": {"username": "u", "password": "kafka-pw"}}})
     for doc in rendered.docs:
         if doc["kind"] == "Secret":
             continue
@@ -416,22 +414,59 @@ def test_secrets_only_come_from_secrets(helm_chart: Any) -> None:
 
 def test_the_extras_are_documented() -> None:
     doc = (ROOT / "docs" / "kubernetes.md").read_text()
-    for name in [*EXTRAS, *sorted(PENDING_SETTINGS)]:
+    for name in [*EXTRAS, *sorted(KAFKA_SECURITY)]:
         assert name in doc, f"docs/kubernetes.md does not mention {name}"
 
 
-def test_kafka_credentials_are_wired_but_pending_in_settings(helm_chart: Any) -> None:
-    """externalKafka.auth puts the credentials in the Secret and the protocol in the ConfigMap; the
-    names are the ones Settings is to read (PENDING_SETTINGS until it does)."""
-    rendered = helm_chart.render({"externalKafka": {"auth": {"enabled": True, "username": "noetl",
-                                                              "password": "pw"}}})
-    _check_env(rendered, allow_pending=True)
-    env, _ = rendered.container_env(rendered.get("Deployment", "noetl-broker"))
-    assert PENDING_SETTINGS <= set(env)
-    assert env["NOETL_KAFKA_SASL_PASSWORD"].source == "secret:noetl-secrets/NOETL_KAFKA_SASL_PASSWORD"
-    for name in ("default", "production"):
-        assert not PENDING_SETTINGS & {n for w in helm_chart.named(name).workloads().values()
-                                       for n in helm_chart.named(name).container_env(w)[0]}
+def _settings_from(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, **secrets: str) -> Settings:
+    """Settings loaded from exactly a container's environment; `secrets` stand in for Secret references."""
+    import os
+    for name in list(os.environ):
+        if name.startswith("NOETL_") or name == "KAFKA_BOOTSTRAP_SERVERS":
+            monkeypatch.delenv(name)
+    placeholders = {"NOETL_DATABASE_URL": "postgresql://u@db:5432/noetl", "NOETL_SECRET_KEY": FERNET, **secrets}
+    for var in env.values():
+        monkeypatch.setenv(var.name, var.value if var.value is not None else placeholders[var.name])
+    return Settings()
+
+
+def test_kafka_security_reaches_every_kafka_role(helm_chart: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SASL_SSL with a CA Secret: the protocol and mechanism in the ConfigMap, the credentials from the
+    Secret, the CA mounted read-only where NOETL_KAFKA_SSL_CAFILE points; each role's Settings parse it."""
+    rendered = helm_chart.render({"externalKafka": {
+        "securityProtocol": "SASL_SSL", "tls": {"caSecret": "kafka-ca", "caKey": "ca.pem"},
+        "auth": {"saslMechanism": "SCRAM-SHA-256", "username": "noetl", "password": "pw"}}})
+    _check_env(rendered)
+    for doc in rendered.manifests():     # the CA volume and mount are valid Kubernetes
+        if doc["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, MIN_KUBE, strict=True)
+    data = rendered.chart_secret_data("noetl-secrets")
+    assert (data["NOETL_KAFKA_SASL_USERNAME"], data["NOETL_KAFKA_SASL_PASSWORD"]) == ("noetl", "pw")
+    for key, workload in rendered.workloads().items():
+        if not REQUIRED[role_of(key)] & {"NOETL_KAFKA_BOOTSTRAP"}:
+            continue
+        env, _ = rendered.container_env(workload)
+        assert env["NOETL_KAFKA_SASL_PASSWORD"].source == "secret:noetl-secrets/NOETL_KAFKA_SASL_PASSWORD", key
+        settings = _settings_from(env, monkeypatch, NOETL_KAFKA_SASL_USERNAME="noetl",
+                                  NOETL_KAFKA_SASL_PASSWORD="pw")
+        assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_sasl_mechanism == "SCRAM-SHA-256"
+        assert settings.kafka_ssl_cafile == "/etc/noetl/kafka-ca/ca.pem", key
+        pod = workload["spec"]["template"]["spec"]
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca")
+        assert mount["readOnly"] is True and settings.kafka_ssl_cafile.startswith(mount["mountPath"] + "/"), key
+        volume = next(v for v in pod["volumes"] if v["name"] == "kafka-ca")
+        assert volume["secret"]["secretName"] == "kafka-ca"
+        assert volume["secret"]["items"] == [{"key": "ca.pem", "path": "ca.pem"}], key
+
+
+def test_kafka_is_plaintext_without_credentials_by_default(rendered: Any) -> None:
+    for key, workload in rendered.workloads().items():
+        env, _ = rendered.container_env(workload)
+        if key == "migrate":
+            continue
+        assert env["NOETL_KAFKA_SECURITY_PROTOCOL"].value == "PLAINTEXT", key
+        assert not (KAFKA_SECURITY - {"NOETL_KAFKA_SECURITY_PROTOCOL"}) & set(env), key
+        assert all(v["name"] != "kafka-ca" for v in workload["spec"]["template"]["spec"]["volumes"]), key
 
 
 # ------------------------------------------------------------------------------------- secrets
@@ -683,6 +718,8 @@ SCHEMA_REFUSALS = [
     ({"podSecurityContext": {"runAsNonRoot": False}}, ["/podSecurityContext/runAsNonRoot"]),
     ({"secrets": {"secretKey": "not-a-fernet-key"}}, ["/secrets/secretKey", "does not match pattern"]),
     ({"externalKafka": {"bootstrap": "kafka"}}, ["/externalKafka/bootstrap", "does not match pattern"]),
+    ({"externalKafka": {"securityProtocol": "TLS"}}, ["/externalKafka/securityProtocol"]),
+    ({"externalKafka": {"auth": {"enabled": True}}}, ["/externalKafka/auth", "additional properties 'enabled'"]),
     ({"config": {"logLevel": "verbose"}}, ["/config/logLevel"]),
     ({"topics": {"partitions": 0}}, ["/topics/partitions", "minimum"]),
     ({"ingress": {"paths": [{"path": "/api", "pathType": "Prefix", "service": "worker"}]}},
@@ -717,7 +754,11 @@ TEMPLATE_REFUSALS = [
     ({"postgresql": {"enabled": True}}, "postgresql.auth.password is required"),
     ({"externalKafka": {"bootstrap": ""}}, "externalKafka.bootstrap is required"),
     ({"httpRoute": {"enabled": True}}, "httpRoute.enabled needs httpRoute.parentRefs"),
-    ({"externalKafka": {"auth": {"enabled": True}}}, "externalKafka.auth.username is required"),
+    ({"externalKafka": {"securityProtocol": "SASL_PLAINTEXT"}}, "externalKafka.auth.username is required"),
+    ({"externalKafka": {"securityProtocol": "SASL_SSL", "auth": {"username": "u"}}},
+     "externalKafka.auth.password is required"),
+    ({"externalKafka": {"tls": {"caSecret": "kafka-ca"}}},
+     "externalKafka.tls.caSecret is set but externalKafka.securityProtocol is PLAINTEXT"),
 ]
 
 

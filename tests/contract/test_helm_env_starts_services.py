@@ -17,7 +17,6 @@ import asyncio
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+
+from support import free_port
 
 ROLES = {"ingest": "noetl_ingest", "query": "noetl_query", "render": "noetl_render",
          "broker": "noetl_broker", "worker": "noetl_worker"}
@@ -41,12 +42,6 @@ def has_main(module: str) -> bool:
         return importlib.util.find_spec(f"{module}.__main__") is not None
     except ModuleNotFoundError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

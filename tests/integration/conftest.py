@@ -24,6 +24,7 @@ from typing import Iterator
 import pytest
 
 from noetl_common.topics import Topics
+from support import free_port
 
 TANSU_READY_TIMEOUT = 15.0
 
@@ -45,12 +46,6 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _testcontainers_kafka() -> Iterator[str] | None:
@@ -86,7 +81,7 @@ def _tansu_binary() -> Path | None:
 def _tansu(binary: Path) -> Iterator[str]:
     log_dir = tempfile.mkdtemp(prefix="noetl-kafka-test.")
     for _ in range(3):   # the free port can be taken between probing and binding it: try another
-        port = _free_port()
+        port = free_port()
         url = f"tcp://127.0.0.1:{port}"
         log_path = Path(log_dir) / f"tansu.{port}.log"
         with open(log_path, "wb") as log:

@@ -40,6 +40,7 @@ from noetl_worker.__main__ import NoCatalog  # noqa: E402
 from noetl_worker.ports import WorkerPorts  # noqa: E402
 from noetl_worker.python_pool import PythonPool  # noqa: E402
 from noetl_worker.service import WorkerOptions, WorkerService, group_id  # noqa: E402
+from support import free_port  # noqa: E402
 
 pytestmark = pytest.mark.kafka
 
@@ -346,17 +347,12 @@ async def test_graceful_stop_finishes_in_flight_work_and_commits(kafka: Kafka, w
 
 
 # ------------------------------------------------------------------------------------- worker processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Proc:
     """`python -m noetl_worker` in a session of its own (its python pool processes belong to it)."""
 
     def __init__(self, settings: Any, **env: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         full = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
         full.update({
             "NOETL_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "NOETL_TOPIC_PREFIX": settings.topic_prefix,

@@ -2,7 +2,6 @@
 import time
 
 import duckdb
-import pytest
 
 from noetl_common.messages import ActionCompleted, ActionFailed
 from noetl_worker.execute import execute

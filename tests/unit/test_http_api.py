@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from noetl_common.dsl import load_playbook
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NOETL = Path(sys.executable).with_name("noetl")
@@ -79,11 +79,6 @@ INVALID = textwrap.dedent("""\
 
 
 # ---------------------------------------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def server_env() -> dict[str, str]:
     """The test's environment less secrets; the services' source folders on PYTHONPATH in case the

@@ -39,6 +39,11 @@ class Topics:
     def worker_group(self, pool: str = "default") -> str:
         return self._name(f"noetl-worker-{pool}")
 
+    def query_group(self, name: str = "noetl-query") -> str:
+        """The query service's group. Another `name` (NOETL_QUERY_GROUP) is a new group, which starts from
+        the beginning of noetl.events: how a projection is rebuilt without touching the live one."""
+        return self._name(name)
+
     @property
     def broker_app(self) -> str:
         return self._name("noetl-broker")

@@ -12,12 +12,12 @@ import re
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
-from pydantic import BaseModel, ConfigDict
+from aiokafka.helpers import create_ssl_context
 
 from noetl_common.messages import DeadLetter
 from noetl_common.topics import Topics
@@ -32,7 +32,7 @@ _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 __all__ = [
     "DEFAULT_PARTITIONS", "DeadLetter", "all_topic_names", "ensure_topics", "make_admin", "make_consumer",
-    "make_producer", "send_dead_letter",
+    "make_producer", "security_options", "send_dead_letter",
 ]
 
 
@@ -72,9 +72,30 @@ async def send_dead_letter(
 # ---------------------------------------------------------------------------------------------------------
 # Clients
 # ---------------------------------------------------------------------------------------------------------
+def security_options(settings: Settings) -> dict[str, Any]:
+    """The aiokafka client options for the security settings (NOETL_KAFKA_SECURITY_PROTOCOL, _SASL_*,
+    _SSL_CAFILE). Every client built here gets them; the broker's faust app maps the same dict onto its
+    `broker_credentials`, so one set of variables configures every connection of an installation.
+
+    TLS verifies the brokers' certificates and host names against the CA file (or the system's CAs).
+    """
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        password = settings.kafka_sasl_password
+        # aiokafka names these "plain" for every mechanism: SCRAM takes the same two options.
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=None if password is None else password.get_secret_value())
+    return options
+
+
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     """A producer of raw bytes. acks=all: a send is confirmed only once the partition has it durably."""
     options: dict[str, Any] = dict(
+        security_options(settings),
         bootstrap_servers=settings.kafka_bootstrap,
         client_id=f"{settings.kafka_client_id}-producer",
         acks="all",
@@ -91,6 +112,7 @@ def make_consumer(
     """A consumer of raw bytes in `group`, committing manually (after the effect is durable, §2.6)."""
     session_ms = overrides.pop("session_timeout_ms", settings.kafka_session_timeout_ms)
     options: dict[str, Any] = dict(
+        security_options(settings),
         bootstrap_servers=settings.kafka_bootstrap,
         client_id=f"{settings.kafka_client_id}-consumer",
         group_id=group,
@@ -107,6 +129,7 @@ def make_consumer(
 
 def make_admin(settings: Settings, **overrides: Any) -> AIOKafkaAdminClient:
     options: dict[str, Any] = dict(
+        security_options(settings),
         bootstrap_servers=settings.kafka_bootstrap, client_id=f"{settings.kafka_client_id}-admin",
     )
     options.update(overrides)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from noetl_common.topics import Topics
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# Kafka's names (security.protocol, sasl.mechanism); aiokafka and faust take the same strings.
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class Settings(BaseSettings):
@@ -34,6 +37,15 @@ class Settings(BaseSettings):
     # Off by default: Tansu (tests) rejects the InitProducerId that idempotence needs. Turn it on against
     # a real Kafka cluster; correctness never depends on it (architecture §2.6).
     kafka_enable_idempotence: bool = False
+    # How the clients reach Kafka (kafka_io.security_options turns these into client options). PLAINTEXT is
+    # the default because the development and test brokers (docker-compose, Tansu) speak nothing else.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # The CA bundle (PEM) the brokers' certificates are checked against, for SSL and SASL_SSL; unset: the
+    # system's CAs. The certificate is always verified, host name included (aiokafka's create_ssl_context).
+    kafka_ssl_cafile: str | None = None
     database_url: str | None = Field(None, repr=False)   # may hold a password: keep it out of logs
     # The Postgres schema of the installation's tables (catalog, credentials, read models): one per
     # installation, as the topic prefix is one per installation on a shared Kafka.
@@ -41,8 +53,9 @@ class Settings(BaseSettings):
     # Partitions of the topics a service creates when they are missing (the broker's setting of the same
     # name): every execution-keyed topic must have the same count, whoever creates it first.
     topic_partitions: int = Field(6, ge=1)
-    # The query service's consumer group (the topic prefix is put in front, like every group name).
-    query_group: str = "noetl-query"
+    # NOETL_QUERY_GROUP: a consumer group for the query service other than Topics.query_group()'s default
+    # (the topic prefix still goes in front). A new name replays noetl.events from the start.
+    query_group: str | None = None
     secret_key: SecretStr | None = None
     lease_seconds: float = Field(30.0, gt=0)
     worker_pool: str = "default"
@@ -55,6 +68,18 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _kafka_security_is_consistent(self) -> Settings:
+        # Caught here, at start-up, rather than as an authentication error at the first connection.
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+                self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"NOETL_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                             "NOETL_KAFKA_SASL_USERNAME and NOETL_KAFKA_SASL_PASSWORD")
+        if self.kafka_ssl_cafile and not self.kafka_security_protocol.endswith("SSL"):
+            raise ValueError("NOETL_KAFKA_SSL_CAFILE is set but NOETL_KAFKA_SECURITY_PROTOCOL "
+                             f"({self.kafka_security_protocol}) does not use TLS")
+        return self
 
     @property
     def topics(self) -> Topics:

@@ -35,7 +35,7 @@ _TERMINAL_STATUS = {
 }
 _TERMINAL_SQL = ",".join(f"'{t}'" for t in TERMINAL_EVENTS)
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalog (
     path        TEXT NOT NULL,
     version     INTEGER NOT NULL,

@@ -58,13 +58,40 @@ def run(file: Path = typer.Argument(..., help="The playbook YAML file."),
 
 
 @app.command("server")
-def server_command(host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+def server_command(ctx: typer.Context,
+                   host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
                    port: int = typer.Option(8080, "--port", min=1, max=65535),
                    store: Optional[Path] = StoreOption,
+                   kafka: Optional[str] = typer.Option(
+                       None, "--kafka", metavar="BOOTSTRAP", envvar="NOETL_KAFKA_BOOTSTRAP",
+                       help="Run on Kafka (host:port[,host:port]) + Postgres instead of SQLite; needs "
+                            "--database-url. Other settings come from NOETL_* (docs/cluster.md)."),
+                   database_url: Optional[str] = typer.Option(
+                       None, "--database-url", metavar="DSN", envvar="NOETL_DATABASE_URL",
+                       help="Postgres for the catalog, credentials and read model (with --kafka only)."),
                    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
                    ) -> None:
-    """Serve the HTTP API with every role in this process (SQLite store, in-process workers); resumes
-    in-flight executions. JSON logs on stderr."""
+    """Serve the HTTP API with every role in this process; resumes in-flight executions. Embedded (SQLite
+    store, in-process workers) by default; on Kafka + Postgres with --kafka and --database-url. JSON logs on
+    stderr."""
+    def given(name: str) -> bool:   # typed on the command line, not taken from the environment
+        source = ctx.get_parameter_source(name)   # typer's vendored click: compare by name, not by class
+        return source is not None and source.name == "COMMANDLINE"
+
+    if kafka:
+        if store is not None and given("store"):
+            err.print("[red]error:[/] --store is for embedded mode; with --kafka the data lives in Postgres")
+            raise typer.Exit(2)
+        if not database_url:
+            err.print("[red]error:[/] --kafka needs --database-url (or NOETL_DATABASE_URL): the catalog, "
+                      "credentials and read model live in Postgres")
+            raise typer.Exit(2)
+        from noetl_cli.server_kafka import serve_kafka   # faust, aiokafka and asyncpg only for this mode
+        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level))
+    if database_url and given("database_url"):
+        # An exported NOETL_DATABASE_URL alone does not switch modes; a typed --database-url means Kafka mode.
+        err.print("[red]error:[/] --database-url needs --kafka (embedded mode keeps its data in SQLite)")
+        raise typer.Exit(2)
     from noetl_cli.server import serve   # FastAPI and uvicorn only for this command
     raise typer.Exit(serve(host, port, store, log_level))
 

@@ -1,8 +1,9 @@
 """`python -m noetl_query`: the query service on Kafka + Postgres, until SIGTERM/SIGINT.
 
 Settings from NOETL_* (noetl_runtime.settings): NOETL_KAFKA_BOOTSTRAP, NOETL_TOPIC_PREFIX,
-NOETL_TOPIC_PARTITIONS, NOETL_DATABASE_URL (required), NOETL_DATABASE_SCHEMA, NOETL_QUERY_GROUP (default
-`noetl-query`, the topic prefix in front), NOETL_HTTP_HOST/PORT, NOETL_LOG_LEVEL.
+NOETL_TOPIC_PARTITIONS, NOETL_DATABASE_URL (required), NOETL_DATABASE_SCHEMA, NOETL_QUERY_GROUP (optional:
+replaces the name `noetl-query` of Topics.query_group, the topic prefix still in front), NOETL_HTTP_HOST/PORT,
+NOETL_LOG_LEVEL, and the Kafka security variables (NOETL_KAFKA_SECURITY_PROTOCOL, ...: docs/kafka.md).
 
 Two things in one process, on one event loop:
 

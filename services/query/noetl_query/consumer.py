@@ -45,8 +45,10 @@ RETRY_FIRST, RETRY_MAX = 0.2, 5.0      # seconds between attempts of a batch whi
 
 
 def group_id(settings: Settings) -> str:
-    """The projection's consumer group; it carries the topic prefix like every group of an installation."""
-    return f"{settings.topic_prefix}{settings.query_group}"
+    """The projection's consumer group (noetl_common.topics); NOETL_QUERY_GROUP overrides its name."""
+    if not settings.query_group:     # unset (or set empty): the default name
+        return settings.topics.query_group()
+    return settings.topics.query_group(settings.query_group)
 
 
 def _decode_entry(raw: bytes) -> CatalogEntry:

@@ -25,9 +25,10 @@ from noetl_common.ports import CatalogEntry, Emit
 from noetl_runtime.settings import Settings, load_settings
 
 from noetl_worker.actions.base import ActionError
+from noetl_worker.options import WorkerOptions
 from noetl_worker.ports import WorkerPorts
 from noetl_worker.python_pool import PythonPool
-from noetl_worker.service import WorkerOptions, WorkerService
+from noetl_worker.service import WorkerService
 
 log = logging.getLogger("noetl.worker")
 

@@ -7,13 +7,13 @@ Routing of what `execute` emits: StartExecution (a child playbook) -> noetl.requ
 (ActionStarted/Completed/Failed, heartbeats, ChildStarted) -> noetl.results; both keyed by execution_id.
 A record that does not decode as a Command goes to noetl.dlq with the reason; its partition keeps flowing.
 
-Offsets (architecture invariant 6, at-least-once). Commands run concurrently, so they finish out of order.
-Per partition the worker keeps the offsets it took, in order, and commits only up to the lowest one that
-has not finished, where "finished" means its final fact (ActionCompleted, ActionFailed or ChildStarted)
-was acknowledged by Kafka (acks=all), or its dead letter was. A crash therefore loses nothing: whatever
-was not finished is delivered again to the next owner of the partition, which runs the same attempt
-(same command_id); the fold keeps the first final fact and drops the rest as stale. A final fact that
-cannot be sent is retried while the worker lives; if it never goes out, its offset stays uncommitted.
+Offsets (architecture invariant 6, at-least-once): a record's offset is committed once its final fact
+(ActionCompleted, ActionFailed or ChildStarted) or its dead letter was acknowledged by Kafka, and only up
+to the lowest offset of its partition still running (offsets.py). A final fact that cannot be sent is
+retried while the worker lives; if it never goes out, its offset stays uncommitted.
+
+Alongside: options.py (WorkerOptions, NOETL_WORKER_*), metrics.py (the counters), http_server.py (/health,
+/ready, /metrics).
 
 Shutdown (SIGTERM/SIGINT): stop fetching, give in-flight commands `shutdown_grace` seconds, cancel the
 rest (uncommitted: redelivered elsewhere), commit, leave the group, flush the producer. A second signal
@@ -24,16 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
-from prometheus_client import Counter
 from pydantic import BaseModel
 
 from noetl_common.topics import Topics
@@ -43,7 +40,13 @@ from noetl_common.ports import Emit
 from noetl_runtime import kafka_io
 from noetl_runtime.settings import Settings
 from noetl_worker.execute import execute
+from noetl_worker.http_server import OpsServer, ops_app
+from noetl_worker.metrics import WorkerMetrics
+from noetl_worker.offsets import Offsets, PartitionOffsets
+from noetl_worker.options import WorkerOptions
 from noetl_worker.ports import WorkerPorts
+
+__all__ = ["PortsFactory", "WorkerOptions", "WorkerService", "group_id"]   # WorkerOptions: imported from here too
 
 log = logging.getLogger("noetl.worker.service")
 
@@ -58,68 +61,6 @@ def group_id(settings: Settings) -> str:
     return Topics(settings.topic_prefix).worker_group(settings.worker_pool)
 
 
-@dataclass(frozen=True)
-class WorkerOptions:
-    """Worker knobs that are not (yet) in `Settings`; `from_env` reads them from NOETL_WORKER_*."""
-    shutdown_grace: float = 30.0       # NOETL_WORKER_SHUTDOWN_GRACE: in-flight commands may finish within it
-    commit_interval: float = 0.2       # at most one offset commit per this many seconds
-    poll_timeout_ms: int = 100         # one fetch waits at most this long (bounds how fast stop() is noticed)
-    revoke_wait: float | None = None   # a rebalance waits this long for revoked in-flight commands
-                                       # (None: a third of the session timeout)
-    serve_http: bool = True
-    http_port: int | None = None       # None: settings.http_port; 0: any free port (tests)
-    create_topics: bool = True         # create missing topics at start (kafka_io.ensure_topics)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerOptions:
-        env = os.environ if env is None else env
-        grace = float(env.get("NOETL_WORKER_SHUTDOWN_GRACE", cls.shutdown_grace))
-        if grace < 0:
-            raise ValueError("NOETL_WORKER_SHUTDOWN_GRACE must be >= 0")
-        create = env.get("NOETL_WORKER_CREATE_TOPICS", "true").strip().lower() not in ("0", "false", "no")
-        return cls(shutdown_grace=grace, create_topics=create)
-
-
-class _Partition:
-    """The offsets taken from one partition (in fetch order) and which of them have finished."""
-
-    def __init__(self) -> None:
-        self.taken: deque[list[Any]] = deque()   # [offset, finished]
-        self.entries: dict[int, list[Any]] = {}
-        self.commit_to: int | None = None        # the next offset to read after a restart
-        self.committed: int | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def take(self, offset: int) -> None:
-        entry = [offset, False]
-        self.taken.append(entry)
-        self.entries[offset] = entry
-
-    def finish(self, offset: int) -> bool:
-        """Mark done; True when the committable position moved."""
-        entry = self.entries.pop(offset, None)
-        if entry is None:
-            return False
-        entry[1] = True
-        moved = False
-        while self.taken and self.taken[0][1]:
-            self.commit_to = self.taken.popleft()[0] + 1
-            moved = True
-        return moved
-
-
-class _Metrics:
-    def __init__(self, registry: Any) -> None:
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, registry=registry)
-        self.started = counter("noetl_worker_commands_started", "commands taken and started")
-        self.completed = counter("noetl_worker_commands_completed", "ActionCompleted facts sent")
-        self.failed = counter("noetl_worker_commands_failed", "ActionFailed facts sent")
-        self.children = counter("noetl_worker_children_started", "child executions started (type: playbook)")
-        self.dead_letters = counter("noetl_worker_dead_letters", "records that were not commands, sent to the DLQ")
-        self.duplicates = counter("noetl_worker_duplicates", "redelivered commands not run again")
-
-
 class WorkerService:
     def __init__(self, settings: Settings, ports_factory: PortsFactory, *,
                  options: WorkerOptions | None = None) -> None:
@@ -132,24 +73,23 @@ class WorkerService:
         self.concurrency = settings.worker_concurrency
         self.producer: Any = None
         self.consumer: Any = None
-        self._parts: dict[TopicPartition, _Partition] = {}
+        revoke_wait = self.options.revoke_wait
+        if revoke_wait is None:
+            revoke_wait = settings.kafka_session_timeout_ms / 3000
+        self.offsets = Offsets(revoke_wait)
         self._inflight: set[asyncio.Task[Any]] = set()
         self._running: dict[str, asyncio.Task[Any]] = {}       # command_id -> its task
         self._reported: set[str] = set()                         # command ids whose final fact went out
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._slot = asyncio.Event()
-        self._dirty = asyncio.Event()
         self._stop_requested = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
         self._stopping = False
         self._abandon = False          # grace is over: stop retrying sends
-        self._joined = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._http: Any = None
-        self._http_task: asyncio.Task[Any] | None = None
         self.http_port: int | None = None
-        self.app, registry = self._build_app()
-        self.metrics = _Metrics(registry)
+        self.app, registry = ops_app(self.not_ready, lambda: len(self._inflight), self.concurrency)
+        self._http = OpsServer(self.app)
+        self.metrics = WorkerMetrics(registry)
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -159,7 +99,7 @@ class WorkerService:
     def not_ready(self) -> str | None:
         if self._stopping:
             return "stopping"
-        if not self._joined:
+        if not self.offsets.joined:
             return f"not yet in consumer group {self.group}"
         return None
 
@@ -173,13 +113,15 @@ class WorkerService:
                 log.warning("could not ensure topics: %r", exc)
         self.producer = kafka_io.make_producer(s)
         await self.producer.start()
-        self.consumer = kafka_io.make_consumer(s, [], self.group)
-        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self.consumer = self.offsets.consumer = kafka_io.make_consumer(s, [], self.group)
+        self.consumer.subscribe([self.topic], listener=self.offsets.listener())
         await self.consumer.start()
         if self.options.serve_http:
-            await self._start_http()
+            port = self.options.http_port if self.options.http_port is not None else s.http_port
+            self.http_port = await self._http.start(s.http_host, port)
         self._tasks = [asyncio.create_task(self._fetch_loop(), name="worker-fetch"),
-                       asyncio.create_task(self._commit_loop(), name="worker-commit")]
+                       asyncio.create_task(self.offsets.commit_loop(self.options.commit_interval),
+                                           name="worker-commit")]
         log.info("worker %s serving %s in group %s (concurrency %d)", self.ports.worker_id, self.topic,
                  self.group, self.concurrency)
 
@@ -238,11 +180,11 @@ class WorkerService:
             commit.cancel()
             await asyncio.gather(commit, return_exceptions=True)
         if self.consumer is not None:
-            await self._commit()
+            await self.offsets.commit()
             await self.consumer.stop()      # leaves the group: the partitions move on at once
         if self.producer is not None:
             await self.producer.stop()      # flushes whatever is still queued (heartbeats, announcements)
-        await self._stop_http()
+        await self._http.stop()
         log.info("worker %s stopped", self.ports.worker_id)
 
     # ------------------------------------------------------------------------------------------ emit
@@ -305,7 +247,7 @@ class WorkerService:
 
     def _take(self, record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
-        part = self._parts.get(tp)
+        part = self.offsets.part(tp)
         if part is None:     # revoked since the fetch: the new owner reads it from the committed offset
             return
         part.take(record.offset)
@@ -331,7 +273,7 @@ class WorkerService:
         part.tasks.add(task)
         task.add_done_callback(lambda t: self._done(t, part, record.offset))
 
-    def _done(self, task: asyncio.Task[Any], part: _Partition, offset: int) -> None:
+    def _done(self, task: asyncio.Task[Any], part: PartitionOffsets, offset: int) -> None:
         self._inflight.discard(task)
         part.tasks.discard(task)
         self._slot.set()
@@ -339,8 +281,7 @@ class WorkerService:
             log.error("record %s failed: %r", task.get_name(), task.exception(), exc_info=task.exception())
         if task.cancelled() or task.exception() is not None or not task.result():
             return           # not finished: the offset stays uncommitted, so the record is delivered again
-        if part.finish(offset):
-            self._dirty.set()
+        self.offsets.finished(part, offset)
 
     async def _run(self, cmd: Command) -> bool:
         self.metrics.started.inc()
@@ -375,94 +316,3 @@ class WorkerService:
                                         source_offset=record.offset)
         self.metrics.dead_letters.inc()
         return True
-
-    # ------------------------------------------------------------------------------------------ offsets
-    async def _commit_loop(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            await self._commit()
-            await asyncio.sleep(self.options.commit_interval)   # pacing: many completions, one commit
-
-    async def _commit(self, parts: Iterable[TopicPartition] | None = None) -> None:
-        async with self._commit_lock:
-            chosen = {tp: self._parts[tp] for tp in (parts if parts is not None else list(self._parts))
-                      if tp in self._parts}
-            offsets = {tp: p.commit_to for tp, p in chosen.items()
-                       if p.commit_to is not None and p.commit_to != p.committed}
-            if not offsets:
-                return
-            try:
-                await self.consumer.commit(offsets)
-            except KafkaError as exc:   # a rebalance took the partitions: their records come again
-                log.warning("offset commit failed: %r", exc)
-                return
-            for tp, offset in offsets.items():
-                chosen[tp].committed = offset
-
-    async def _revoked(self, revoked: set[TopicPartition]) -> None:
-        tasks = {t for tp in revoked if tp in self._parts for t in self._parts[tp].tasks}
-        wait = self.options.revoke_wait
-        if wait is None:
-            wait = self.settings.kafka_session_timeout_ms / 3000
-        if tasks and wait > 0:   # a short wait spares the next owner re-running commands about to finish
-            await asyncio.wait(tasks, timeout=wait)
-        await self._commit(revoked)
-        for tp in revoked:
-            self._parts.pop(tp, None)   # tasks still running report, but no longer commit
-
-    def _assigned(self, assigned: set[TopicPartition]) -> None:
-        for tp in assigned:
-            self._parts.setdefault(tp, _Partition())
-        self._joined = True
-        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
-
-    # ------------------------------------------------------------------------------------------ HTTP
-    def _build_app(self) -> tuple[Any, Any]:
-        from fastapi import FastAPI
-        from noetl_runtime.http_ops import install_ops   # the ops endpoints every service shares
-
-        app = FastAPI(title="noetl worker", version="1")
-        registry = install_ops(app, service="worker", ready=self.not_ready, gauges={
-            "noetl_worker_commands_in_flight": ("commands running now", lambda: float(len(self._inflight))),
-            "noetl_worker_concurrency": ("commands this worker runs at once at most", lambda: float(self.concurrency)),
-        })
-        return app, registry
-
-    async def _start_http(self) -> None:
-        import uvicorn
-
-        class _Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Any:   # the worker handles SIGTERM/SIGINT itself
-                yield
-
-        port = self.options.http_port if self.options.http_port is not None else self.settings.http_port
-        config = uvicorn.Config(self.app, host=self.settings.http_host, port=port, log_config=None,
-                                lifespan="off", access_log=False)
-        self._http = _Server(config)
-        serving = asyncio.create_task(self._http.serve(), name="worker-http")
-        while not self._http.started:
-            if serving.done():
-                await serving
-                raise RuntimeError(f"HTTP server did not start on {self.settings.http_host}:{port}")
-            await asyncio.sleep(0.01)
-        self._http_task = serving
-        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
-
-    async def _stop_http(self) -> None:
-        if self._http is not None and self._http_task is not None:
-            self._http.should_exit = True
-            await asyncio.gather(self._http_task, return_exceptions=True)
-        self._http = self._http_task = None
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, service: WorkerService) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.service._revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.service._assigned(set(assigned))

@@ -82,7 +82,7 @@ spec:
               valueFrom:
                 secretKeyRef: {name: {{ $secret }}, key: {{ $keys.secretKey }}}
             {{- end }}
-            {{- if $root.Values.externalKafka.auth.enabled }}
+            {{- if include "noetl.kafkaSasl" $root }}
             - name: NOETL_KAFKA_SASL_USERNAME
               valueFrom:
                 secretKeyRef: {name: {{ $secret }}, key: {{ $keys.kafkaUsername }}}
@@ -129,11 +129,20 @@ spec:
           volumeMounts:
             - {name: tmp, mountPath: /tmp}
             - {name: work, mountPath: /var/lib/noetl}
+            {{- with $root.Values.externalKafka.tls.caSecret }}
+            - {name: kafka-ca, mountPath: {{ include "noetl.kafkaCaDir" $root }}, readOnly: true}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir: {sizeLimit: {{ $root.Values.tmpSizeLimit }}}
         - name: work
           emptyDir: {sizeLimit: {{ $root.Values.tmpSizeLimit }}}
+        {{- with $root.Values.externalKafka.tls.caSecret }}
+        - name: kafka-ca
+          secret:
+            secretName: {{ . }}
+            items: [{key: {{ $root.Values.externalKafka.tls.caKey }}, path: {{ $root.Values.externalKafka.tls.caKey }}}]
+        {{- end }}
 {{- end -}}
 
 {{- define "noetl.poolNames" -}}

@@ -89,6 +89,17 @@ noetl.io/pool: {{ .pool }}
 {{- if has . (list "ingest" "worker") -}}true{{- end -}}
 {{- end -}}
 
+{{- /* "true" when the services authenticate to Kafka with SASL (they then get the credentials) */ -}}
+{{- define "noetl.kafkaSasl" -}}
+{{- if hasPrefix "SASL_" .Values.externalKafka.securityProtocol -}}true{{- end -}}
+{{- end -}}
+
+{{- /* Where externalKafka.tls.caSecret is mounted, and the CA file in it (NOETL_KAFKA_SSL_CAFILE) */ -}}
+{{- define "noetl.kafkaCaDir" -}}/etc/noetl/kafka-ca{{- end -}}
+{{- define "noetl.kafkaCaFile" -}}
+{{- printf "%s/%s" (include "noetl.kafkaCaDir" .) .Values.externalKafka.tls.caKey -}}
+{{- end -}}
+
 {{- define "noetl.kafkaBootstrap" -}}
 {{- if .Values.kafka.enabled -}}
 {{- printf "%s-kafka:9092" .Release.Name -}}
