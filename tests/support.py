@@ -1,7 +1,6 @@
 """Helpers shared by tests of every kind: `from support import free_port`.
 
-Importable because tests/ has no __init__.py: pytest's default (prepend) import mode puts tests/ on sys.path
-when it loads tests/conftest.py, before any test module is imported.
+Importable because pyproject's pytest settings put tests/ on sys.path (`pythonpath = ["tests"]`).
 """
 from __future__ import annotations
 

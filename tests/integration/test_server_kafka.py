@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ pytest.importorskip("faust")
 import httpx  # noqa: E402
 
 from noetl_common.topics import Topics  # noqa: E402
+from support import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -40,12 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 NOETL = str(Path(sys.executable).parent / "noetl")
 READY_TIMEOUT = 90.0     # a restarted process on Tansu waits out its dead predecessor's sessions (3 s each)
 SLOW_STEP_SECONDS = 4.0  # long enough to be caught mid-step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(check: Any, timeout: float, what: str) -> Any:
@@ -145,7 +139,7 @@ def server_env(kafka_endpoint: Any, topics: Topics, pg_dsn: str, schema: str) ->
 
 @pytest.fixture
 def server(server_env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
-    s = Server(server_env, _free_port(), tmp_path / "server.log")
+    s = Server(server_env, free_port(), tmp_path / "server.log")
     try:
         yield s
     finally:
@@ -297,7 +291,7 @@ def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(serv
 # ------------------------------------------------------------------------------------------ start errors
 def _start_fails(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     started = time.monotonic()
-    done = subprocess.run([NOETL, "server", "--port", str(_free_port()), *args], env=env, capture_output=True,
+    done = subprocess.run([NOETL, "server", "--port", str(free_port()), *args], env=env, capture_output=True,
                           text=True, timeout=90)
     assert time.monotonic() - started < 60
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
@@ -305,14 +299,14 @@ def _start_fails(env: dict[str, str], *args: str) -> subprocess.CompletedProcess
 
 
 def test_unreachable_kafka_is_a_clear_error(server_env: dict[str, str]) -> None:
-    closed = f"127.0.0.1:{_free_port()}"   # nothing listens there
+    closed = f"127.0.0.1:{free_port()}"   # nothing listens there
     done = _start_fails(server_env, "--kafka", closed, "--database-url", server_env["NOETL_DATABASE_URL"])
     assert done.returncode == 1
     assert f"cannot reach Kafka at {closed}" in done.stderr, done.stderr[-3000:]
 
 
 def test_unreachable_postgres_is_a_clear_error_without_the_password(server_env: dict[str, str]) -> None:
-    dsn = f"postgresql://noetl:hunter2@127.0.0.1:{_free_port()}/nowhere"
+    dsn = f"postgresql://noetl:hunter2@127.0.0.1:{free_port()}/nowhere"
     done = _start_fails(server_env, "--kafka", server_env["NOETL_KAFKA_BOOTSTRAP"], "--database-url", dsn)
     assert done.returncode == 1
     assert "cannot use Postgres at 127.0.0.1:" in done.stderr and "/nowhere" in done.stderr, done.stderr[-3000:]

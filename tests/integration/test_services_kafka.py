@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
 from noetl_query.postgres_schema import migrate  # noqa: E402
 from noetl_runtime import kafka_io  # noqa: E402
+from support import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -287,12 +287,6 @@ async def _true(value: bool) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _exports(stdout: str) -> dict[str, str]:
     out = {}
     for line in stdout.splitlines():
@@ -333,7 +327,7 @@ def test_cluster_of_separate_processes_runs_hello_world(kafka_endpoint: Any, top
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
     env.update(KAFKA_BOOTSTRAP_SERVERS=kafka_endpoint.bootstrap, NOETL_DATABASE_URL=pg_dsn,
                NOETL_DATABASE_SCHEMA=schema, NOETL_TOPIC_PREFIX=topics.prefix,
-               NOETL_INGEST_PORT=str(_free_port()), PYTHON=sys.executable, NOETL_LOG_LEVEL="WARNING",
+               NOETL_INGEST_PORT=str(free_port()), PYTHON=sys.executable, NOETL_LOG_LEVEL="WARNING",
                NOETL_CLUSTER_STOP_GRACE="10")
     if kafka_endpoint.kind == "tansu":
         env["NOETL_KAFKA_SESSION_TIMEOUT_MS"] = os.environ.get("NOETL_KAFKA_SESSION_TIMEOUT_MS", "3000")
@@ -367,7 +361,7 @@ def test_cluster_of_separate_processes_runs_hello_world(kafka_endpoint: Any, top
         _wait(lambda: not Path(f"/proc/{info['PID_query']}").exists()
               or "zombie" in Path(f"/proc/{info['PID_query']}/status").read_text(), 20, "the query service to stop")
         before = asyncio.run(_snapshot_dsn(pg_dsn, schema))
-        port = _free_port()
+        port = free_port()
         query = subprocess.Popen([sys.executable, "-m", "noetl_query"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True,
                                  env={**env, "NOETL_KAFKA_BOOTSTRAP": kafka_endpoint.bootstrap,

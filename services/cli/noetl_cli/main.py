@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
-from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, register_catalogs,
-                               run_command)
+from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, run_command)
 from noetl_runtime.sqlite_store import SqliteStore
 
 app = typer.Typer(help="Run NoETL playbooks (noetl.io/v1): embedded by default.", no_args_is_help=True,

@@ -166,7 +166,7 @@ class KafkaServer:
         await self.faust_worker.start()
 
     def _api(self) -> Any:
-        from noetl_ingest.__main__ import create_cluster_app
+        from noetl_ingest.app import create_cluster_app
         from noetl_ingest.handlers import IngestPorts
         from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
         from noetl_query.postgres_reads import PostgresReadModel
@@ -208,7 +208,7 @@ class KafkaServer:
         if self.query.task is not None and self.query.task.done():
             return f"the projection stopped: {_task_error(self.query.task)}"
         # WorkerService has no public handle on its loops; `run()` watches the same list.
-        for task in getattr(self.worker, "_tasks", []):
+        for task in self.worker.tasks:
             if task.done():
                 return f"the worker's {task.get_name()} stopped: {_task_error(task)}"
         if self.http_task is not None and self.http_task.done():

@@ -25,47 +25,14 @@ import sys
 import time
 from typing import Any
 
-from aiokafka.errors import KafkaError
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from noetl_ingest.app import router as ingest_router
+from noetl_ingest.app import create_cluster_app
 from noetl_ingest.handlers import IngestPorts
-from noetl_runtime.http_ops import ReadyCheck, configure_json_logging, install_ops
-from noetl_runtime.postgres_store import MissingSecretKey
+from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.settings import Settings, load_settings
 
 log = logging.getLogger("noetl.ingest")
-
-
-def create_cluster_app(ports: IngestPorts, read: Any, *, ready: ReadyCheck | None = None,
-                       gauges: dict[str, Any] | None = None) -> FastAPI:
-    """The ingest app of a cluster: write routes + the read and render routes over `read` (a
-    PostgresReadModel), + ops."""
-    from noetl_query.app import router as query_router
-    from noetl_render.app import router as render_router
-    from noetl_render.handlers import RenderPorts
-
-    app = FastAPI(title="noetl ingest", version="1",
-                  description="NoETL-compatible HTTP API of a cluster: writes go to Kafka, reads come from the "
-                              "query service's Postgres projection.")
-    app.include_router(ingest_router(ports))
-    app.include_router(query_router(read))
-    app.include_router(render_router(RenderPorts(events=read.events)))
-    install_ops(app, service="ingest", ready=ready, gauges=gauges)
-
-    @app.exception_handler(KafkaError)
-    async def _kafka_down(_request: Request, exc: KafkaError) -> JSONResponse:
-        # Nothing was accepted: the client may retry (a retried run gets a new execution id).
-        log.warning("Kafka refused a send: %r", exc)
-        return JSONResponse({"detail": f"Kafka is unavailable, nothing was accepted: {type(exc).__name__}"},
-                            status_code=503)
-
-    @app.exception_handler(MissingSecretKey)
-    async def _no_key(_request: Request, exc: MissingSecretKey) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503)
-
-    return app
 
 
 class IngestCluster:

@@ -93,6 +93,11 @@ class WorkerService:
 
     # ------------------------------------------------------------------------------------------ state
     @property
+    def tasks(self) -> tuple[asyncio.Task[Any], ...]:
+        """The fetch and commit loops once started: a host process watches them (one ending is fatal)."""
+        return tuple(self._tasks)
+
+    @property
     def in_flight(self) -> int:
         return len(self._inflight)
 
