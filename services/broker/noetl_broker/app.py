@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +40,8 @@ from noetl_common.messages import TimerFired
 from noetl_runtime import kafka_io
 from noetl_runtime.settings import Settings
 
-from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch
+from noetl_broker.eviction import Evictions
+from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch, schedule_of
 from noetl_broker.metrics import Metrics
 from noetl_broker.output import Output
 from noetl_broker.settings import BrokerSettings
@@ -49,6 +52,8 @@ from noetl_broker.web import install_views
 log = logging.getLogger("noetl.broker")
 
 TABLE = "executions"
+EVICT = None          # the inbox item that asks the folder to evict what is due (between batches: one writer)
+EVICT_BATCH = 1000    # the most states one eviction removes (the next tick takes the rest)
 
 
 def app_id(settings: Settings) -> str:
@@ -73,7 +78,7 @@ class _Pending:
     """A folded batch on its way to durability."""
     events: Sequence[tuple[Any, EventT]]   # (the stream it came from, the event): acked once durable
     effects: list[asyncio.Future[Any]]
-    states: dict[str, bytes]
+    states: dict[str, bytes | None]        # None: evicted, a tombstone for the changelog
     started: float
 
 
@@ -89,6 +94,7 @@ class Broker:
         self.cache = StateCache(settings.broker_state_cache)
         self.metrics = Metrics()
         self.timers = TimerLoop(self.fire, settings.topic_partitions)
+        self.evictions = Evictions(settings.broker_evict_after)
         self.output = Output(settings)
         self.known_pools: set[str] = set(settings.pools)
         self.recovered = False   # the table is recovered for the current assignment: ready to fold
@@ -134,9 +140,13 @@ class Broker:
                     if inbox.empty():
                         break
                 batch.append(inbox.get_nowait())
+            records = [item for item in batch if item is not EVICT]
             self.folding = True
             try:
-                await self.fold(batch)
+                if records:
+                    await self.fold(records)
+                if len(records) < len(batch):
+                    await self.evict()
             finally:
                 self.folding = False
 
@@ -147,8 +157,10 @@ class Broker:
         try:
             started, t0 = time.time(), time.perf_counter()
             records = [Record(value=e.message.value, key=e.message.key, topic=e.message.topic,
-                              partition=e.message.partition, offset=e.message.offset) for _, e in batch]
-            out = apply_batch(self.view, records, now=started, cache=self.cache)
+                              partition=e.message.partition, offset=e.message.offset,
+                              timestamp=e.message.timestamp) for _, e in batch]
+            out = apply_batch(self.view, records, now=started, cache=self.cache,
+                              late_start_after=self.settings.broker_evict_after)
             t1 = time.perf_counter()
             effects = await self.output.submit(await self._effects(out))
         except BaseException:
@@ -164,6 +176,8 @@ class Broker:
             store[execution_id.encode()] = raw
         for execution_id, timers in out.timers.items():
             self.timers.update(execution_id, timers)
+        for execution_id, at in out.finished.items():
+            self.evictions.finished(execution_id, at)
         self.inflight += 1
         self._queue.put_nowait(_Pending(batch, effects, out.states, t0))   # type: ignore[union-attr]
         self._count(out, len(records), started, t0, t1)
@@ -174,7 +188,8 @@ class Broker:
     async def _effects(self, out: BatchOutput) -> list[tuple[str, bytes | None, bytes]]:
         topics = self.topics
         for pool in {c.pool for c in out.commands} - self.known_pools:
-            await kafka_io.ensure_topics(self.settings, topics, [pool], partitions=self.settings.topic_partitions)
+            await kafka_io.ensure_topics(self.settings, topics, [pool], partitions=self.settings.topic_partitions,
+                                         replication_factor=self.settings.broker_replication)
             self.known_pools.add(pool)
         records: list[tuple[str, bytes | None, bytes]] = []
         add = records.append
@@ -188,18 +203,19 @@ class Broker:
             add((topics.dlq, letter.original_key(), encode(letter)))
         return records
 
+    async def evict(self) -> None:
+        """Drop the finished states whose grace is over; the committer writes their tombstones to the changelog
+        after everything folded before, so a recovery never brings them back."""
+        self._start()
+        gone = self.evictions.take(self.table.data, self.cache, time.time(), EVICT_BATCH)
+        if gone:
+            await self._slots.acquire()   # type: ignore[union-attr]
+            self.inflight += 1
+            self._queue.put_nowait(_Pending((), [], gone, time.perf_counter()))   # type: ignore[union-attr]
+            self.metrics.evicted += len(gone)
+
     def _count(self, out: BatchOutput, size: int, started: float, t0: float, t1: float) -> None:
-        m = self.metrics
-        m.folded += out.folded
-        m.stale += out.stale
-        m.dead_letters += len(out.dead_letters)
-        m.events += len(out.events)
-        m.commands += len(out.commands)
-        m.requests += len(out.requests)
-        m.states_written += len(out.states)
-        m.executions_finished += len(out.terminal)
-        m.fold_seconds += t1 - t0
-        m.batch(size, started, time.perf_counter() - t0)
+        self.metrics.folded_batch(out, size, started, t0, t1)
         for letter in out.dead_letters:
             log.warning("dead letter: %s", letter.reason, extra={
                 "source_topic": letter.source_topic, "source_partition": letter.source_partition,
@@ -279,13 +295,16 @@ class Broker:
         for key in [k for k in list(store.keys()) if partition_of(k.decode(), n) not in self.assigned]:
             del store[key]
         self.cache.clear()
-        scheduled = self.timers.rebuild(((k.decode(), v) for k, v in list(store.items())), self.assigned)
+        parsed = [(k.decode(), *schedule_of(v)) for k, v in list(store.items()) if v is not None]
+        scheduled = self.timers.replace(((eid, timers) for eid, timers, _ in parsed), self.assigned)
+        self.evictions.rebuild((eid, at) for eid, _, at in parsed if at is not None)
         self.recovered = True
         log.info("table recovered: partitions %s, %d deadline(s) scheduled", sorted(self.assigned), scheduled)
 
     async def on_revoked(self) -> None:
         self.recovered = False
         self.timers.revoke()
+        self.evictions.revoke()
         # A batch of a revoked partition must be durable before its new owner recovers the changelog:
         # a snapshot written after the new owner's would roll the execution back. The rebalance waits here.
         if not await self.settle(0.8 * self.settings.session_timeout):
@@ -311,7 +330,7 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         store=settings.broker_store,
         autodiscover=False,
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.broker_replication,
         # Tansu (architecture §5): joins wait half the session timeout; faust needs heartbeats well inside it.
         broker_session_timeout=session,
         broker_rebalance_timeout=session,
@@ -336,6 +355,9 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         web_host=settings.http_host,
         web_stats_enabled=False, web_graph_enabled=False, web_router_enabled=False, web_tables_enabled=False,
         web_metrics_enabled=False,
+        # faust makes `<datadir>/v1/tables` even for memory:// (the only store allowed); its default datadir is
+        # `<app id>-data` in the working directory, which littered checkouts and containers
+        datadir=os.path.join(tempfile.gettempdir(), f"noetl-broker-faust.{app_id(settings)}"),
     )
     options.update(overrides)
     app = faust.App(app_id(settings), **options)
@@ -382,6 +404,12 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
     @app.task
     async def _timer_loop() -> None:
         await broker.timers.run()
+
+    if broker.evictions.enabled:
+        @app.task
+        async def _evict_ticker() -> None:
+            broker._start()
+            await broker.evictions.ticker(lambda: broker.recovered, broker._inbox.put, EVICT)
 
     @app.on_before_shutdown.connect
     async def _shutdown(_app: Any, **_kwargs: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from noetl_common.codec import DecodeError, decode_inbound
 from noetl_common.engine import advance
-from noetl_common.messages import Command, DeadLetter, Event
+from noetl_common.messages import Command, DeadLetter, Event, StartExecution
 from noetl_common.state import ExecutionState
 
 log = logging.getLogger("noetl.broker")
@@ -40,6 +40,7 @@ class Record:
     topic: str = ""
     partition: int | None = None
     offset: int | None = None
+    timestamp: float | None = None   # the record's Kafka timestamp, epoch seconds (a late re-send shows in it)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class BatchOutput:
     partitions: dict[str, int | None] = field(default_factory=dict)   # the partition each changed state folds on
     timers: dict[str, dict[str, float]] = field(default_factory=dict)  # post-batch deadlines of changed states
     terminal: set[str] = field(default_factory=set)            # executions that ended in this batch
+    finished: dict[str, float] = field(default_factory=dict)  # of those: when (state.finished, epoch s)
     events: list[Event] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)          # inbound messages for other executions' keys
@@ -102,8 +104,12 @@ class _Working:
 
 
 def apply_batch(states: StateMap, messages: Iterable[Record | bytes], *, now: float,
-                cache: StateCache | None = None) -> BatchOutput:
+                cache: StateCache | None = None, late_start_after: float | None = None) -> BatchOutput:
     """Fold a batch of inbound records in order. `now` stamps dead letters only (the fold reads no clock).
+
+    `late_start_after` (NOETL_BROKER_EVICT_AFTER): a `start` of an execution the table does not hold, whose
+    record was produced more than this many seconds after the request's `time`, is a re-send of a request
+    whose execution may have been evicted: it is dead-lettered instead of started (see eviction.py).
 
     Per record: decode (a DecodeError, a key that is not the execution id, or an exception in the fold
     becomes a dead letter with the reason; the batch goes on), advance() against the execution's latest state
@@ -124,6 +130,12 @@ def apply_batch(states: StateMap, messages: Iterable[Record | bytes], *, now: fl
         work = working.get(eid)
         if work is None:
             raw = states.get(eid)
+            if raw is None and late_start_after and _late_start(record, msg, late_start_after):
+                out.dead_letters.append(dead_letter(record, (
+                    f"late duplicate start: produced {record.timestamp - msg.time:.0f}s after its time, more than "
+                    f"NOETL_BROKER_EVICT_AFTER ({late_start_after:g}s), for an execution the broker does not "
+                    f"hold (finished and evicted, or never started): not started again"), now))
+                continue
             state = cache.take(eid, raw)
             work = working[eid] = _Working(raw, state, record.partition, state is not None and state.terminal)
         try:
@@ -158,7 +170,12 @@ def apply_batch(states: StateMap, messages: Iterable[Record | bytes], *, now: fl
         out.timers[eid] = {} if state.terminal else dict(state.timers)
         if state.terminal and not work.was_terminal:
             out.terminal.add(eid)
+            out.finished[eid] = state.finished if state.finished is not None else now
     return out
+
+
+def _late_start(record: Record, msg: Any, after: float) -> bool:
+    return isinstance(msg, StartExecution) and record.timestamp is not None and record.timestamp - msg.time > after
 
 
 def _decode(record: Record, check_key: bool) -> Any:
@@ -197,7 +214,13 @@ def dead_letter(record: Record, reason: str, now: float) -> DeadLetter:
 
 def timers_of(raw: bytes) -> dict[str, float]:
     """The durable deadlines in a snapshot (empty for a finished execution): for rebuilding the timer heap."""
+    return schedule_of(raw)[0]
+
+
+def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None]:
+    """A snapshot's live deadlines, and when it finished (None while it runs): one parse, for a recovery."""
     data = json.loads(raw)
-    if data.get("status") != "RUNNING":
-        return {}
-    return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}
+    if data.get("status") == "RUNNING":
+        return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None
+    finished = data.get("finished")
+    return {}, float(finished if finished is not None else data.get("started") or 0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Metrics:
     timers_fired: int = 0
     states_written: int = 0
     executions_finished: int = 0
+    evicted: int = 0            # finished states removed from the table after NOETL_BROKER_EVICT_AFTER
     batch_seconds: float = 0.0  # time the agent spent on batches (fold, encode, queue the effects)
     fold_seconds: float = 0.0   # of which: apply_batch (decode, advance, serialise states)
     effects_seconds: float = 0.0  # committer: waiting for the effects' acks
@@ -38,6 +40,7 @@ class Metrics:
         "commands": "commands produced", "requests": "requests produced for other executions",
         "timers_fired": "timer_fired requests produced", "states_written": "execution snapshots written",
         "executions_finished": "executions that reached a terminal status",
+        "evicted": "finished execution states evicted from the table",
         "batch_seconds": "seconds spent processing batches",
         "fold_seconds": "seconds spent folding (decode, advance, serialise)",
         "effects_seconds": "seconds the committer waited for the effects' acks",
@@ -50,6 +53,19 @@ class Metrics:
         "last_batch_wait": "seconds the oldest record of the last batch waited before its fold began",
         "last_effects_ack": "seconds from the last batch's fold start to its effects' acknowledgement",
     }
+
+    def folded_batch(self, out: Any, size: int, started: float, t0: float, t1: float) -> None:
+        """Count a folded batch (`out`: its handlers.BatchOutput; t0, t1: perf_counter around the fold)."""
+        self.folded += out.folded
+        self.stale += out.stale
+        self.dead_letters += len(out.dead_letters)
+        self.events += len(out.events)
+        self.commands += len(out.commands)
+        self.requests += len(out.requests)
+        self.states_written += len(out.states)
+        self.executions_finished += len(out.terminal)
+        self.fold_seconds += t1 - t0
+        self.batch(size, started, time.perf_counter() - t0)
 
     def batch(self, size: int, started: float, spent: float) -> None:
         self.batches += 1
@@ -66,7 +82,7 @@ class Metrics:
             if f.name.startswith("_"):
                 continue
             counter = f.name in ("batches", "inbound", "folded", "stale", "dead_letters", "events", "commands",
-                                 "requests", "timers_fired", "states_written", "executions_finished",
+                                 "requests", "timers_fired", "states_written", "executions_finished", "evicted",
                                  "batch_seconds", "fold_seconds", "effects_seconds", "states_seconds",
                                  "batches_durable", "durable_latency_seconds")
             name = f"noetl_broker_{f.name}" + ("_total" if counter else "")

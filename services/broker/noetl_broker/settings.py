@@ -31,6 +31,14 @@ class BrokerSettings(Settings):
     # Harmless on Kafka (one more small batch per partition); turn it off there if you like.
     broker_changelog_last_alone: bool = True
     broker_state_cache: int = Field(20_000, ge=0)      # parsed states kept between batches
+    # NOETL_BROKER_EVICT_AFTER: seconds after an execution finished (its `finished` time) that its state leaves
+    # the table (and a tombstone goes to the changelog); 0 keeps every state forever. A `start` re-sent later
+    # than this after it was first made is refused (dead-lettered), so an evicted execution never restarts
+    # (eviction.py).
+    broker_evict_after: float = Field(3600.0, ge=0)
+    # NOETL_BROKER_REPLICATION: the replication factor of the topics faust creates (the table's changelog and
+    # its assignor topic). 1 suits one-node Kafka (Tansu, docker-compose); use 3 on a production cluster.
+    broker_replication: int = Field(1, ge=1)
     broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
 
     @property

@@ -61,13 +61,16 @@ class TimerLoop:
 
     def rebuild(self, snapshots: Iterable[tuple[str, bytes]], owned: set[int]) -> int:
         """Replace the schedule with the deadlines of these snapshots (the table after a recovery)."""
+        return self.replace(((eid, timers_of(raw)) for eid, raw in snapshots if raw is not None), owned)
+
+    def replace(self, schedules: Iterable[tuple[str, dict[str, float]]], owned: set[int]) -> int:
+        """Replace the schedule with these executions' deadlines (parsed from the table after a recovery)."""
         self._owned = set(owned)
         self._heap.clear()
         self._current.clear()
-        for execution_id, raw in snapshots:
-            if raw is None or partition_of(execution_id, self._partitions) not in self._owned:
+        for execution_id, timers in schedules:
+            if partition_of(execution_id, self._partitions) not in self._owned:
                 continue
-            timers = timers_of(raw)
             if timers:
                 self._current[execution_id] = timers
                 self._heap.extend((due, execution_id, key, due) for key, due in timers.items())

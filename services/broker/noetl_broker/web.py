@@ -26,6 +26,10 @@ def install_views(app: faust.App, broker: Broker) -> None:
         gauges = {
             "noetl_broker_timers_pending": ("deadlines scheduled", float(broker.timers.pending())),
             "noetl_broker_state_cache": ("parsed states cached", float(len(broker.cache))),
+            "noetl_broker_table_states": ("execution states in the table (running, and finished within "
+                                          "NOETL_BROKER_EVICT_AFTER)", float(len(broker.table.data))),
+            "noetl_broker_evictions_pending": ("finished states waiting for their eviction",
+                                               float(len(broker.evictions))),
             "noetl_broker_batches_inflight": ("folded batches not yet durable", float(broker.inflight)),
             "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
         }
