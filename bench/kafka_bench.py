@@ -32,7 +32,6 @@ import os
 import statistics
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -59,10 +58,9 @@ class Cluster:
         self.args = args
         wait = str(args.fetch_wait_ms)
         self.services = [Service("noetl_broker", bootstrap, self.prefix, args.partitions,
-                                 NOETL_BROKER_FETCH_WAIT_MS=wait)]
-        shim = None if args.worker_as_shipped else Path(__file__).with_name("worker_shim.py")
-        self.services += [Service("noetl_worker", bootstrap, self.prefix, args.partitions, script=shim,
-                                  NOETL_BENCH_WORKER_FETCH_WAIT_MS=wait,
+                                 NOETL_KAFKA_FETCH_MAX_WAIT_MS=wait)]
+        self.services += [Service("noetl_worker", bootstrap, self.prefix, args.partitions,
+                                  NOETL_KAFKA_FETCH_MAX_WAIT_MS=wait,
                                   NOETL_WORKER_PYTHON_PROCESSES=str(args.python_processes),
                                   NOETL_WORKER_CONCURRENCY=str(args.concurrency)) for _ in range(args.workers)]
 
@@ -183,9 +181,8 @@ async def main_async(args: argparse.Namespace, bootstrap: str) -> None:
         print(f"kafka round trip (the floor, {len(floor)} sequential, fetch wait {wait} ms): "
               f"p50 {floors[wait][0]:.2f} ms  p99 {floors[wait][1]:.2f} ms", flush=True)
     floor_p50, floor_p99 = floors[args.fetch_wait_ms]
-    worker = ("as shipped (aiokafka's fetch wait)" if args.worker_as_shipped
-              else f"fetch wait {args.fetch_wait_ms} ms via bench/worker_shim.py")
-    print(f"broker fetch wait {args.fetch_wait_ms} ms; worker {worker}", flush=True)
+    print(f"fetch wait (NOETL_KAFKA_FETCH_MAX_WAIT_MS) of the broker and the workers: {args.fetch_wait_ms} ms",
+          flush=True)
     p50s, p99s, rates = [], [], []
     for _ in range(args.repeat):
         async with Cluster(bootstrap, args) as cluster:
@@ -219,9 +216,7 @@ def main() -> None:
     parser.add_argument("--python-processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--fetch-wait-ms", type=int, default=10,
-                        help="NOETL_BROKER_FETCH_WAIT_MS, the worker's (bench/worker_shim.py) and the floor's")
-    parser.add_argument("--worker-as-shipped", action="store_true",
-                        help="run `python -m noetl_worker` without the shim (aiokafka's 500 ms fetch wait)")
+                        help="NOETL_KAFKA_FETCH_MAX_WAIT_MS of the broker and the workers, and the floor's")
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     args = parser.parse_args()
     with kafka(args.bootstrap) as bootstrap:

@@ -81,10 +81,9 @@ async def metrics(port: int) -> dict[str, float]:
 class Service:
     """One service process (`python -m MODULE`) of an installation (bootstrap + topic prefix)."""
 
-    def __init__(self, module: str, bootstrap: str, prefix: str, partitions: int, *, script: Path | None = None,
-                 **env: str) -> None:
+    def __init__(self, module: str, bootstrap: str, prefix: str, partitions: int, **env: str) -> None:
         self.module = module
-        self.argv = [sys.executable, str(script)] if script is not None else [sys.executable, "-m", module]
+        self.argv = [sys.executable, "-m", module]
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"bench-{module}."))
         self.env = {**os.environ, "NOETL_KAFKA_BOOTSTRAP": bootstrap, "NOETL_TOPIC_PREFIX": prefix,

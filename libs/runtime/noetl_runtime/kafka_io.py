@@ -122,6 +122,7 @@ def make_consumer(
         heartbeat_interval_ms=max(100, session_ms // 3),
         # A rebalance waits at most this long for members to rejoin; the session timeout keeps it short.
         rebalance_timeout_ms=session_ms,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

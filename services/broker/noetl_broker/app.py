@@ -362,7 +362,7 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
     options.update(overrides)
     app = faust.App(app_id(settings), **options)
     # before anything touches app.transport (app.topic does): faust's consumer with a short fetch wait
-    app.transport = transport_class(settings.broker_fetch_wait_ms)(app.conf.broker_consumer, app)
+    app.transport = transport_class(settings.kafka_fetch_max_wait_ms)(app.conf.broker_consumer, app)
 
     inbound = app.topic(topics.requests, topics.results, key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw")

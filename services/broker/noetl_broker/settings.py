@@ -21,9 +21,6 @@ class BrokerSettings(Settings):
     broker_commit_interval: float = Field(1.0, gt=0)   # NOETL_BROKER_COMMIT_INTERVAL: faust's commit loop (s)
     # None: derived from NOETL_KAFKA_SESSION_TIMEOUT_MS, but never below 6 s (faust's heartbeats need the room).
     broker_session_timeout: float | None = Field(None, gt=0)
-    # NOETL_BROKER_FETCH_WAIT_MS: the longest a fetch waits on the server (see transport.py: Tansu answers a
-    # waiting fetch only when the wait is over, so this is added to every transition there).
-    broker_fetch_wait_ms: int = Field(10, ge=1)
     # NOETL_BROKER_PIPELINE: folded batches that may wait for their acks while the folder folds the next ones
     broker_pipeline: int = Field(4, ge=1)
     # NOETL_BROKER_CHANGELOG_LAST_ALONE: write the last snapshot of each changelog partition per batch in a

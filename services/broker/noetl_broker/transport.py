@@ -4,7 +4,7 @@
 soon as data arrives, so that is only an upper bound there; Tansu does not (measured with aiokafka 0.14: a
 message produced into an idle partition is delivered ~40 % of the wait later: ~700 ms at 1500, ~200 ms at
 500, ~5 ms at 10). Every step of every execution crosses the broker's consumer, so the wait is
-NOETL_BROKER_FETCH_WAIT_MS (default 10): on Kafka the cost is a few more (empty) fetch requests per second.
+NOETL_KAFKA_FETCH_MAX_WAIT_MS (default 10, the setting every consumer uses): on Kafka the cost is a few more (empty) fetch requests per second.
 
 2. faust's fetch loop hands every record to the conductor as
    `await self.wait_first(callback(message), self.suspend_flow.wait())`, which wraps both in tasks and
