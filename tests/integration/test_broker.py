@@ -170,7 +170,7 @@ def test_replication_and_eviction_settings_reach_the_app(tmp_path: Path) -> None
     from noetl_broker.app import create_app
     from noetl_broker.settings import load_broker_settings
 
-    settings = load_broker_settings(broker_replication=3, broker_evict_after=60, broker_web=False,
+    settings = load_broker_settings(topic_replication=3, broker_evict_after=60, broker_web=False,
                                     topic_prefix="t.settings.")
     app = create_app(settings, datadir=str(tmp_path))
     assert app.conf.topic_replication_factor == 3   # faust's own topics: the changelog and the assignor's

@@ -25,13 +25,12 @@ from noetl_common.topics import Topics
 if TYPE_CHECKING:
     from noetl_runtime.settings import Settings
 
-DEFAULT_PARTITIONS = 6
 # Kafka's rule for topic names. Tansu accepts anything (and 0 partitions), so check here, or a bad
 # NOETL_TOPIC_PREFIX would pass every test and fail only against a real cluster.
 _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 __all__ = [
-    "DEFAULT_PARTITIONS", "DeadLetter", "all_topic_names", "ensure_topics", "make_admin", "make_consumer",
+    "DeadLetter", "all_topic_names", "ensure_topics", "make_admin", "make_consumer",
     "make_producer", "security_options", "send_dead_letter",
 ]
 
@@ -160,11 +159,12 @@ async def ensure_topics(
     settings: Settings,
     topics: Topics,
     pools: Iterable[str],
-    partitions: int = DEFAULT_PARTITIONS,
-    replication_factor: int = 1,
+    partitions: int | None = None,
+    replication_factor: int | None = None,
 ) -> list[str]:
     """Create the missing topics; return the names this call created. Existing topics are left alone
-    (their partition counts are not checked or changed).
+    (their partition counts are not checked or changed). Partitions and replication default to the
+    settings' NOETL_TOPIC_PARTITIONS and NOETL_TOPIC_REPLICATION.
 
     Every execution-keyed topic gets the same partition count: the broker folds requests and results of
     one execution on one partition owner, which needs them co-partitioned.
@@ -173,6 +173,8 @@ async def ensure_topics(
     illegal = [name for name in wanted if not _LEGAL_TOPIC.fullmatch(name)]
     if illegal:
         raise ValueError(f"illegal Kafka topic names {illegal}: use only [a-zA-Z0-9._-], at most 249 characters")
+    partitions = settings.topic_partitions if partitions is None else partitions
+    replication_factor = settings.topic_replication if replication_factor is None else replication_factor
     if partitions < 1 or replication_factor < 1:
         raise ValueError("partitions and replication_factor must be at least 1")
     admin = make_admin(settings)

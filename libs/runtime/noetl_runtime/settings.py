@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Partitions of the topics a service creates when they are missing (the broker's setting of the same
     # name): every execution-keyed topic must have the same count, whoever creates it first.
     topic_partitions: int = Field(6, ge=1)
+    # Replication of the topics a service creates when they are missing, the broker's changelog included.
+    # 1 suits one-node Kafka (Tansu, docker-compose); use 3 on a production cluster.
+    topic_replication: int = Field(1, ge=1)
     # NOETL_QUERY_GROUP: a consumer group for the query service other than Topics.query_group()'s default
     # (the topic prefix still goes in front). A new name replays noetl.events from the start.
     query_group: str | None = None

@@ -5,7 +5,7 @@ NOETL_HTTP_HOST/PORT, NOETL_LOG_LEVEL ...) plus the broker's own (noetl_broker.s
 NOETL_TOPIC_PARTITIONS, NOETL_BROKER_BATCH_SIZE, NOETL_BROKER_PIPELINE, NOETL_BROKER_POOLS,
 NOETL_BROKER_STORE, NOETL_BROKER_COMMIT_INTERVAL, NOETL_BROKER_SESSION_TIMEOUT, NOETL_KAFKA_FETCH_MAX_WAIT_MS,
 NOETL_BROKER_CHANGELOG_LAST_ALONE, NOETL_BROKER_STATE_CACHE, NOETL_BROKER_WEB, NOETL_BROKER_EVICT_AFTER,
-NOETL_BROKER_REPLICATION. Creates the missing topics,
+NOETL_TOPIC_REPLICATION. Creates the missing topics,
 then runs faust's worker (its signal handling, graceful stop and crash exit code) with the app from
 `create_app`. /health, /ready and /metrics are served on NOETL_HTTP_PORT; logs are JSON lines on stderr.
 """
@@ -34,7 +34,7 @@ def main() -> int:
     asyncio.set_event_loop(loop)
     created = loop.run_until_complete(kafka_io.ensure_topics(
         settings, settings.topics, settings.pools, partitions=settings.topic_partitions,
-        replication_factor=settings.broker_replication))
+        replication_factor=settings.topic_replication))
     if created:
         log.info("created topics %s", created)
     app = create_app(settings)

@@ -189,7 +189,7 @@ class Broker:
         topics = self.topics
         for pool in {c.pool for c in out.commands} - self.known_pools:
             await kafka_io.ensure_topics(self.settings, topics, [pool], partitions=self.settings.topic_partitions,
-                                         replication_factor=self.settings.broker_replication)
+                                         replication_factor=self.settings.topic_replication)
             self.known_pools.add(pool)
         records: list[tuple[str, bytes | None, bytes]] = []
         add = records.append
@@ -330,7 +330,7 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         store=settings.broker_store,
         autodiscover=False,
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.broker_replication,
+        topic_replication_factor=settings.topic_replication,
         # Tansu (architecture §5): joins wait half the session timeout; faust needs heartbeats well inside it.
         broker_session_timeout=session,
         broker_rebalance_timeout=session,

@@ -33,9 +33,6 @@ class BrokerSettings(Settings):
     # than this after it was first made is refused (dead-lettered), so an evicted execution never restarts
     # (eviction.py).
     broker_evict_after: float = Field(3600.0, ge=0)
-    # NOETL_BROKER_REPLICATION: the replication factor of the topics faust creates (the table's changelog and
-    # its assignor topic). 1 suits one-node Kafka (Tansu, docker-compose); use 3 on a production cluster.
-    broker_replication: int = Field(1, ge=1)
     broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
 
     @property
