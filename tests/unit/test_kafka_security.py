@@ -148,3 +148,29 @@ def test_the_query_group_lives_with_the_other_group_ids() -> None:
     # NOETL_QUERY_GROUP names a new group (a replay from the start), under the same prefix
     assert query_group_id(Settings(topic_prefix="t1.", query_group="noetl-query-restarted")) == \
         "t1.noetl-query-restarted"
+
+
+# ------------------------------------------------------------------------------------------ the broker
+@pytest.mark.parametrize("protocol", ["SASL_SSL", "SASL_PLAINTEXT", "SSL", "PLAINTEXT"])
+def test_the_brokers_faust_app_connects_with_the_same_settings(protocol: str, tmp_path: Path) -> None:
+    pytest.importorskip("faust")
+    from noetl_broker.app import create_app
+    from noetl_broker.settings import BrokerSettings
+
+    ca = write_ca(tmp_path / "ca.pem", "broker CA")
+    fields: dict[str, str] = {"kafka_security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        fields.update(kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="broker", kafka_sasl_password="pw")
+    if protocol.endswith("SSL"):
+        fields["kafka_ssl_cafile"] = str(ca)
+    app = create_app(BrokerSettings(broker_web=False, topic_prefix="t.sec.", **fields), datadir=str(tmp_path))
+    credentials = app.conf.broker_credentials
+    if protocol == "PLAINTEXT":
+        assert credentials is None
+        return
+    assert credentials.protocol.name == protocol
+    if protocol.startswith("SASL_"):
+        assert (credentials.username, credentials.password, credentials.mechanism.value) == (
+            "broker", "pw", "SCRAM-SHA-512")
+    if protocol.endswith("SSL"):
+        assert "broker CA" in ca_names(credentials.context if protocol == "SSL" else credentials.ssl_context)

@@ -46,7 +46,7 @@ from noetl_broker.metrics import Metrics
 from noetl_broker.output import Output
 from noetl_broker.settings import BrokerSettings
 from noetl_broker.timers import TimerLoop, partition_of
-from noetl_broker.transport import transport_class
+from noetl_broker.transport import broker_credentials, transport_class
 from noetl_broker.web import install_views
 
 log = logging.getLogger("noetl.broker")
@@ -327,6 +327,7 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
     session = settings.session_timeout
     options: dict[str, Any] = dict(
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",") if host.strip()],
+        broker_credentials=broker_credentials(settings),
         store=settings.broker_store,
         autodiscover=False,
         topic_partitions=settings.topic_partitions,

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import faust
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
+
+from noetl_runtime import kafka_io
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -40,6 +43,20 @@ def _set_paused(consumer: Any, tps: set[Any], paused: bool) -> None:
     assigned = consumer.assignment()
     for tp in tps & assigned:   # a rebalance may have taken some since: pausing those would raise
         (consumer.pause if paused else consumer.resume)(tp)
+
+
+def broker_credentials(settings: Any) -> Any:
+    """faust's `broker_credentials` for the shared Kafka security settings (kafka_io.security_options, the
+    dict every other client gets), so one set of NOETL_KAFKA_* variables configures every connection.
+    faust hands them to its consumer (this module's too) and its producer."""
+    options = kafka_io.security_options(settings)
+    protocol = options["security_protocol"]
+    if protocol.startswith("SASL_"):   # with an ssl_context faust speaks SASL_SSL, without one SASL_PLAINTEXT
+        return faust.SASLCredentials(username=options["sasl_plain_username"], password=options["sasl_plain_password"],
+                                     mechanism=options["sasl_mechanism"], ssl_context=options.get("ssl_context"))
+    if protocol == "SSL":
+        return faust.SSLCredentials(options["ssl_context"])
+    return None
 
 
 def transport_class(fetch_max_wait_ms: int) -> type[driver.Transport]:
