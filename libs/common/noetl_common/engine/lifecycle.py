@@ -42,8 +42,14 @@ def complete_step(tick: Tick, name: str, result: Any) -> None:
 
 def _forget_inputs(run: Any) -> None:
     """A finished visit needs neither its rendered action (only retries reuse it) nor its per-item
-    bookkeeping: dropping them keeps every later snapshot of the state small."""
-    run.action, run.data, run.iteration = None, {}, None
+    bookkeeping: dropping them keeps every later snapshot of the state small. (Only what is set: each
+    assignment to a pydantic model is a Python-level __setattr__, and this runs for every step.)"""
+    if run.action is not None:
+        run.action = None
+    if run.data:
+        run.data = {}
+    if run.iteration is not None:
+        run.iteration = None
 
 
 def _execution_result(step: Any, result: Any, scope: dict[str, Any]) -> Any:

@@ -21,13 +21,14 @@ class Compiled:
 
 def compile_state(state: ExecutionState, playbook: Playbook | None = None) -> Compiled | None:
     """Normalise the state's playbook once per process (memoised on the state object; pure)."""
-    if state._compiled is None:
+    compiled = state._compiled          # one read: a pydantic private attribute costs a __getattr__ call
+    if compiled is None:
         if playbook is None:
             playbook, _problems = load_playbook(state.playbook)
         if playbook is None:
             return None
-        state._compiled = Compiled(playbook, Reach(playbook))
-    return state._compiled
+        compiled = state._compiled = Compiled(playbook, Reach(playbook))
+    return compiled
 
 
 def iso(t: float) -> str:
