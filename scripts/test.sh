@@ -87,10 +87,14 @@ export PATH="$PATH:$PG_BIN"        # psql for the conformance kit, after any sys
 echo "NOETL_TEST_PG_DSN=$NOETL_TEST_PG_DSN"
 
 # --------------------------------------------------------------------------------------- import contract
-section "import contracts: lint-imports"
+section "static checks: lint-imports (import contracts), ruff --select F"
 set +e
 lint-imports
 record "lint-imports" $?
+# pyflakes' checks (unused imports and names, undefined names, shadowed redefinitions, f-strings without
+# placeholders): each one is a real defect or dead code, never a style preference
+ruff check --select F --output-format concise libs services tests bench
+record "ruff (pyflakes checks)" $?
 set -e
 
 # --------------------------------------------------------------------------------------------------- tests
