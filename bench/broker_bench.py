@@ -46,7 +46,7 @@ from common import chain, describe  # noqa: E402
 
 def inbound(executions: int, in_flight: int) -> list[Any]:
     """Every message the broker would fold for these executions, in simulator delivery order."""
-    # real time: the broker refuses a start whose record is much younger than its time (a late re-send)
+    # real time: the broker refuses a start whose record was produced much later than its time (a late re-send)
     sim = Simulation(lambda cmd: Outcome(result=cmd.action.data.get("n")), now=time.time())
     delivered: list[Any] = []
     real = sim.deliver

@@ -149,18 +149,19 @@ def test_apply_batch_without_a_cache_and_a_failing_fold_keeps_the_clean_state(mo
 
 
 def test_apply_batch_refuses_a_late_resend_of_a_start_it_does_not_hold() -> None:
-    """A start re-sent long after it was made (record timestamp - time > the grace) is a duplicate of an
-    execution that may have been evicted: refused, not run again. A start that waited in the topic (its
-    record is as old as its time) still starts, and a late re-send of one the table holds is just stale."""
+    """A start re-sent long after it was made (record timestamp - time > half the eviction grace) is a
+    duplicate of an execution that may have been evicted: refused, not run again. A start that waited in the
+    topic (its record is as old as its time) still starts, and a late re-send of one the table holds is just
+    stale."""
     start, _ = simulate(playbook("late"), "e-late")
     key, grace = b"e-late", 60.0
-    resent = Record(encode(start), key, "req", 0, 5, timestamp=start.time + grace + 1)
+    resent = Record(encode(start), key, "req", 0, 5, timestamp=start.time + grace / 2 + 1)
     out = apply_batch({}, [resent], now=T0 + 999, late_start_after=grace)
     assert not out.states and not out.events and not out.commands
     assert [d.reason.split(":")[0] for d in out.dead_letters] == ["late duplicate start"]
     assert out.dead_letters[0].source_offset == 5 and out.dead_letters[0].original_value() == encode(start)
-    waited = apply_batch({}, [Record(encode(start), key, "req", 0, 5, timestamp=start.time + 1)], now=T0 + 999,
-                         late_start_after=grace)
+    waited = apply_batch({}, [Record(encode(start), key, "req", 0, 5, timestamp=start.time + grace / 2 - 1)],
+                         now=T0 + 999, late_start_after=grace)
     assert not waited.dead_letters and waited.commands and set(waited.states) == {"e-late"}
     held = apply_batch(waited.states, [resent], now=T0 + 999, late_start_after=grace)
     assert held.stale == 1 and not held.dead_letters and not held.states
@@ -577,11 +578,13 @@ async def test_finished_executions_are_evicted_and_a_late_resend_does_not_restar
         kafka_bootstrap: str) -> None:
     topics = Topics(prefix=_prefix("evict"))
     broker = BrokerProcess(kafka_bootstrap, topics.prefix, NOETL_BROKER_SESSION_TIMEOUT="3",
-                           NOETL_BROKER_EVICT_AFTER="1")
+                           NOETL_BROKER_EVICT_AFTER="6")
     broker.start()
     try:
         await broker.wait_ready()
-        # made now: a start sent more than the grace (1 s) after its time would be refused as a late re-send
+        # Made now, and the facts stamped now: eviction is due 6 s later, and a start produced more than 3 s
+        # (half the grace) after its time is refused as a late re-send. The re-send below comes after the
+        # eviction, so more than 6 s after its time.
         eid, now = f"evict-{uuid.uuid4().hex[:8]}", time.time()
         start, sim = simulate(playbook("evict"), eid, now=now)
         async with Worker(kafka_bootstrap, topics) as worker:

@@ -156,6 +156,9 @@ workflow:
         if listed.status_code == 200 and listed.json():
             started = [e for e in _events(cluster, listed.json()[0]["execution_id"])
                        if e["event_type"] == "action_started"]
+    while not any(marks.iterdir()):           # the step's code writes it once its process runs it
+        assert time.monotonic() < deadline, "attempt 1 never ran its code"
+        time.sleep(0.05)
     (first,) = {int(m.name.split("-")[0]) for m in marks.iterdir()}
     assert first in workers, (first, workers)
     os.killpg(first, signal.SIGKILL)            # the worker and its python subprocess, as a node dies
@@ -174,6 +177,11 @@ workflow:
     assert ("action_retry", 1) in kinds and ("action_completed", 2) in kinds, kinds
     assert ("action_completed", 1) not in kinds, kinds         # attempt 1 never counts, wherever it reran
     assert sum(1 for kind, _ in kinds if kind == "step_completed") == 1, kinds
+    # the events name the workers (`<host>-<pid>`): attempt 1 on the killed one, attempt 2 on the survivor
+    ran = {(e["event_type"], e.get("attempt")): e.get("worker_id") or "" for e in slow}
+    assert ran[("action_started", 1)].endswith(f"-{first}"), ran
+    assert ran[("action_completed", 2)].endswith(f"-{survivor}"), ran
+    assert ran[("action_error", 1)] == "", ran                 # failed by the broker's lease, not by a worker
     print(f"killed worker {first}; attempt 2 completed on {survivor} "
           f"{time.monotonic() - killed_at:.1f}s after the kill")
 

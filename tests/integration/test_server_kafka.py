@@ -352,3 +352,27 @@ def test_half_a_kafka_configuration_is_a_usage_error(tmp_path: Path) -> None:
     with_store = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url", "postgresql://x@127.0.0.1/x",
                               "--store", str(tmp_path / "x.db"))
     assert with_store.returncode == 2 and "--store is for embedded mode" in with_store.stderr
+
+
+def test_exported_kafka_and_database_variables_do_not_switch_a_plain_server_to_kafka(tmp_path: Path) -> None:
+    """The shell of an operator of the services has NOETL_KAFKA_BOOTSTRAP and NOETL_DATABASE_URL exported:
+    a plain `noetl server` still serves embedded (here both point at nothing, so Kafka mode would fail)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
+    env.update(NOETL_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", NOETL_DATABASE_URL="postgresql://x@127.0.0.1:1/x",
+               NOETL_HTTP_PORT=str(free_port()), NOETL_STORE=str(tmp_path / "noetl.db"))
+    url = f"http://127.0.0.1:{env['NOETL_HTTP_PORT']}"      # the port comes from NOETL_HTTP_PORT
+    proc = subprocess.Popen([NOETL, "server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        _wait(ready, 60, "the embedded server")
+        assert httpx.get(f"{url}/api/executions", timeout=5).json() == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (tmp_path / "noetl.db").exists()                   # it used the SQLite store

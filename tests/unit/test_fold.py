@@ -471,3 +471,37 @@ def test_a_quick_attempt_reporting_only_its_completion_still_logs_started_then_c
     kinds = [e.event_type for e in transition.events]
     assert kinds[:3] == ["action_started", "action_completed", "step_completed"]
     assert transition.events[1].duration == 10.5 - 10.2
+
+
+def test_action_events_name_the_worker_that_ran_the_attempt():
+    from noetl_common.messages import ActionFailed, ActionStarted, StartExecution, TimerFired
+    doc = pb("""
+workflow:
+  - step: start
+    next: [{step: a}]
+  - step: a
+    type: python
+    retry: {max_attempts: 3, initial_delay: 1, jitter: false}
+    code: "def main(): return 1"
+    next: [{step: end}]
+  - step: end
+""")
+    state = advance(None, StartExecution(execution_id="w", time=10.0, playbook=doc, path="t",
+                                         lease_seconds=30)).state
+    # attempt 1 announces itself, then its worker is lost: the lease fails it, with no worker to name
+    t = advance(state, ActionStarted(execution_id="w", command_id="w:a:1:1", time=10.1, worker_id="host-11"))
+    assert [(e.event_type, e.worker_id) for e in t.events] == [("action_started", "host-11")]
+    t = advance(t.state, TimerFired(execution_id="w", timer="lease:w:a:1:1", time=40.1))
+    assert [(e.event_type, e.worker_id) for e in t.events if e.event_type == "action_error"] == [("action_error", None)]
+    # attempt 2 fails quickly on another worker; attempt 3 succeeds quickly on a third
+    t = advance(t.state, TimerFired(execution_id="w", timer="retry:a", time=41.1))
+    t = advance(t.state, ActionFailed(execution_id="w", command_id="w:a:1:2", time=41.3, started=41.2,
+                                      error="boom", worker_id="host-22"))
+    assert [(e.event_type, e.attempt, e.worker_id) for e in t.events if e.event_type.startswith("action_")] == [
+        ("action_started", 2, "host-22"), ("action_error", 2, "host-22"), ("action_retry", 2, None)]
+    t = advance(t.state, TimerFired(execution_id="w", timer="retry:a", time=43.5))
+    t = advance(t.state, ActionCompleted(execution_id="w", command_id="w:a:1:3", time=43.7, started=43.6,
+                                         result=1, worker_id="host-33"))
+    assert [(e.event_type, e.worker_id) for e in t.events if e.event_type.startswith("action_")] == [
+        ("action_started", "host-33"), ("action_completed", "host-33")]
+    assert t.state.status == "COMPLETED"

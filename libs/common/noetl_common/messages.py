@@ -47,6 +47,7 @@ class Event(_Msg):
     current_item: Any = None
     duration: float | None = None       # seconds
     command_id: str | None = None
+    worker_id: str | None = None        # action_started/completed/error: the worker that ran the attempt
     meta: dict[str, Any] | None = None  # execution_start: path, version, workload, parent_step; logs; saves
 
 
@@ -131,6 +132,7 @@ class ActionCompleted(_Msg):
     time: float
     result: Any = None                   # the unwrapped result (after assert.returns and save)
     started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
+    worker_id: str | None = None         # who ran it (events carry it; a quick attempt sent no ActionStarted)
     saved: Any = None                    # rendered data of an `event` save
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
     log: str | None = None               # captured stdout/stderr (python)
@@ -146,6 +148,7 @@ class ActionFailed(_Msg):
     result: Any = None                   # what the failed attempt produced, if anything
     log: str | None = None
     started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
+    worker_id: str | None = None         # who ran it; None when the fold itself failed the attempt (lease)
 
 
 class ChildStarted(_Msg):

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +32,9 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from noetl_common.topics import Topics
 from noetl_common.codec import encode
 from noetl_common.messages import TimerFired
 from noetl_runtime import kafka_io
-from noetl_runtime.settings import Settings
 
 from noetl_broker.eviction import Evictions
 from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch, schedule_of
@@ -46,7 +42,8 @@ from noetl_broker.metrics import Metrics
 from noetl_broker.output import Output
 from noetl_broker.settings import BrokerSettings
 from noetl_broker.timers import TimerLoop, partition_of
-from noetl_broker.transport import broker_credentials, transport_class
+from noetl_broker.faust_config import app_id, app_options
+from noetl_broker.transport import transport_class
 from noetl_broker.web import install_views
 
 log = logging.getLogger("noetl.broker")
@@ -54,13 +51,6 @@ log = logging.getLogger("noetl.broker")
 TABLE = "executions"
 EVICT = None          # the inbox item that asks the folder to evict what is due (between batches: one writer)
 EVICT_BATCH = 1000    # the most states one eviction removes (the next tick takes the rest)
-
-
-def app_id(settings: Settings) -> str:
-    """faust's app id: the consumer group, and the stem of faust's own topics (`<id>-executions-changelog`,
-    `<id>-__assignor-__leader`). It carries the topic prefix, so installations sharing a cluster never
-    share a group or a changelog."""
-    return Topics(settings.topic_prefix).broker_app
 
 
 class _TableView:
@@ -324,42 +314,7 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         from noetl_broker.settings import load_broker_settings
         settings = load_broker_settings()
     topics = settings.topics
-    session = settings.session_timeout
-    options: dict[str, Any] = dict(
-        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",") if host.strip()],
-        broker_credentials=broker_credentials(settings),
-        store=settings.broker_store,
-        autodiscover=False,
-        topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
-        # Tansu (architecture §5): joins wait half the session timeout; faust needs heartbeats well inside it.
-        broker_session_timeout=session,
-        broker_rebalance_timeout=session,
-        broker_heartbeat_interval=max(0.5, session / 6),
-        broker_commit_interval=settings.broker_commit_interval,
-        consumer_auto_offset_reset="earliest",
-        # at_least_once: no transactions, so no idempotent producer either (Tansu refuses InitProducerId).
-        processing_guarantee="at_least_once",
-        producer_acks=-1,
-        producer_linger=settings.kafka_linger_ms / 1000,
-        recovery_consistency_check=False,   # rocksdb:// on Tansu (its offsets are not what faust expects)
-        table_standby_replicas=0,
-        # faust's own wait (for every taken record to be acked) would also wait at shutdown, after the folder
-        # stopped; Broker.on_revoked settles instead, and the rebalance waits for it.
-        stream_wait_empty=False,
-        # records queued for the agent before faust pauses fetching: room for a few batches, so the fetcher
-        # refills while the agent folds instead of pausing and resuming partitions around every batch
-        stream_buffer_maxsize=max(4096, 4 * settings.broker_batch_size),
-        web_enabled=settings.broker_web,
-        web_port=settings.http_port,
-        web_bind=settings.http_host,
-        web_host=settings.http_host,
-        web_stats_enabled=False, web_graph_enabled=False, web_router_enabled=False, web_tables_enabled=False,
-        web_metrics_enabled=False,
-        # faust makes `<datadir>/v1/tables` even for memory:// (the only store allowed); its default datadir is
-        # `<app id>-data` in the working directory, which littered checkouts and containers
-        datadir=os.path.join(tempfile.gettempdir(), f"noetl-broker-faust.{app_id(settings)}"),
-    )
+    options = app_options(settings)
     options.update(overrides)
     app = faust.App(app_id(settings), **options)
     # before anything touches app.transport (app.topic does): faust's consumer with a short fetch wait

@@ -9,12 +9,14 @@ After eviction the execution is unknown, and the fold treats messages for an unk
 - a fact (action_started/completed/failed, heartbeat, child_started/finished, timer_fired) or a cancel:
   stale, as for a finished execution (advance(None, msg) changes nothing and produces nothing);
 - a `start`: it would run again. So `apply_batch` refuses (dead-letters, reason "late duplicate start")
-  a `start` of an unknown execution whose Kafka record was produced more than NOETL_BROKER_EVICT_AFTER
+  a `start` of an unknown execution whose Kafka record was produced more than half NOETL_BROKER_EVICT_AFTER
   after the request's own `time`: only a re-send of an old request looks like that, since a re-send
   repeats the original bytes (same `time`) in a new record. A new request that merely waited in the topic
   (a broker outage, a backlog) has a record timestamp close to its `time` and is started normally.
-  A re-send within the grace period finds the state still there and is stale; so no re-send restarts an
-  execution, whenever it comes. (Requesters must stamp `time` with the real time, as docs/broker.md says.)
+  A re-send within half the grace finds the state still there and is stale; half, so that a re-send
+  produced just before the eviction but folded just after it (lag) is still refused. A re-send restarts
+  an execution only if it waits in the topic longer than half the grace. (Requesters must stamp `time`
+  with the real time, as docs/broker.md says.)
 
 The schedule is in memory, for the owned partitions, rebuilt from the table after every recovery (the
 `finished` time is in the snapshot); the folder evicts between batches, as the table's only writer, and the

@@ -108,7 +108,7 @@ def apply_batch(states: StateMap, messages: Iterable[Record | bytes], *, now: fl
     """Fold a batch of inbound records in order. `now` stamps dead letters only (the fold reads no clock).
 
     `late_start_after` (NOETL_BROKER_EVICT_AFTER): a `start` of an execution the table does not hold, whose
-    record was produced more than this many seconds after the request's `time`, is a re-send of a request
+    record was produced more than half this many seconds after the request's `time`, is a re-send of a request
     whose execution may have been evicted: it is dead-lettered instead of started (see eviction.py).
 
     Per record: decode (a DecodeError, a key that is not the execution id, or an exception in the fold
@@ -133,7 +133,7 @@ def apply_batch(states: StateMap, messages: Iterable[Record | bytes], *, now: fl
             if raw is None and late_start_after and _late_start(record, msg, late_start_after):
                 out.dead_letters.append(dead_letter(record, (
                     f"late duplicate start: produced {record.timestamp - msg.time:.0f}s after its time, more than "
-                    f"NOETL_BROKER_EVICT_AFTER ({late_start_after:g}s), for an execution the broker does not "
+                    f"half NOETL_BROKER_EVICT_AFTER ({late_start_after / 2:g}s), for an execution the broker does not "
                     f"hold (finished and evicted, or never started): not started again"), now))
                 continue
             state = cache.take(eid, raw)
@@ -174,8 +174,12 @@ def apply_batch(states: StateMap, messages: Iterable[Record | bytes], *, now: fl
     return out
 
 
-def _late_start(record: Record, msg: Any, after: float) -> bool:
-    return isinstance(msg, StartExecution) and record.timestamp is not None and record.timestamp - msg.time > after
+def _late_start(record: Record, msg: Any, evict_after: float) -> bool:
+    """Refused past HALF the eviction grace: a re-send produced just before its execution's eviction may be
+    folded just after it (consumer lag, a rebalance, the eviction ticker), so the two windows must not meet.
+    A re-send then restarts an execution only if it waits in the topic longer than half the grace."""
+    return (isinstance(msg, StartExecution) and record.timestamp is not None
+            and record.timestamp - msg.time > evict_after / 2)
 
 
 def _decode(record: Record, check_key: bool) -> Any:

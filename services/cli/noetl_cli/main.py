@@ -58,17 +58,21 @@ def run(file: Path = typer.Argument(..., help="The playbook YAML file."),
 
 @app.command("server")
 def server_command(ctx: typer.Context,
-                   host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
-                   port: int = typer.Option(8080, "--port", min=1, max=65535),
+                   host: str = typer.Option("127.0.0.1", "--host", envvar="NOETL_HTTP_HOST",
+                                            help="Interface to listen on."),
+                   port: int = typer.Option(8080, "--port", envvar="NOETL_HTTP_PORT", min=1, max=65535),
                    store: Optional[Path] = StoreOption,
                    kafka: Optional[str] = typer.Option(
-                       None, "--kafka", metavar="BOOTSTRAP", envvar="NOETL_KAFKA_BOOTSTRAP",
+                       None, "--kafka", metavar="BOOTSTRAP",
                        help="Run on Kafka (host:port[,host:port]) + Postgres instead of SQLite; needs "
-                            "--database-url. Other settings come from NOETL_* (docs/cluster.md)."),
+                            "--database-url (or NOETL_DATABASE_URL). Only this flag selects Kafka mode: an "
+                            "exported NOETL_KAFKA_BOOTSTRAP does not. Other settings come from NOETL_* "
+                            "(docs/cluster.md)."),
                    database_url: Optional[str] = typer.Option(
                        None, "--database-url", metavar="DSN", envvar="NOETL_DATABASE_URL",
                        help="Postgres for the catalog, credentials and read model (with --kafka only)."),
-                   log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+                   log_level: str = typer.Option("INFO", "--log-level", envvar="NOETL_LOG_LEVEL",
+                                                 help="DEBUG, INFO, WARNING or ERROR.")
                    ) -> None:
     """Serve the HTTP API with every role in this process; resumes in-flight executions. Embedded (SQLite
     store, in-process workers) by default; on Kafka + Postgres with --kafka and --database-url. JSON logs on

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
@@ -84,6 +83,8 @@ def create_cluster_app(ports: IngestPorts, read: Any, *, ready: ReadyCheck | Non
                        gauges: dict[str, Any] | None = None) -> FastAPI:
     """The ingest app of a cluster: write routes + the read and render routes over `read` (a
     PostgresReadModel), + ops."""
+    from aiokafka.errors import KafkaError   # here: embedded `noetl server` imports this module without Kafka
+
     from noetl_query.app import router as query_router
     from noetl_render.app import router as render_router
     from noetl_render.handlers import RenderPorts

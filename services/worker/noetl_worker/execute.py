@@ -82,9 +82,10 @@ async def execute(cmd: Command, ports: WorkerPorts) -> None:
         if beating is not None:
             beating.stop()
     if message is not None:
+        update: dict[str, Any] = {"worker_id": ports.worker_id}
         if not announce.sent:
-            message = message.model_copy(update={"started": started})
-        await _deliver(ports, message)
+            update["started"] = started
+        await _deliver(ports, message.model_copy(update=update))
 
 
 class _Announce:
@@ -123,7 +124,7 @@ def attempt_timeout(cmd: Command) -> float | None:
     return None
 
 
-async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> BaseModel | None:
+async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionCompleted | ActionFailed | None:
     timeout = attempt_timeout(cmd)
     inv = Invocation(cmd=cmd, type=cmd.action.type, data=dict(cmd.action.data),
                      config=dict(cmd.action.config), auth=cmd.action.auth, timeout=timeout,
@@ -289,4 +290,5 @@ async def _deliver(ports: WorkerPorts, message: BaseModel) -> None:
             with contextlib.suppress(Exception):
                 await ports.emit(ActionFailed(
                     execution_id=message.execution_id, command_id=message.command_id, time=time.time(),
-                    error=f"the result could not be reported: {type(exc).__name__}: {exc}", started=message.started))
+                    error=f"the result could not be reported: {type(exc).__name__}: {exc}", started=message.started,
+                    worker_id=message.worker_id))

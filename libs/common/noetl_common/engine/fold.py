@@ -82,15 +82,16 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
     if work is None or work.started is not None:
         tick.stale = True
         return
-    _mark_started(tick, work, msg.time)
+    _mark_started(tick, work, msg.time, msg.worker_id)
     tick.set_timer(f"lease:{work.command_id}", msg.time + _lease(tick, work))
 
 
-def _mark_started(tick: Tick, work: Work, started: float) -> None:
+def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None) -> None:
     """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
     work.started = started
     if work.index is None and work.phase == "action":
-        tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id)
+        tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id,
+                  worker_id=worker_id)
 
 
 def _heartbeat(tick: Tick, msg: ActionHeartbeat) -> None:
@@ -132,7 +133,7 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
         return
     tick.clear_timer(f"lease:{work.command_id}")
     if work.started is None:
-        _mark_started(tick, work, msg.started or msg.time)
+        _mark_started(tick, work, msg.started or msg.time, msg.worker_id)
     if msg.variables:
         s.variables.update(msg.variables)
         tick.variables_set = dict(msg.variables)   # logged on the step's (or item's) completion event
@@ -144,7 +145,7 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
         meta = {k: v for k, v in (("log", msg.log), ("saved", msg.saved)) if v is not None}
         tick.emit("action_completed", work.step, "task", "COMPLETED", attempt=work.attempt, result=msg.result,
                   command_id=work.command_id, duration=msg.time - (work.started or work.dispatched),
-                  meta=meta or None)
+                  worker_id=msg.worker_id, meta=meta or None)
     if work.phase == "action" and work.child_execution_id and action is not None and action.save:
         # A child playbook's result is saved by a worker before the step (or item) completes.
         send(tick, work.step, work.visit, work.attempt, action, index=work.index, phase="save", result=msg.result)
@@ -163,7 +164,7 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
         return
     tick.clear_timer(f"lease:{work.command_id}")
     if work.started is None:
-        _mark_started(tick, work, msg.started or msg.time)
+        _mark_started(tick, work, msg.started or msg.time, msg.worker_id)
     step = tick.playbook.steps[work.step]
     run = s.steps[work.step]
     if step.iterator is not None:   # items retry by the task's policy; the iterator's own save does not retry
@@ -171,7 +172,7 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
     else:
         policy = step.retry
     tick.emit("action_error", work.step, "task", "FAILED", attempt=work.attempt, error=msg.error,
-              result=msg.result, current_index=work.index, command_id=work.command_id,
+              result=msg.result, current_index=work.index, command_id=work.command_id, worker_id=msg.worker_id,
               meta={"status_code": msg.status_code} if msg.status_code is not None else None)
     decision = decide(policy, work.attempt, work.command_id, msg.error, msg.status_code, msg.result, tick.context())
     error = f"{msg.error} ({decision.note})" if decision.note else msg.error
