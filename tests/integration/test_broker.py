@@ -219,6 +219,60 @@ async def test_timer_loop_fires_live_deadlines_of_owned_partitions_once() -> Non
         runner.cancel()
 
 
+async def test_the_broker_fetch_never_takes_records_of_partitions_faust_did_not_ask_for() -> None:
+    """faust hands the consumer thread its live set of active partitions; right after a table recovery it can
+    be empty when the thread uses it (changelogs paused, inbound partitions not resumed yet), and aiokafka
+    reads an empty set as "every partition": it handed over (and moved past) the inbound records, which faust
+    dropped as not active, and a restarted broker never folded the facts that waited for it."""
+    import contextlib
+    import types
+    from types import SimpleNamespace
+
+    from aiokafka.consumer.fetcher import Fetcher
+
+    from noetl_broker.transport import _ConsumerThread
+
+    class Waiting:   # what aiokafka holds for a partition fetched ahead: handing it over is the failure
+        def check_raise(self) -> None:
+            raise AssertionError("records of a partition faust did not ask for were taken")
+
+    results = TopicPartition("t.noetl.results", 0)
+    fetcher = SimpleNamespace(_closed=False, _records={results: Waiting()}, _wait_consume_future=None,
+                              _notify=lambda _future: None,
+                              _subscriptions=SimpleNamespace(reassignment_in_progress=False, is_assigned=lambda _tp: True,
+                                                             fetch_context=contextlib.nullcontext))
+    fetcher.fetched_records = types.MethodType(Fetcher.fetched_records, fetcher)   # aiokafka's own selection
+    thread = SimpleNamespace(consumer=SimpleNamespace(flow_active=True))
+    consumer = SimpleNamespace(_closed=False, _fetcher=fetcher)
+    active: set[TopicPartition] = set()   # faust's set at that moment
+    assert await _ConsumerThread._fetch_records(thread, consumer, active, timeout=0) == {}
+    assert results in fetcher._records   # still waiting for faust to resume the partition
+
+
+async def test_seek_to_committed_rewinds_an_inbound_partition_that_was_never_committed() -> None:
+    """aiokafka's seek to the committed offsets skips a partition without one, so a record faust took and
+    dropped before the partition's first commit would never be read again: back to the beginning instead."""
+    from types import SimpleNamespace
+
+    from noetl_broker.transport import _ConsumerThread
+
+    never, committed = TopicPartition("t.noetl.results", 0), TopicPartition("t.noetl.results", 1)
+    changelog = TopicPartition("t.noetl-broker-executions-changelog", 0)
+    rewound: list[set[TopicPartition]] = []
+
+    class Consumer:
+        async def seek_to_committed(self) -> dict[TopicPartition, int | None]:
+            return {never: None, committed: 7, changelog: None}
+
+        async def seek_to_beginning(self, *tps: TopicPartition) -> None:
+            rewound.append(set(tps))
+
+    thread = SimpleNamespace(_ensure_consumer=Consumer,
+                             consumer=SimpleNamespace(_is_changelog_tp=lambda tp: tp.topic.endswith("-changelog")))
+    assert await _ConsumerThread._seek_to_committed(thread) == {never: None, committed: 7, changelog: None}
+    assert rewound == [{never}]   # the changelog's position is the table recovery's business
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The broker process and the scripted worker
 # ---------------------------------------------------------------------------------------------------------

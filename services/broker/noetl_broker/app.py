@@ -268,6 +268,11 @@ class Broker:
     async def on_recovered(self) -> None:
         """The table is recovered for the new assignment: rebuild the timer schedule from it."""
         consumer = self.app.consumer
+        # faust resumed the flow (its fetcher) to read the changelog. Next, in on_recovery_completed, it resumes
+        # the inbound partitions, seeks them to the committed offsets and only then resumes the flow, which
+        # empties every agent's queue: records fetched in between would be dropped after the seek, never to be
+        # read again (faust-streaming/faust#596). With the flow stopped here, nothing is fetched until then.
+        consumer.stop_flow()
         n = self.settings.topic_partitions
         for topic in (self.topics.requests, self.topics.results):
             actual = consumer.topic_partitions(topic)

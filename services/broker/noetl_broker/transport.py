@@ -17,9 +17,25 @@ NOETL_KAFKA_FETCH_MAX_WAIT_MS (default 10, the setting every consumer uses): on 
    holds back every fetch to its node for aiokafka's prefetch backoff (100 ms). Measured on Tansu: a 95–120 ms
    stall of the inbound topics about once a second (the p99 of a step-to-step transition). Pausing and
    resuming a changelog partition is therefore also done in aiokafka, in the consumer's thread.
+
+Two more are about records faust fetched and then dropped without a seek that reads them again (observed: a
+broker restarted while a worker's facts waited in noetl.results never folded them, and the execution stalled
+until its lease expired; tests/integration/test_server_kafka.py's crash-restart test, 1 run in 10 under load;
+the third fix of docs/broker.md, stopping the flow during the end of a recovery, is in Broker.on_recovered):
+
+4. faust hands aiokafka its live set of active partitions for the fetch; the set may become empty before the
+   consumer thread uses it (right after table recovery faust pauses the changelog partitions, the inbound ones
+   are still paused), and aiokafka reads an empty set as "every partition". aiokafka then returned (and moved
+   past) the inbound records, faust dropped them as not active. The fetch now gets a view of the live set
+   that is never "everything".
+5. faust's "seek to the committed offsets" leaves a partition without a committed offset where it is (aiokafka
+   seeks only to offsets > 0), so a record taken and dropped before the partition's first commit was never
+   read again. Those partitions now go back to their beginning, where a fresh consumer starts
+   (`consumer_auto_offset_reset="earliest"`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import faust
@@ -27,6 +43,22 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
 
 from noetl_runtime import kafka_io
+
+
+class _Only:
+    """The partitions a fetch may return: faust's live set of active partitions (a partition resumed while
+    the fetch waits is seen at once), but never "all of them", which is what aiokafka's
+    `Fetcher.fetched_records` makes of an empty set (see 4. above)."""
+    __slots__ = ("tps",)
+
+    def __init__(self, tps: Any) -> None:
+        self.tps = tps
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self.tps
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -37,6 +69,26 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         # aiokafka reads it when it builds its Fetcher in start(), which has not happened yet
         consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
         return consumer
+
+    async def _fetch_records(self, consumer: Any, active_partitions: Any, timeout: float | None = None,
+                             max_records: int | None = None) -> Any:
+        if active_partitions is not None:   # None: a client-only app, every partition (not the broker)
+            active_partitions = _Only(active_partitions)
+        return await driver.AIOKafkaConsumerThread._fetch_records(self, consumer, active_partitions,
+                                                                  timeout=timeout, max_records=max_records)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        return await self.call_thread(self._seek_to_committed)
+
+    async def _seek_to_committed(self) -> Mapping[TP, int]:
+        """aiokafka's seek to the committed offsets, and the beginning for a partition without one (5.)."""
+        consumer = self._ensure_consumer()
+        committed = await consumer.seek_to_committed()
+        fresh = [tp for tp, offset in committed.items()
+                 if (offset is None or offset <= 0) and not self.consumer._is_changelog_tp(tp)]
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+        return committed
 
 
 def _set_paused(consumer: Any, tps: set[Any], paused: bool) -> None:
