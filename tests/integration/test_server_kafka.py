@@ -211,6 +211,13 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     assert used["status"] == "COMPLETED", used
     assert used["steps"]["echo"]["result"] == {"token": "***", "length": len(token)}
 
+    # one /metrics for every role of the process: the API's, the worker's counters, the broker's
+    metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{server.url}/metrics", timeout=5)
+               .text.splitlines() if line and not line.startswith("#")}
+    assert metrics["noetl_worker_commands_completed_total"] >= 3        # greet, total/extremes/..., echo
+    assert metrics["noetl_broker_executions_finished_total"] == 3
+    assert metrics["noetl_broker_ready"] == 1 and metrics["noetl_ingest_messages_produced"] >= 3
+
     assert server.terminate() == 0
     assert not list(server.log.parent.glob("*-data")), "faust's data directory was left in the working directory"
     log = server.log.read_text()

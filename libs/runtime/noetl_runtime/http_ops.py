@@ -70,6 +70,7 @@ def install_ops(app: FastAPI, *, service: str, ready: ReadyCheck | None = None,
                         registry=registry)
     for name, (doc, value) in (gauges or {}).items():
         Gauge(name, doc, registry=registry).set_function(value)
+    app.state.metrics_registry = registry   # a host process adds the collectors of the roles it runs
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

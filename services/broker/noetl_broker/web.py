@@ -23,14 +23,20 @@ def install_views(app: faust.App, broker: Broker) -> None:
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        gauges = {
-            "noetl_broker_timers_pending": ("deadlines scheduled", float(broker.timers.pending())),
-            "noetl_broker_state_cache": ("parsed states cached", float(len(broker.cache))),
-            "noetl_broker_table_states": ("execution states in the table (running, and finished within "
-                                          "NOETL_BROKER_EVICT_AFTER)", float(len(broker.table.data))),
-            "noetl_broker_evictions_pending": ("finished states waiting for their eviction",
-                                               float(len(broker.evictions))),
-            "noetl_broker_batches_inflight": ("folded batches not yet durable", float(broker.inflight)),
-            "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
-        }
-        return web.text(broker.metrics.prometheus(gauges), content_type="text/plain; version=0.0.4")
+        return web.text(prometheus_text(broker), content_type="text/plain; version=0.0.4")
+
+
+def prometheus_text(broker: Broker) -> str:
+    """The broker's counters and gauges in Prometheus text format (its /metrics; `noetl server --kafka`
+    serves them on its own /metrics)."""
+    gauges = {
+        "noetl_broker_timers_pending": ("deadlines scheduled", float(broker.timers.pending())),
+        "noetl_broker_state_cache": ("parsed states cached", float(len(broker.cache))),
+        "noetl_broker_table_states": ("execution states in the table (running, and finished within "
+                                      "NOETL_BROKER_EVICT_AFTER)", float(len(broker.table.data))),
+        "noetl_broker_evictions_pending": ("finished states waiting for their eviction",
+                                           float(len(broker.evictions))),
+        "noetl_broker_batches_inflight": ("folded batches not yet durable", float(broker.inflight)),
+        "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
+    }
+    return broker.metrics.prometheus(gauges)

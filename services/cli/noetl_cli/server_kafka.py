@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from noetl_broker.settings import BrokerSettings
@@ -92,6 +93,7 @@ class KafkaServer:
         self.faust_app: Any = None
         self.faust_worker: Any = None
         self.faust_datadir: str | None = None
+        self.role_metrics = CollectorRegistry()   # the worker's counters, served on the API's /metrics
         self.http: Any = None
         self.http_task: asyncio.Task[None] | None = None
         self.stopping = False
@@ -158,7 +160,7 @@ class KafkaServer:
         options = dataclasses.replace(WorkerOptions.from_env(), serve_http=False, create_topics=False)
         return WorkerService(s, lambda emit: WorkerPorts(emit=emit, credentials=credentials, catalog=catalog,
                                                          python_pool=self.python_pool, worker_id=worker_id),
-                             options=options)
+                             options=options, metrics_registry=self.role_metrics)
 
     async def _start_broker(self) -> None:
         import faust
@@ -196,14 +198,16 @@ class KafkaServer:
             catalog=PublishingCatalog(PostgresCatalog(self.pool, s.database_schema), self.producer, s.topics),
             credentials=PostgresCredentials(self.pool, s.database_schema, key=_secret_key(s)),
             submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
-        broker = self.faust_app.noetl_broker
-        return create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
-                                  gauges={
+        app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
+                                 gauges={
             "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
-            "noetl_broker_timers_pending": ("deadlines scheduled", lambda: float(broker.timers.pending())),
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
+        # One /metrics for the process: the worker's counters and everything the broker's own /metrics shows
+        app.state.metrics_registry.register(self.role_metrics)
+        app.state.metrics_registry.register(_BrokerMetrics(self.faust_app.noetl_broker))
+        return app
 
     # ------------------------------------------------------------------------------------------ running
     def not_ready(self) -> str | None:
@@ -369,6 +373,19 @@ def _signals(handler: Any) -> Iterator[None]:
 
 def _secret_key(settings: BrokerSettings) -> str | None:
     return settings.secret_key.get_secret_value() if settings.secret_key is not None else None
+
+
+class _BrokerMetrics:
+    """A Prometheus collector over the broker's metrics (noetl_broker.web.prometheus_text, read live)."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from noetl_broker.web import prometheus_text
+        yield from text_string_to_metric_families(prometheus_text(self.broker))
 
 
 def _reason(exc: BaseException) -> str:

@@ -63,7 +63,9 @@ def group_id(settings: Settings) -> str:
 
 class WorkerService:
     def __init__(self, settings: Settings, ports_factory: PortsFactory, *,
-                 options: WorkerOptions | None = None) -> None:
+                 options: WorkerOptions | None = None, metrics_registry: Any = None) -> None:
+        """`metrics_registry`: where the counters go when a host process serves them (`noetl server
+        --kafka`); by default the registry of the worker's own /metrics."""
         self.settings = settings
         self.options = options or WorkerOptions()
         self.topics = settings.topics
@@ -89,7 +91,7 @@ class WorkerService:
         self.http_port: int | None = None
         self.app, registry = ops_app(self.not_ready, lambda: len(self._inflight), self.concurrency)
         self._http = OpsServer(self.app)
-        self.metrics = WorkerMetrics(registry)
+        self.metrics = WorkerMetrics(registry if metrics_registry is None else metrics_registry)
 
     # ------------------------------------------------------------------------------------------ state
     @property
