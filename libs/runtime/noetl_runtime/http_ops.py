@@ -14,6 +14,7 @@ turns them into answers, the same way for every service:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -137,3 +138,17 @@ def configure_json_logging(level: str = "INFO") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+
+
+def run_service(name: str, serve: Callable[[Any], Awaitable[int | None]]) -> int:
+    """A service's `python -m` entry point: settings from NOETL_*, JSON logs, `serve(settings)` until it
+    returns; its exit status (None: 0), or 1 with the exception logged."""
+    from noetl_runtime.settings import load_settings
+
+    settings = load_settings()
+    configure_json_logging(settings.log_level)
+    try:
+        return asyncio.run(serve(settings)) or 0
+    except Exception:
+        logging.getLogger(f"noetl.{name}").exception("%s failed", name)
+        return 1

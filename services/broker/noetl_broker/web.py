@@ -1,6 +1,7 @@
 """The broker's HTTP views on faust's web server: /health, /ready, /metrics."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,3 +41,15 @@ def prometheus_text(broker: Broker) -> str:
         "noetl_broker_ready": ("1 when the table is recovered and the agent folds", float(broker.recovered)),
     }
     return broker.metrics.prometheus(gauges)
+
+
+class BrokerCollector:
+    """The broker's metrics as a Prometheus collector (read live), for a host process's registry."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        yield from text_string_to_metric_families(prometheus_text(self.broker))

@@ -206,7 +206,8 @@ class KafkaServer:
         })
         # One /metrics for the process: the worker's counters and everything the broker's own /metrics shows
         app.state.metrics_registry.register(self.role_metrics)
-        app.state.metrics_registry.register(_BrokerMetrics(self.faust_app.noetl_broker))
+        from noetl_broker.web import BrokerCollector
+        app.state.metrics_registry.register(BrokerCollector(self.faust_app.noetl_broker))
         return app
 
     # ------------------------------------------------------------------------------------------ running
@@ -373,19 +374,6 @@ def _signals(handler: Any) -> Iterator[None]:
 
 def _secret_key(settings: BrokerSettings) -> str | None:
     return settings.secret_key.get_secret_value() if settings.secret_key is not None else None
-
-
-class _BrokerMetrics:
-    """A Prometheus collector over the broker's metrics (noetl_broker.web.prometheus_text, read live)."""
-
-    def __init__(self, broker: Any) -> None:
-        self.broker = broker
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        from noetl_broker.web import prometheus_text
-        yield from text_string_to_metric_families(prometheus_text(self.broker))
 
 
 def _reason(exc: BaseException) -> str:

@@ -19,7 +19,6 @@ and to own the projection. See docs/cluster.md.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -29,8 +28,8 @@ from fastapi import FastAPI
 
 from noetl_ingest.app import create_cluster_app
 from noetl_ingest.handlers import IngestPorts
-from noetl_runtime.http_ops import configure_json_logging
-from noetl_runtime.settings import Settings, load_settings
+from noetl_runtime.http_ops import run_service
+from noetl_runtime.settings import Settings
 
 log = logging.getLogger("noetl.ingest")
 
@@ -107,13 +106,7 @@ async def serve(settings: Settings) -> int:
 
 
 def main() -> int:
-    settings = load_settings()
-    configure_json_logging(settings.log_level)
-    try:
-        return asyncio.run(serve(settings))
-    except Exception:
-        log.exception("ingest failed")
-        return 1
+    return run_service("ingest", serve)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import logging
 import sys
 from typing import Any
 
-from noetl_runtime.http_ops import configure_json_logging
-from noetl_runtime.settings import Settings, load_settings
+from noetl_runtime.http_ops import run_service
+from noetl_runtime.settings import Settings
 
 log = logging.getLogger("noetl.query")
 
@@ -79,13 +79,7 @@ def create_service_app(read: Any, consumer: Any) -> Any:
 
 
 def main() -> int:
-    settings = load_settings()
-    configure_json_logging(settings.log_level)
-    try:
-        return asyncio.run(serve(settings))
-    except Exception:
-        log.exception("query failed")
-        return 1
+    return run_service("query", serve)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ Kafka here; scale it like the read API.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from typing import Any
 
-from noetl_runtime.http_ops import configure_json_logging
-from noetl_runtime.settings import Settings, load_settings
+from noetl_runtime.http_ops import run_service
+from noetl_runtime.settings import Settings
 
 log = logging.getLogger("noetl.render")
 
@@ -48,13 +47,7 @@ async def serve(settings: Settings) -> int:
 
 
 def main() -> int:
-    settings = load_settings()
-    configure_json_logging(settings.log_level)
-    try:
-        return asyncio.run(serve(settings))
-    except Exception:
-        log.exception("render failed")
-        return 1
+    return run_service("render", serve)
 
 
 if __name__ == "__main__":

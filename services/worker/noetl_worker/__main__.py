@@ -14,7 +14,6 @@ Reads the Settings (NOETL_*: Kafka, pool, concurrency, HTTP port ...) plus the w
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -22,7 +21,7 @@ import sys
 from typing import Any
 
 from noetl_common.ports import CatalogEntry, Emit
-from noetl_runtime.settings import Settings, load_settings
+from noetl_runtime.settings import Settings
 
 from noetl_worker.actions.base import ActionError
 from noetl_worker.options import WorkerOptions
@@ -88,16 +87,9 @@ async def serve(settings: Settings, options: WorkerOptions) -> None:
 
 
 def main() -> int:
-    from noetl_runtime.http_ops import configure_json_logging
+    from noetl_runtime.http_ops import run_service
 
-    settings = load_settings()
-    configure_json_logging(settings.log_level)
-    try:
-        asyncio.run(serve(settings, WorkerOptions.from_env()))
-    except Exception:
-        log.exception("worker failed")
-        return 1
-    return 0
+    return run_service("worker", lambda settings: serve(settings, WorkerOptions.from_env()))
 
 
 if __name__ == "__main__":
