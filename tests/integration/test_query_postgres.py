@@ -23,7 +23,7 @@ from noetl_common.ports import CatalogEntry  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_query.handlers import ExecutionFilters, Page  # noqa: E402
 from noetl_query.postgres_reads import PostgresReadModel  # noqa: E402
-from noetl_query.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
+from noetl_runtime.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
 
 pytestmark = pytest.mark.postgres
