@@ -1,0 +1,18 @@
+"""Fixtures of the security tests; the helpers are in engine_run.py."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh folder for the engine's store and files, outside pytest's 0700 tree (an engine running as
+    another user must be able to use it)."""
+    path = Path(tempfile.mkdtemp(prefix="noetl-security-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
