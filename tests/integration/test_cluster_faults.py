@@ -114,9 +114,11 @@ def _events(cluster: Cluster, execution_id: str) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- SIGKILL → lease → retry
 def test_a_killed_workers_step_is_retried_on_the_other_worker_after_its_lease_expires(cluster: Cluster,
-                                                                                      tmp_path: Path) -> None:
-    marks = tmp_path / "marks"
+                                                                                      tmp_path: Path,
+                                                                                      step_dir: Path) -> None:
+    marks = step_dir / "marks"
     marks.mkdir()
+    marks.chmod(0o777)          # python steps run as the step user
     playbook = tmp_path / "slow.yaml"
     playbook.write_text(f"""\
 apiVersion: noetl.io/v1
@@ -130,12 +132,16 @@ workflow:
     retry: {{max_attempts: 2, initial_delay: 0.1}}
     code: |
       import os, pathlib, time
+      def worker_pid():
+          # A python step runs in a step process forked by its pool slot's supervisor, a child of the
+          # worker: the supervisor's parent names the worker.
+          with open(f"/proc/{{os.getppid()}}/stat") as f:
+              return int(f.read().rsplit(")", 1)[1].split()[1])
       def main():
-          # A python step runs in a subprocess of the worker: the parent pid names the worker.
-          mark = pathlib.Path({str(marks)!r}) / f"{{os.getppid()}}-{{time.time_ns()}}"
+          mark = pathlib.Path({str(marks)!r}) / f"{{worker_pid()}}-{{time.time_ns()}}"
           mark.write_text("")
           time.sleep(4)
-          return {{"worker_pid": os.getppid()}}
+          return {{"worker_pid": worker_pid()}}
     next: [{{step: end}}]
   - step: end
     result: {{worker_pid: "{{{{ slow.worker_pid }}}}"}}
@@ -161,7 +167,7 @@ workflow:
         time.sleep(0.05)
     (first,) = {int(m.name.split("-")[0]) for m in marks.iterdir()}
     assert first in workers, (first, workers)
-    os.killpg(first, signal.SIGKILL)            # the worker and its python subprocess, as a node dies
+    os.killpg(first, signal.SIGKILL)            # the worker and its python processes, as a node dies
     killed_at = time.monotonic()
 
     report = _finish(proc, timeout=120)

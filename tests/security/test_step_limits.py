@@ -135,3 +135,25 @@ async def test_steps_run_as_the_step_user_and_cannot_regain_root(pool):
     out = await pool.run(code, {}, 10, execution="user")
     nobody = pwd.getpwnam("nobody")
     assert out.result == [nobody.pw_uid, nobody.pw_uid, nobody.pw_gid, [], False], out
+
+
+async def test_step_processes_never_outlive_their_supervisor():
+    """A worker killed with its process group (a node dying) takes its steps along: a step process dies
+    with its slot's supervisor, even in a session of its own."""
+    import asyncio
+    import signal
+    with PythonPool(1, settings=StepSettings()) as lone:
+        task = asyncio.create_task(lone.run("import time\ndef main():\n    time.sleep(60)\n", {}, None,
+                                            execution="orphaned"))
+        supervisor = next(iter(lone._all)).popen.pid
+        deadline = time.monotonic() + 10
+        steps: list[int] = []
+        while not steps and time.monotonic() < deadline:   # the bound step process (and the spare)
+            await asyncio.sleep(0.05)
+            with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+                steps = [int(p) for p in f.read().split()]
+        assert steps
+        os.kill(supervisor, signal.SIGKILL)
+        assert all(_gone(pid) for pid in steps)
+        out = await task
+        assert not out.ok

@@ -39,7 +39,7 @@ _spec = importlib.util.spec_from_file_location("_noetl_step_runner",
 runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
 
-_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 4, 36
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 1, 4, 36
 _WARM_UP = "def main():\n    return None\n"
 _SWEEP_MS = 1000       # orphans that escaped a step are looked for at least this often
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -134,6 +134,11 @@ def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> N
             raise RuntimeError("could not switch to the step user")
         _reach_import_paths(held)
     prctl(_PR_SET_DUMPABLE, 0)
+    # It never outlives its supervisor (a worker killed with its process group takes its steps along).
+    # Set after the user switch, which clears it.
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != slot.pid:
+        os._exit(71)
     # Its own descendants that lose their parent come back to it, so the engine sees them as its children
     # (code that undoes this only moves them to the supervisor, which kills them within a second).
     prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -173,6 +178,7 @@ class Slot:
         self.base: str = config["base"]
         self.hard: dict[str, int] = config["hard"]
         self.base_env = dict(os.environ)
+        self.pid = os.getpid()
         self.control = control
         self.step: StepProcess | None = None    # bound to an execution; its pipes are the engine's
         self.spare: StepProcess | None = None   # forked and warming up, bound to nothing yet
