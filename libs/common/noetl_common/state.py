@@ -25,6 +25,8 @@ class Work(BaseModel):
     phase: Literal["action", "save"] = "action"
     dispatched: float
     started: float | None = None       # ActionStarted seen
+    worker_id: str | None = None       # who started it (ActionStarted), for the explainer
+    heartbeat: float | None = None     # the last ActionHeartbeat's time, for the explainer
     child_execution_id: str | None = None
     result: Any = None                 # phase "save": the result being saved (kept for redelivery)
 

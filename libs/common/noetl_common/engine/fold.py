@@ -88,7 +88,7 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
 
 def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None) -> None:
     """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
-    work.started = started
+    work.started, work.worker_id = started, worker_id
     if _is_attempt(tick, work):
         tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id,
                   worker_id=worker_id)
@@ -96,6 +96,8 @@ def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None)
 
 def _heartbeat(tick: Tick, msg: ActionHeartbeat) -> None:
     work = tick.state.work.get(msg.command_id)
+    if work is not None and work.started is not None:
+        work.heartbeat = max(work.heartbeat or 0.0, msg.time)   # what the explainer reports as "last heartbeat"
     if work is None or work.started is None or _timeout(tick, work) is not None or work.child_execution_id:
         tick.stale = work is None
         return
