@@ -49,10 +49,27 @@ class Explanation(BaseModel):
     def text(self) -> str:
         return "\n".join(item.text for item in self.items)
 
+    def as_json(self) -> dict[str, Any]:
+        """What the API answers: the fields, `now` as ISO too, and `text` (the sentences, one per line)."""
+        return {**self.model_dump(mode="json"), "now_iso": iso(self.now), "text": self.text}
+
 
 def explain(state: ExecutionState, now: float) -> Explanation:
-    items = _finished(state) if state.terminal else _waiting(state, now)
-    return Explanation(execution_id=state.execution_id, status=state.status, now=now, items=items)
+    if state.terminal:
+        return finished_explanation(state.execution_id, state.status, now, state.finished, state.error)
+    return Explanation(execution_id=state.execution_id, status=state.status, now=now, items=_waiting(state, now))
+
+
+def finished_explanation(execution_id: str, status: str, now: float, finished: float | None = None,
+                         error: str | None = None) -> Explanation:
+    """A terminal execution (also when only its projected summary is at hand: the API's read model)."""
+    fields: dict[str, Any] = {"status": status, "error": error}
+    text = f"execution {status.lower()}: nothing to wait for"
+    if finished is not None:
+        fields["finished"] = _at(finished)
+        text = f"execution {status.lower()} at {_clock(finished)}: nothing to wait for"
+    return Explanation(execution_id=execution_id, status=status, now=now,
+                       items=[Item(kind="finished", text=text, fields=fields)])
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -86,15 +103,6 @@ def _seconds(s: float) -> str:
 
 def _short(execution_id: str) -> str:
     return execution_id if len(execution_id) <= 12 else execution_id[:8] + "…"
-
-
-def _finished(state: ExecutionState) -> list[Item]:
-    fields: dict[str, Any] = {"status": state.status, "error": state.error}
-    text = f"execution {state.status.lower()}: nothing to wait for"
-    if state.finished is not None:
-        fields["finished"] = _at(state.finished)
-        text = f"execution {state.status.lower()} at {_clock(state.finished)}: nothing to wait for"
-    return [Item(kind="finished", text=text, fields=fields)]
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -33,7 +33,9 @@ import faust
 from faust.types import EventT
 
 from noetl_common.codec import encode
+from noetl_common.explain import explain
 from noetl_common.messages import TimerFired
+from noetl_common.state import ExecutionState
 from noetl_runtime import kafka_io
 
 from noetl_broker.eviction import Evictions
@@ -306,6 +308,14 @@ class Broker:
             log.error("records taken before the rebalance are not durable yet; stopping the broker rather than "
                       "risk a late snapshot after the new owner's")
             await self.app.crash(RuntimeError("rebalance: in-flight batches did not settle in time"))
+
+    async def explain(self, execution_id: str, now: float) -> dict[str, Any] | None:
+        """What an execution of this worker's partitions waits for, from the table's latest snapshot (folded,
+        perhaps not yet durable: the freshest view). None when another worker owns it, or it was evicted."""
+        raw = self.table.data.get(execution_id.encode())
+        if raw is None:
+            return None
+        return explain(ExecutionState.from_bytes(raw), now).as_json()
 
     def not_ready(self) -> str | None:
         if not self.recovered:

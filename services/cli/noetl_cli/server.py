@@ -62,7 +62,7 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
                          lease_seconds=runtime.lease_seconds)
     return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
                      description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
-                     ready=ready, lifespan=lifespan, gauges={
+                     ready=ready, lifespan=lifespan, explainer=runtime.explain, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
         "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
     })

@@ -18,6 +18,7 @@ from noetl_common.codec import DecodeError, decode_command, decode_inbound, enco
 from noetl_common.engine import advance
 from noetl_common.engine.actions import redeliver
 from noetl_common.engine.lifecycle import child_finished
+from noetl_common.explain import explain
 from noetl_common.messages import CancelExecution, Event, StartExecution
 from noetl_common.state import ExecutionState
 from noetl_common.topics import Topics
@@ -129,6 +130,11 @@ class EmbeddedRuntime:
         future: asyncio.Future[ExecutionState] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(execution_id, []).append(future)
         return await future
+
+    async def explain(self, execution_id: str, now: float) -> dict[str, Any] | None:
+        """What the execution waits for, from its live state (None if this runtime never held it)."""
+        state = self.states.get(execution_id) or self.final.get(execution_id)
+        return explain(state, now).as_json() if state is not None else None
 
     def add_listener(self, listener: EventListener) -> None:
         self._listeners.append(listener)

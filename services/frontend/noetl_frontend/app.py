@@ -26,7 +26,7 @@ from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
 from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
 from noetl_query.app import router as query_router
-from noetl_query.handlers import ReadModel
+from noetl_query.handlers import Explainer, ReadModel
 from noetl_query.postgres_reads import PostgresReadModel
 from noetl_render.app import router as render_router
 from noetl_render.handlers import RenderPorts
@@ -43,13 +43,14 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 def build_api(ingest: IngestPorts, read: ReadModel, render: RenderPorts, *, service: str, description: str,
               ready: ReadyCheck | None = None, gauges: Mapping[str, GaugeFn] | None = None,
-              lifespan: Lifespan | None = None) -> FastAPI:
+              lifespan: Lifespan | None = None, explainer: Explainer | None = None) -> FastAPI:
     """The one app: every mode's ports go through here, so a route, a middleware or a page added here is
     served the same by `noetl server`, `noetl server --kafka` and a cluster. `service` labels the request
-    metrics; the app's `state.metrics_registry` takes the collectors of other roles a host process runs."""
+    metrics; the app's `state.metrics_registry` takes the collectors of other roles a host process runs.
+    `explainer` reads live execution states for /api/executions/{id}/explain (the modes that hold them)."""
     app = FastAPI(title="noetl", version="1", description=description, lifespan=lifespan)
     app.include_router(ingest_router(ingest))
-    app.include_router(query_router(read))
+    app.include_router(query_router(read, explainer))
     app.include_router(render_router(render))
     install_ops(app, service=service, ready=ready, gauges=gauges)
 
@@ -61,7 +62,7 @@ def build_api(ingest: IngestPorts, read: ReadModel, render: RenderPorts, *, serv
 
 
 def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyCheck | None = None,
-                gauges: Mapping[str, GaugeFn] | None = None) -> FastAPI:
+                gauges: Mapping[str, GaugeFn] | None = None, explainer: Explainer | None = None) -> FastAPI:
     """The API of a cluster over a started asyncpg pool (migrated) and a started Kafka producer. The caller
     owns both. A send Kafka refuses is a 503 (nothing was accepted, the client may retry)."""
     from aiokafka.errors import KafkaError   # here: embedded `noetl server` imports this module without Kafka
@@ -75,7 +76,7 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
         submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
     read = PostgresReadModel(pool, s.database_schema)
     app = build_api(
-        ingest, read, RenderPorts(events=read.events), service="ingest", ready=ready,
+        ingest, read, RenderPorts(events=read.events), service="ingest", ready=ready, explainer=explainer,
         description="NoETL-compatible HTTP API of a cluster: writes go to Kafka, reads come from the query "
                     "service's Postgres projection.",
         gauges={"noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
