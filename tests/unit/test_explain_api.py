@@ -82,7 +82,7 @@ CHILD = textwrap.dedent("""\
 
 
 class _Slow(http.server.BaseHTTPRequestHandler):
-    release = threading.Event()
+    release: threading.Event   # one per server (slow_url): a released server answers at once
 
     def do_GET(self) -> None:   # noqa: N802 - http.server's name
         self.release.wait(120)
@@ -97,12 +97,13 @@ class _Slow(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def slow_url():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    handler = type("Slow", (_Slow,), {"release": threading.Event()})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/slow"
-    _Slow.release.set()
+    handler.release.set()
     httpd.shutdown()
     httpd.server_close()
 

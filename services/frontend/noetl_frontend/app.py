@@ -26,6 +26,7 @@ from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
 from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
 from noetl_query.app import router as query_router
+from noetl_query.broker_explain import BrokerExplainer
 from noetl_query.handlers import Explainer, ReadModel
 from noetl_query.postgres_reads import PostgresReadModel
 from noetl_render.app import router as render_router
@@ -75,6 +76,8 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
         credentials=PostgresCredentials(pool, s.database_schema, key=key),
         submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
     read = PostgresReadModel(pool, s.database_schema)
+    if explainer is None and s.broker_url:
+        explainer = BrokerExplainer(s.broker_url)
     app = build_api(
         ingest, read, RenderPorts(events=read.events), service="ingest", ready=ready, explainer=explainer,
         description="NoETL-compatible HTTP API of a cluster: writes go to Kafka, reads come from the query "

@@ -101,8 +101,8 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
 
 
 def create_app(read: ReadModel, *, ready: ReadyCheck | None = None,
-               gauges: Mapping[str, GaugeFn] | None = None) -> FastAPI:
+               gauges: Mapping[str, GaugeFn] | None = None, explainer: Explainer | None = None) -> FastAPI:
     app = FastAPI(title="noetl query", version="1")
-    app.include_router(router(read))
+    app.include_router(router(read, explainer))
     install_ops(app, service="query", ready=ready, gauges=gauges)
     return app

@@ -152,20 +152,21 @@ class NoLiveState(RuntimeError):
 async def explain_execution(read: ReadModel, explainer: Explainer | None, execution_id: str,
                             now: float) -> dict[str, Any]:
     """GET /api/executions/{id}/explain: what a running execution waits for (items with kind, step, fields
-    and a sentence, plus `text`, the sentences one per line). A finished one has nothing to wait for."""
-    live = await explainer(execution_id, now) if explainer is not None else None
-    if live is not None:
-        return live
+    and a sentence, plus `text`, the sentences one per line). A finished one has nothing to wait for: its
+    projected summary says so (terminal is final), without asking the explainer."""
     summary = await read.execution(execution_id)
-    if summary is None:
-        raise LookupError(f"no execution {execution_id!r}")
-    status = summary.get("status")
-    if status in ("COMPLETED", "FAILED", "CANCELLED"):
+    status = summary.get("status") if summary is not None else None
+    if summary is not None and status in ("COMPLETED", "FAILED", "CANCELLED"):
         end = summary.get("end_time")
         finished = datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() if end else None
         return finished_explanation(execution_id, status, now, finished, summary.get("error")).as_json()
+    live = await explainer(execution_id, now) if explainer is not None else None
+    if live is not None:
+        return live
+    if summary is None:   # (or accepted and not folded yet)
+        raise LookupError(f"no execution {execution_id!r}")
     raise NoLiveState(f"execution {execution_id!r} is {status}, but this process does not hold its live state "
-                      f"(a cluster's API and query roles have only the projected events; see docs/query.md)")
+                      f"and has no broker to ask (NOETL_BROKER_URL; see docs/query.md)")
 
 
 # ----------------------------------------------------------------------------------------------- catalog
