@@ -64,7 +64,9 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
                   description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).")
     app.include_router(ingest_router(IngestPorts(catalog=store.catalog, credentials=store.credentials,
                                                  submit=submit, clock=time.time,
-                                                 lease_seconds=runtime.lease_seconds)))
+                                                 lease_seconds=runtime.lease_seconds,
+                                                 lease_retries=runtime.lease_retries,
+                                                 lease_retry_delay=runtime.lease_retry_delay)))
     app.include_router(query_router(SqliteReadModel(store)))
     app.include_router(render_router(RenderPorts(events=store.events)))
     install_ops(app, service="server", ready=ready, gauges={

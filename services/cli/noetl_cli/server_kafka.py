@@ -197,7 +197,8 @@ class KafkaServer:
         ports = IngestPorts(
             catalog=PublishingCatalog(PostgresCatalog(self.pool, s.database_schema), self.producer, s.topics),
             credentials=PostgresCredentials(self.pool, s.database_schema, key=_secret_key(s)),
-            submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
+            submit=submit, clock=time.time, lease_seconds=s.lease_seconds,
+            lease_retries=s.lease_retries, lease_retry_delay=s.lease_retry_delay)
         app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
                                  gauges={
             "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),

@@ -25,7 +25,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from noetl_common.codec import DecodeError, decode_inbound
 from noetl_common.dsl import load_playbook
-from noetl_common.messages import CancelExecution, StartExecution
+from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, CancelExecution, StartExecution
 from noetl_common.ports import CatalogPort, Credential, CredentialPort
 
 Submit = Callable[[BaseModel], Awaitable[None]]
@@ -43,6 +43,8 @@ class IngestPorts:
     clock: Callable[[], float] = time.time
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     lease_seconds: float = 30.0
+    lease_retries: int = DEFAULT_LEASE_RETRIES
+    lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
 
 
 class Rejected(ValueError):
@@ -170,7 +172,8 @@ async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
         raise Rejected(f"invalid playbook {entry.path} version {entry.version}: {len(errors)} error(s)", errors)
     now = ports.clock()
     start = StartExecution(execution_id=ports.new_id(), time=now, playbook=entry.document, path=entry.path,
-                           version=entry.version, payload=req.parameters or {}, lease_seconds=ports.lease_seconds)
+                           version=entry.version, payload=req.parameters or {}, lease_seconds=ports.lease_seconds,
+                           lease_retries=ports.lease_retries, lease_retry_delay=ports.lease_retry_delay)
     await ports.submit(start)
     return {"execution_id": start.execution_id, "id": start.execution_id,
             "catalog_id": f"{entry.path}:{entry.version}", "path": entry.path, "playbook_id": entry.path,
