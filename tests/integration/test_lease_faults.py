@@ -66,11 +66,14 @@ class SlowServer:
                     server.calls[eid] += 1
                 time.sleep(hold)
                 body = json.dumps({"eid": eid}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:   # the worker that asked was killed meanwhile
+                    pass
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -254,7 +257,7 @@ async def test_a_broker_outage_longer_than_the_lease_fails_no_execution(kafka_bo
 
 # --------------------------------------------------------------------------------- workers killed every 3 s
 async def test_workers_killed_every_3s_fail_no_execution_whose_step_has_no_retry(kafka_bootstrap: str) -> None:
-    lease, executions, hold = 2.0, 12, 2.0
+    lease, executions, every, hold, kill_every, kills_max = 1.0, 30, 0.4, 2.0, 3.0, 5
     topics = Topics(prefix=f"t.killed.{uuid.uuid4().hex[:8]}.")
     server = SlowServer(hold)
     env = env_for(kafka_bootstrap, topics)
@@ -270,21 +273,26 @@ async def test_workers_killed_every_3s_fail_no_execution_whose_step_has_no_retry
             await worker.ready()
         async with Observer(kafka_bootstrap, topics) as observer:
             ids = [f"killed-{i}-{uuid.uuid4().hex[:6]}" for i in range(executions)]
-            for eid in ids:   # the defaults: 3 infrastructure retries after 1, 2, 4 s
-                await observer.start(StartExecution(execution_id=eid, time=time.time(), playbook=playbook(server.url),
-                                                    path="tests/lease_fault", lease_seconds=lease))
+
+            async def submit() -> None:   # staggered, so both workers hold attempts at every kill
+                for eid in ids:           # the defaults: 3 infrastructure retries after 1, 2, 4 s
+                    await observer.start(StartExecution(execution_id=eid, time=time.time(), path="tests/lease_fault",
+                                                        playbook=playbook(server.url), lease_seconds=lease))
+                    await asyncio.sleep(every)
+            submitting = asyncio.create_task(submit())
             await observer.until(lambda: sum(server.calls.values()) > 0, "a first call", 40)
             end = time.monotonic() + 90
-            next_kill = time.monotonic()
+            next_kill = time.monotonic() + 1
             while observer.finished(ids) < executions:
                 assert time.monotonic() < end, f"{observer.finished(ids)} of {executions} finished"
-                if time.monotonic() >= next_kill and kills < 4:   # one worker down at a time, every 3 s
+                if time.monotonic() >= next_kill and kills < kills_max:   # one worker at a time, every 3 s
                     victim = workers[kills % 2]
                     victim.kill()
                     kills += 1
-                    victim.start()                                # back, as a supervisor would restart it
-                    next_kill = time.monotonic() + 3
+                    victim.start()                                        # back, as a supervisor restarts it
+                    next_kill = time.monotonic() + kill_every
                 await observer.pump()
+            await submitting
     finally:
         broker.close()
         for worker in workers:
