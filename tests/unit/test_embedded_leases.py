@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from noetl_common.messages import Event
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 
 SLOW = yaml.safe_load("""
