@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from noetl_common.topics import Topics
 
+# The bound on executions in flight above which POST /api/executions/run answers 429 (NOETL_MAX_IN_FLIGHT;
+# 0: no bound). Measured with bench/load_ramp.py on a 2-core machine: see docs/decisions.md.
+DEFAULT_MAX_IN_FLIGHT = 200
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # Kafka's names (security.protocol, sasl.mechanism); aiokafka and faust take the same strings.
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -67,6 +71,7 @@ class Settings(BaseSettings):
     query_group: str | None = None
     secret_key: SecretStr | None = None
     lease_seconds: float = Field(30.0, gt=0)
+    max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=0)
     worker_pool: str = "default"
     worker_concurrency: int = Field(64, gt=0)
     http_host: str = "127.0.0.1"

@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,8 +82,9 @@ def where(dsn: str) -> str:
 class KafkaServer:
     """The started roles of one `noetl server --kafka` process."""
 
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerSettings, max_in_flight: int | None = None) -> None:
         self.settings = settings
+        self.max_in_flight = max_in_flight   # None: NOETL_MAX_IN_FLIGHT
         self.pool: Any = None
         self.producer: Any = None       # ingest's: StartExecution, cancels and posted facts
         self.query: Any = None
@@ -187,18 +187,13 @@ class KafkaServer:
 
     def _api(self) -> Any:
         from noetl_ingest.app import create_cluster_app
-        from noetl_ingest.handlers import IngestPorts
-        from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
+        from noetl_ingest.kafka_ports import cluster_ports
         from noetl_query.postgres_reads import PostgresReadModel
-        from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials
 
         s = self.settings
-        submit = KafkaSubmit(self.producer, s.topics)
-        ports = IngestPorts(
-            catalog=PublishingCatalog(PostgresCatalog(self.pool, s.database_schema), self.producer, s.topics),
-            credentials=PostgresCredentials(self.pool, s.database_schema, key=_secret_key(s)),
-            submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
+        ports, submit = cluster_ports(self.pool, self.producer, s, max_in_flight=self.max_in_flight)
         app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
+                                 live=self.failure,
                                  gauges={
             "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
@@ -271,9 +266,9 @@ class KafkaServer:
             shutil.rmtree(self.faust_datadir, ignore_errors=True)
 
 
-async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
+async def run_server(settings: BrokerSettings, sock: socket.socket, max_in_flight: int | None = None) -> int:
     """Start every role, serve until a signal (0) or a role's failure (1), stop every role."""
-    server = KafkaServer(settings)
+    server = KafkaServer(settings, max_in_flight)
     stop = asyncio.Event()
     signals = 0
 
@@ -306,7 +301,8 @@ async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
             log.info("noetl server stopped")
 
 
-def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: str = "INFO") -> int:
+def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: str = "INFO",
+                max_in_flight: int | None = None) -> int:
     """The `noetl server --kafka` command: 0 after a signal, 1 when it could not start or a role failed."""
     from pydantic import ValidationError
 
@@ -325,7 +321,7 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
         log.error("cannot listen on %s:%d: %s", host, port, _reason(exc))
         return 1
     try:
-        return asyncio.run(run_server(settings, sock))
+        return asyncio.run(run_server(settings, sock, max_in_flight))
     finally:
         sock.close()
 

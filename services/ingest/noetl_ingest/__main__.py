@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any
 
 from fastapi import FastAPI
 
 from noetl_ingest.app import create_cluster_app
-from noetl_ingest.handlers import IngestPorts
 from noetl_runtime.http_ops import run_service
 from noetl_runtime.settings import Settings
 
@@ -45,10 +43,9 @@ class IngestCluster:
         self.stopping = False
 
     async def start(self) -> FastAPI:
-        from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog, ensure_topics, open_pool
+        from noetl_ingest.kafka_ports import cluster_ports, ensure_topics, open_pool
         from noetl_query.postgres_reads import PostgresReadModel
         from noetl_runtime import kafka_io
-        from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials
 
         s = self.settings
         if s.secret_key is None:
@@ -62,12 +59,7 @@ class IngestCluster:
         except BaseException:
             await self.stop()
             raise
-        key = s.secret_key.get_secret_value() if s.secret_key is not None else None
-        submit = KafkaSubmit(self.producer, s.topics)
-        ports = IngestPorts(
-            catalog=PublishingCatalog(PostgresCatalog(self.pool, s.database_schema), self.producer, s.topics),
-            credentials=PostgresCredentials(self.pool, s.database_schema, key=key),
-            submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
+        ports, submit = cluster_ports(self.pool, self.producer, s)
         self.app = create_cluster_app(
             ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
             gauges={"noetl_ingest_messages_produced": ("inbound messages produced to Kafka",

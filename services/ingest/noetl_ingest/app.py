@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Body, FastAPI, Query, Request
+from fastapi import APIRouter, Body, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from noetl_ingest import handlers as h
@@ -38,12 +38,12 @@ def router(ports: IngestPorts) -> APIRouter:
         return await answer(_validated_register(ports, data))
 
     @api.post("/executions/run")
-    async def run(body: RunRequest) -> Any:
-        return await answer(h.run(ports, body))
+    async def run(body: RunRequest, idempotency_key: str | None = Header(None)) -> Any:
+        return await answer(h.run(ports, body, idempotency_key))
 
     @api.post("/execute")
-    async def execute(body: RunRequest) -> Any:
-        return await answer(h.run(ports, body))
+    async def execute(body: RunRequest, idempotency_key: str | None = Header(None)) -> Any:
+        return await answer(h.run(ports, body, idempotency_key))
 
     @api.post("/executions/{execution_id}/cancel", status_code=202)
     async def cancel(execution_id: str, body: CancelRequest | None = Body(None)) -> Any:
@@ -80,7 +80,7 @@ def create_app(ports: IngestPorts, *, ready: ReadyCheck | None = None) -> FastAP
 
 
 def create_cluster_app(ports: IngestPorts, read: Any, *, ready: ReadyCheck | None = None,
-                       gauges: dict[str, Any] | None = None) -> FastAPI:
+                       live: ReadyCheck | None = None, gauges: dict[str, Any] | None = None) -> FastAPI:
     """The ingest app of a cluster: write routes + the read and render routes over `read` (a
     PostgresReadModel), + ops."""
     from aiokafka.errors import KafkaError   # here: embedded `noetl server` imports this module without Kafka
@@ -95,7 +95,7 @@ def create_cluster_app(ports: IngestPorts, read: Any, *, ready: ReadyCheck | Non
     app.include_router(router(ports))
     app.include_router(query_router(read))
     app.include_router(render_router(RenderPorts(events=read.events)))
-    install_ops(app, service="ingest", ready=ready, gauges=gauges)
+    install_ops(app, service="ingest", ready=ready, live=live, gauges=gauges)
 
     @app.exception_handler(KafkaError)
     async def _kafka_down(_request: Request, exc: KafkaError) -> JSONResponse:
