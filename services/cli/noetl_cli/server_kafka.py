@@ -28,6 +28,8 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ log = logging.getLogger("noetl.server")
 
 STARTUP_TIMEOUT = 30.0      # seconds Postgres and Kafka get to answer at start before the server gives up
 WATCH_INTERVAL = 0.5        # seconds between checks that every role is still alive
+EXIT_AFTER_FAILURE = 10.0   # seconds the roles get to stop after one died, before the process exits anyway
 
 
 class StartError(Exception):
@@ -292,6 +295,7 @@ async def run_server(settings: BrokerSettings, sock: socket.socket, max_in_fligh
             failed = await server.watch(stop)
             if failed is not None:
                 log.error("%s; stopping", failed)
+                _exit_hard_after(EXIT_AFTER_FAILURE)
             return 1 if failed is not None else 0
         except StartError as exc:
             log.error("%s", exc)
@@ -327,6 +331,18 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _exit_hard_after(seconds: float) -> None:
+    """A role died: the process must end (status 1) so that its supervisor restarts it, even if stopping
+    the other roles hangs on the dead one (a faust worker whose agent crashed may never finish stopping)."""
+    def watchdog() -> None:
+        time.sleep(seconds)
+        log.error("the roles did not stop within %g s of a failure: exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+
+
 def _http_server(app: Any, settings: BrokerSettings) -> Any:
     """uvicorn for `app`, leaving SIGTERM/SIGINT to the server (stock uvicorn would take them over)."""
     import uvicorn
