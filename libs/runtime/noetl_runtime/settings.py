@@ -13,7 +13,7 @@ from noetl_common.topics import Topics
 
 # The bound on executions in flight above which POST /api/executions/run answers 429 (NOETL_MAX_IN_FLIGHT;
 # 0: no bound). Measured with bench/load_ramp.py on a 2-core machine: see docs/decisions.md.
-DEFAULT_MAX_IN_FLIGHT = 200
+DEFAULT_MAX_IN_FLIGHT = 64
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # Kafka's names (security.protocol, sasl.mechanism); aiokafka and faust take the same strings.

@@ -76,7 +76,7 @@ def server_command(ctx: typer.Context,
                    max_in_flight: Optional[int] = typer.Option(
                        None, "--max-in-flight", envvar="NOETL_MAX_IN_FLIGHT", min=0,
                        help="Executions in flight above which POST /api/executions/run answers 429 with "
-                            "Retry-After (0: no bound; default 200).")
+                            "Retry-After (0: no bound; default 64).")
                    ) -> None:
     """Serve the HTTP API with every role in this process; resumes in-flight executions. Embedded (SQLite
     store, in-process workers) by default; on Kafka + Postgres with --kafka and --database-url. JSON logs on
