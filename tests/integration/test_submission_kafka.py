@@ -25,7 +25,9 @@ pytest.importorskip("faust")
 
 import httpx  # noqa: E402
 
-from test_server_kafka import NOETL, READY_TIMEOUT, Server, _wait, schema, server, server_env  # noqa: E402,F401
+from test_server_kafka import READY_TIMEOUT, Server, _wait, schema, server, server_env  # noqa: E402
+
+FIXTURES = (schema, server, server_env)   # test_server_kafka's: a schema, topics and a server per test
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
