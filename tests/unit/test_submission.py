@@ -397,7 +397,23 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
             assert api.get("/ready").status_code == 503
             refused = api.post(RUN, json={"path": "tests/api_hello"})
             assert refused.status_code == 503 and "nothing was accepted" in refused.json()["detail"]
-            assert api.post(RUN, json={"path": "tests/api_hello"},
+            assert api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
                             headers={"Idempotency-Key": "while-dead"}).status_code == 503
+        # restarted on the same store (what the supervisor does): the retry of the refused start runs it
+        with TestClient(build_app(store, EmbeddedRuntime(store))) as api:
+            retry = api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
+                             headers={"Idempotency-Key": "while-dead"})
+            assert retry.status_code == 200, retry.text
+            eid = retry.json()["execution_id"]
+
+            def done() -> dict[str, Any] | None:
+                r = api.get(f"/api/executions/{eid}")
+                return r.json() if r.status_code == 200 and r.json()["status"] == "COMPLETED" else None
+            assert until(done, 20, "the retried start to complete")["result"] == {"greeting": "Hello, Again!"}
+            again = api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
+                             headers={"Idempotency-Key": "while-dead"})
+            assert again.json() == retry.json()
+            events = api.get(f"/api/executions/{eid}").json()["events"]
+            assert [e["event_type"] for e in events].count("execution_start") == 1
     finally:
         store.close()

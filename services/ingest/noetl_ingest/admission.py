@@ -4,10 +4,10 @@ Idempotency (docs/decisions.md, "Idempotent submission"). A run with an `Idempot
 client-chosen `execution_id`, has a *scope* ("key:<key>" or "id:<execution_id>"). The first request of a
 scope records (scope, hash of the request, execution id, request, answer) durably *before* it submits the
 start; a later request of the scope gets the recorded answer, and the recorded execution's start is sent
-again (same id, same `time`) unless the execution is known, so a start lost between the record and the
-submit (Kafka down, a crash) is recovered by the retry and a start already folded is a duplicate the fold
-drops (advance() answers `stale` for a start of an existing execution; the broker refuses a re-send older
-than half its eviction grace). A reuse of the scope with another request is a 409.
+again (same id) unless the execution is known, so a start lost between the record and the submit (Kafka
+down, a crash) is recovered by the retry, and a start already folded is a duplicate the fold drops
+(advance() answers `stale` for a start of an existing execution). A reuse of the scope with another
+request is a 409.
 
 Back-pressure. `InFlight` estimates the executions in flight as: the runtime's own count (embedded: the
 fold's live states; Kafka: PENDING/RUNNING rows of the read model), refreshed at most every `refresh`

@@ -224,8 +224,14 @@ async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request
 
 
 async def _again(ports: IngestPorts, prior: Claim, digest: str) -> dict[str, Any]:
-    """A request of a recorded scope: the same answer; the start sent again (same id and `time`) unless the
-    execution exists, since the first request may have recorded it and then failed to submit it."""
+    """A request of a recorded scope: the same answer; the start sent again (same id) unless the execution
+    is known, since the first request may have recorded it and then failed to submit it.
+
+    The re-send is stamped now, not with the first request's `time`: the broker dead-letters a start whose
+    record comes more than half its eviction grace after its `time` (a late duplicate), so a retry long
+    after a failed submit would be answered 200 and never run. An unknown execution was never folded, or
+    was folded so recently that the broker still holds it (eviction comes an hour after it *ends*, and the
+    read model keeps every execution), so the fold drops this start as a duplicate then."""
     if prior.request_hash != digest:
         what = "Idempotency-Key" if prior.scope.startswith("key:") else "execution_id"
         raise Conflict(f"this {what} was used for another request (execution {prior.execution_id}); "
@@ -236,7 +242,7 @@ async def _again(ports: IngestPorts, prior: Claim, digest: str) -> dict[str, Any
         entry = await ports.catalog.get(path, version)
         if entry is None:   # catalog versions are immutable; only a wiped catalog gets here
             raise LookupError(f"playbook {path!r} version {version} is no longer in the catalog")
-        await ports.submit(StartExecution(execution_id=prior.execution_id, time=prior.created_at,
+        await ports.submit(StartExecution(execution_id=prior.execution_id, time=ports.clock(),
                                           playbook=entry.document, path=entry.path, version=entry.version,
                                           payload=prior.request.get("parameters") or {},
                                           lease_seconds=ports.lease_seconds))
