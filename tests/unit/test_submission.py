@@ -326,7 +326,7 @@ FRAGILE = textwrap.dedent("""\
     import sys
     from pathlib import Path
     from noetl_cli import server
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
 
     class Fragile(EmbeddedRuntime):
         async def _worker_loop(self):   # dies on the first command, as a loop with a bug would
@@ -376,7 +376,7 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from noetl_cli.server import build_app
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
     from noetl_runtime.sqlite_store import SqliteStore
 
     class Fragile(EmbeddedRuntime):

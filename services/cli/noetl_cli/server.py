@@ -1,8 +1,8 @@
 """`noetl server`: every role in one process (architecture §3): the embedded runtime (fold, worker pool,
-timers) on a SQLite store, and one FastAPI app with the ingest, query and context-render routers, served by
+timers) on a SQLite store, and the API every mode serves (`noetl_frontend.app.build_api`), served by
 uvicorn on the same event loop. In-flight executions resume on start (the runtime reloads their snapshots).
 
-The routers and handlers are the services' own; only the ports differ from the cluster:
+The app is the frontend's; only the ports differ from the cluster:
     ingest  submit = runtime.submit (the in-process bus), catalog/credentials = the SQLite store
     query   SqliteReadModel(store)
     render  events = store.events
@@ -23,15 +23,13 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from noetl_common.refusals import Unavailable
+from noetl_embedded.runtime import EmbeddedRuntime
+from noetl_frontend.app import build_api
 from noetl_ingest.admission import DEFAULT_MAX_IN_FLIGHT, InFlight
-from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
-from noetl_runtime.http_ops import configure_json_logging, install_ops
-from noetl_query.app import router as query_router
 from noetl_query.sqlite_reads import SqliteReadModel
-from noetl_render.app import router as render_router
 from noetl_render.handlers import RenderPorts
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.sqlite_store import SqliteStore
 
 log = logging.getLogger("noetl.server")
@@ -78,20 +76,15 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int =
     def ready() -> str | None:
         return dead() or (None if started else "starting")
 
-    app = FastAPI(title="noetl", version="1", lifespan=lifespan,
-                  description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).")
-    app.include_router(ingest_router(IngestPorts(catalog=store.catalog, credentials=store.credentials,
-                                                 submit=submit, clock=time.time,
-                                                 lease_seconds=runtime.lease_seconds,
-                                                 idempotency=store.idempotency, known=known,
-                                                 in_flight=InFlight(max_in_flight, running, seen))))
-    app.include_router(query_router(SqliteReadModel(store)))
-    app.include_router(render_router(RenderPorts(events=store.events)))
-    install_ops(app, service="server", ready=ready, live=dead, gauges={
+    ingest = IngestPorts(catalog=store.catalog, credentials=store.credentials, submit=submit, clock=time.time,
+                         lease_seconds=runtime.lease_seconds, idempotency=store.idempotency, known=known,
+                         in_flight=InFlight(max_in_flight, running, seen))
+    return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
+                     description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
+                     ready=ready, live=dead, lifespan=lifespan, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
         "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
     })
-    return app
 
 
 def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO",

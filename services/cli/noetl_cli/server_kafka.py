@@ -1,8 +1,9 @@
 """`noetl server --kafka BOOTSTRAP --database-url DSN`: every role of the cluster in one process, on one
 event loop, on Kafka + Postgres (docs/cluster.md, "One process").
 
-    the API      one uvicorn server: ingest's write routes + the query and render routers over the
-                 Postgres read model (the app `python -m noetl_ingest` serves), + /health /ready /metrics
+    the API      one uvicorn server: `noetl_frontend.app.cluster_api`, the app `python -m noetl_frontend`
+                 serves (ingest's writes, the query and render routers over the Postgres read model),
+                 + /health /ready /metrics
     the broker   the faust app of `noetl_broker.create_app`, started by a faust Worker on this loop
     a worker     `WorkerService` of the pool NOETL_WORKER_POOL (default `default`), no HTTP of its own
     projection   `QueryConsumer`: noetl.events + noetl.catalog -> Postgres
@@ -105,7 +106,7 @@ class KafkaServer:
     async def open_postgres(self) -> None:
         import asyncpg
 
-        from noetl_ingest.kafka_ports import open_pool
+        from noetl_runtime.postgres_store import open_pool
 
         s = self.settings
         try:
@@ -135,6 +136,7 @@ class KafkaServer:
         from noetl_query.consumer import QueryConsumer
         from noetl_query.projector import Projector
         from noetl_runtime import kafka_io
+        from noetl_runtime.http_ops import http_server
 
         s = self.settings
         self.query = QueryConsumer(s, Projector(self.pool, s.database_schema))
@@ -144,7 +146,8 @@ class KafkaServer:
         await self._start_broker()
         self.producer = kafka_io.make_producer(s)
         await self.producer.start()
-        self.http = _http_server(self._api(), s)
+        # The server owns SIGTERM/SIGINT (run_server) and stops the API in its turn.
+        self.http = http_server(self._api(), s, handle_signals=False)
         self.http_task = asyncio.create_task(self.http.serve(sockets=[sock]), name="server-http")
 
     def _worker(self) -> Any:
@@ -189,16 +192,10 @@ class KafkaServer:
         await self.faust_worker.start()
 
     def _api(self) -> Any:
-        from noetl_ingest.app import create_cluster_app
-        from noetl_ingest.kafka_ports import cluster_ports
-        from noetl_query.postgres_reads import PostgresReadModel
+        from noetl_frontend.app import cluster_api
 
-        s = self.settings
-        ports, submit = cluster_ports(self.pool, self.producer, s, max_in_flight=self.max_in_flight)
-        app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
-                                 live=self.failure,
-                                 gauges={
-            "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
+        app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, live=self.failure,
+                          max_in_flight=self.max_in_flight, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
@@ -341,20 +338,6 @@ def _exit_hard_after(seconds: float) -> None:
         os._exit(1)
 
     threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
-
-
-def _http_server(app: Any, settings: BrokerSettings) -> Any:
-    """uvicorn for `app`, leaving SIGTERM/SIGINT to the server (stock uvicorn would take them over)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                                 lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-                                 log_level=settings.log_level.lower()))
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -22,21 +22,10 @@ after the produce leaves the record on the topic; the query service's projection
 Consumers other than this installation's query service see every registration. The query service of
 the installation reads the catalog table itself (the same database) and also projects the topic
 (`apply_catalog` is an idempotent upsert: a no-op for rows already there).
-
-The last section is the cluster-mode plumbing the three HTTP services (ingest, query, render) share: the
-Postgres pool (migrated at start) and a uvicorn server that leaves SIGTERM to the caller's cleanup. It lives
-here because the services share no edge package for it yet; it belongs in
-`noetl_runtime` next to the settings.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import signal
-import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from pydantic import BaseModel
@@ -45,15 +34,6 @@ from noetl_common.codec import encode
 from noetl_common.ports import CatalogEntry
 from noetl_common.refusals import TooLarge, Unavailable
 from noetl_common.topics import Topics
-from noetl_ingest.admission import InFlight
-from noetl_ingest.handlers import IngestPorts
-
-if TYPE_CHECKING:
-    import uvicorn
-
-    from noetl_runtime.settings import Settings
-
-log = logging.getLogger("noetl.cluster")
 
 REQUEST_KINDS = frozenset({"start", "cancel", "timer_fired", "child_finished"})
 
@@ -79,27 +59,6 @@ class KafkaSubmit:
         await send(self.producer, topic_for(message, self.topics), encode(message), execution_id.encode(),
                    what=f"the {getattr(message, 'kind', 'message')} message")
         self.sent += 1
-
-
-def cluster_ports(pool: Any, producer: Any, settings: Settings, *, max_in_flight: int | None = None,
-                  ) -> tuple[IngestPorts, KafkaSubmit]:
-    """The ingest ports of Kafka mode (`python -m noetl_ingest`, `noetl server --kafka`): Postgres for the
-    catalog, credentials and idempotency scopes; the read model's `execution` table for admission."""
-    from noetl_runtime.postgres_store import (PostgresCatalog, PostgresCredentials, PostgresExecutions,
-                                              PostgresIdempotency)
-
-    s = settings
-    key = s.secret_key.get_secret_value() if s.secret_key is not None else None
-    executions = PostgresExecutions(pool, s.database_schema)
-    limit = s.max_in_flight if max_in_flight is None else max_in_flight
-    submit = KafkaSubmit(producer, s.topics)
-    ports = IngestPorts(
-        catalog=PublishingCatalog(PostgresCatalog(pool, s.database_schema), producer, s.topics),
-        credentials=PostgresCredentials(pool, s.database_schema, key=key),
-        submit=submit, clock=time.time, lease_seconds=s.lease_seconds,
-        idempotency=PostgresIdempotency(pool, s.database_schema), known=executions.known,
-        in_flight=InFlight(limit, executions.running, executions.seen))
-    return ports, submit
 
 
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
@@ -136,70 +95,3 @@ class PublishingCatalog:
 
     async def list(self) -> list[CatalogEntry]:
         return await self.inner.list()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cluster-mode plumbing shared by the HTTP services
-# ---------------------------------------------------------------------------------------------------------
-async def open_pool(settings: Settings, *, max_size: int = 10) -> Any:
-    """An asyncpg pool on NOETL_DATABASE_URL, with the schema migrated (idempotent, concurrency-safe: every
-    service may run it at start, whichever comes first creates the tables)."""
-    import asyncpg
-
-    from noetl_query.postgres_schema import migrate
-
-    if not settings.database_url:
-        raise SystemExit("NOETL_DATABASE_URL is not set: this service keeps its data in Postgres")
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=max_size)
-    try:
-        applied = await migrate(pool, settings.database_schema)
-    except BaseException:
-        await pool.close()
-        raise
-    if applied:
-        log.info("migrated schema %s: %s", settings.database_schema, applied)
-    return pool
-
-
-async def ensure_topics(settings: Settings) -> None:
-    """Create the missing topics (the partition count of NOETL_TOPIC_PARTITIONS). Without the rights to
-    create topics they must exist already: a warning, not a failure."""
-    from aiokafka.errors import KafkaError
-
-    from noetl_runtime import kafka_io
-
-    try:
-        created = await kafka_io.ensure_topics(settings, settings.topics, [settings.worker_pool],
-                                               partitions=settings.topic_partitions)
-    except KafkaError as exc:
-        log.warning("could not ensure topics: %r", exc)
-        return
-    if created:
-        log.info("created topics %s", created)
-
-
-def http_server(app: Any, settings: Settings) -> uvicorn.Server:
-    """A uvicorn server for `app` on NOETL_HTTP_HOST/PORT. SIGTERM/SIGINT make `serve()` return (once the
-    open requests are answered), so the caller's cleanup runs: stock uvicorn re-raises the signal after
-    `serve()`, which would end the process before the consumer commits and the producer flushes."""
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            loop = asyncio.get_running_loop()
-            installed = []
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, self.handle_exit, sig, None)
-                    installed.append(sig)
-            try:
-                yield
-            finally:
-                for sig in installed:
-                    loop.remove_signal_handler(sig)
-
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                            lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-                            log_level=settings.log_level.lower())
-    return _Server(config)

@@ -1,6 +1,6 @@
 -- 0003: idempotent submission (POST /api/executions/run with an Idempotency-Key or a client-chosen
 -- execution_id). Written by ingest before it produces the start; read by a retry, which gets the same
--- execution (and re-sends the start, same bytes, if the execution never appeared).
+-- execution (and re-sends the start, same id, if the execution never appeared).
 --
 -- Runs with search_path set to the target schema (postgres_schema.migrate).
 CREATE TABLE idempotency (
