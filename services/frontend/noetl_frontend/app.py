@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse
 from noetl_ingest.admission import InFlight
 from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
-from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
 from noetl_query.app import router as query_router
 from noetl_query.handlers import ReadModel
 from noetl_query.postgres_reads import PostgresReadModel
@@ -69,7 +68,10 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
     owns both. A send Kafka refuses is a 503 (nothing was accepted, the client may retry), or a 413 when it
     is over the topic's size limit. Idempotency scopes live in Postgres; the bound on in-flight executions
     (`max_in_flight`, else NOETL_MAX_IN_FLIGHT) reads the read model (noetl_ingest.admission)."""
-    from aiokafka.errors import KafkaError   # here: embedded `noetl server` imports this module without Kafka
+    # here: embedded `noetl server` imports this module without the Kafka extra
+    from aiokafka.errors import KafkaError
+
+    from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
 
     s = settings
     key = s.secret_key.get_secret_value() if s.secret_key is not None else None
