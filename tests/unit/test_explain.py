@@ -354,6 +354,25 @@ workflow:
     assert texts(d.state, T0 + 2)[0].startswith("step `mark` attempt 1 dispatched 2 s ago")
 
 
+def test_a_lost_lease_then_the_infrastructure_resend():
+    d = Driver(ONE)
+    d.started("load", T0 + 1)
+    d.sim.fire_next_timer()                      # no heartbeat for 30 s: the lease expires
+    [item] = explain(d.state, d.sim.now).items
+    state = d.state
+    assert item.fields["infra_retries"] == 1 and item.fields["lease_retries"] == state.lease_retries
+    assert item.text == (f"step `load` attempt 1 lost its worker (`w-3`): lease expired; sent again at "
+                         f"{item.fields['resend_at']['iso'][11:19]} (in {state.lease_retry_delay:g} s), "
+                         f"infrastructure retry 1 of {state.lease_retries}")
+    d.sim.fire_next_timer()                      # sent again, not yet taken
+    assert texts(d.state, d.sim.now + 1) == [
+        f"step `load` attempt 1 sent again 1 s ago after a lost lease (infrastructure retry 1 of "
+        f"{state.lease_retries}), not yet taken by a worker"]
+    d.started("load", d.sim.now + 2, worker="w-4")
+    assert texts(d.state, d.sim.now + 4)[0].startswith(
+        "step `load` attempt 1 on worker `w-4` (sent 2 times: lost leases), started 2 s ago")
+
+
 def test_terminal_executions_have_nothing_to_wait_for():
     d = Driver(ONE)
     d.completed("load", T0 + 1)
@@ -385,8 +404,10 @@ def covered(state: ExecutionState, now: float) -> None:
         assert cid in commands, (cid, exp.text)
     for key in state.timers:
         kind, _, rest = key.partition(":")
-        if kind == "lease":
+        if kind in ("lease", "resend"):
             assert rest in commands, (key, exp.text)
+            if kind == "resend":
+                assert any(i.fields.get("resend_at", {}).get("epoch") == state.timers[key] for i in exp.items)
         else:
             name, _, index = rest.partition(":")
             assert any(i.kind == "retry" and i.step == name and i.index == (int(index) if index else None)
@@ -412,6 +433,13 @@ def flaky(command):
     return Outcome(result=1)
 
 
+def silent(command):
+    """Every first attempt's worker goes silent (its lease expires, the attempt is re-sent, and fails)."""
+    if command.attempt == 1 and command.phase == "action":
+        return Outcome(hang=True)
+    return Outcome(result=1)
+
+
 @pytest.mark.parametrize("document", [ONE, RETRY, JOIN, CYCLE, ITER, CHILD], ids=["one", "retry", "join", "cycle",
                                                                                   "iterator", "child"])
 @pytest.mark.parametrize("order", ["first", "last"])
@@ -419,7 +447,7 @@ def test_every_intermediate_state_is_explained(document, order):
     retrying = pb(yaml.safe_dump({"workflow": [
         {**s, "retry": {"max_attempts": 3, "initial_delay": 1}} if s.get("type") in ("python", "http") else s
         for s in document["workflow"]]}))
-    for doc, worker in ((document, lambda c: Outcome(result=1)), (retrying, flaky)):
+    for doc, worker in ((document, lambda c: Outcome(result=1)), (retrying, flaky), (retrying, silent)):
         sim = Sweep(worker, catalog={"kid": KID}, choose=(lambda n: 0) if order == "first" else (lambda n: n - 1))
         sim.start(doc)
         sim.run(max_messages=5_000)

@@ -5,7 +5,8 @@
 Each item is one thing the execution waits for, with a human sentence (`text`) and the same facts as data
 (`fields`, times as epoch seconds and ISO-8601 UTC) so that a UI can render it its own way. Kinds:
 
-    attempt   a command in flight: dispatched (no worker yet) or running on a worker, with its lease
+    attempt   a command in flight: dispatched (no worker yet) or running on a worker, with its lease; or
+              lost with its worker (lease expired) and about to be sent again (an infrastructure retry)
     save      a result being saved by a worker (a control step's save, a child's result, an iterator's save)
     child     a child execution the step started and waits for
     retry     a retry timer: the step (or one iteration) runs again at `due`
@@ -193,13 +194,28 @@ def _work(r: _Reader, work: Work) -> None:
         return
     kind: ItemKind = "save" if work.phase == "save" and not _is_control(r, work.step) else "attempt"
     what = f"{who} saving its result" if kind == "save" else f"{who} attempt {work.attempt}{of}"
+    if work.infra_retries:
+        fields.update(infra_retries=work.infra_retries, lease_retries=r.s.lease_retries)
     if work.started is None:
-        text = (f"{what} dispatched {_ago(now, work.dispatched)}, not yet taken by a worker "
-                f"(no lease until a worker starts it)")
+        resend = r.timer(f"resend:{work.command_id}")
+        infra = f"infrastructure retry {work.infra_retries} of {r.s.lease_retries}"
+        if resend is not None:
+            fields["resend_at"] = _at(resend)
+            last = f" (`{work.worker_id}`)" if work.worker_id else ""
+            text = (f"{what} lost its worker{last}: lease expired; sent again at {_clock(resend)} "
+                    f"({_until(now, resend)}), {infra}")
+        elif work.infra_retries:
+            text = (f"{what} sent again {_ago(now, work.dispatched)} after a lost lease ({infra}), not yet taken "
+                    f"by a worker")
+        else:
+            text = (f"{what} dispatched {_ago(now, work.dispatched)}, not yet taken by a worker "
+                    f"(no lease until a worker starts it)")
         r.add(kind, work.step, text, work.index, **fields)
         return
     fields["started"] = _at(work.started)
     parts = [f"{what} on worker `{work.worker_id}`" if work.worker_id else what, f"started {_ago(now, work.started)}"]
+    if work.infra_retries:
+        parts[0] += f" (sent {work.infra_retries + 1} times: lost leases)"
     if work.heartbeat is not None:
         fields["heartbeat"] = _at(work.heartbeat)
         parts.append(f"last heartbeat {_ago(now, work.heartbeat)}")
