@@ -324,6 +324,10 @@ class Campaign:
                                        "error": state.get("error"),
                                        "errors": [(e["event_type"], e.get("node_name"), e.get("attempt"), e.get("error"))
                                                   for e in events if e.get("error")]}
+        retries: Counter[str] = Counter()     # action_retry events by kind (infrastructure | policy)
+        for eid in ids.values():
+            retries.update((e.get("result") or {}).get("kind", "policy") if isinstance(e.get("result"), dict)
+                           else "policy" for e in self.events(eid) if e["event_type"] == "action_retry")
         stored = Counter(self.roots())
         not_one = {k: stored[eid] for k, eid in ids.items() if stored[eid] != 1}
         strays = sorted(set(stored) - set(ids.values()))
@@ -337,6 +341,6 @@ class Campaign:
                 "running_at_kills": self.in_flight, "status": dict(by_status),
                 "hung": hung, "lost": lost, "not_one_execution": not_one, "stray_executions": strays,
                 "wrong": wrong, "failed": failed, "missing_side_effect": missing_effect,
-                "side_effects": len(lines), "duplicate_side_effects": duplicates,
+                "side_effects": len(lines), "duplicate_side_effects": duplicates, "retries": dict(retries),
                 "duplicated_keys": sorted(k for k, n in effects.items() if n > 1),
                 "seconds": round(time.monotonic() - self.started, 1)}

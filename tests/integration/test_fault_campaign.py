@@ -41,10 +41,13 @@ def _seed() -> int:
 
 def _check(report: dict[str, Any]) -> None:
     brief = {k: report[k] for k in ("seed", "executions", "kills", "kills_by_victim", "running_at_kills", "status",
-                                     "side_effects", "duplicate_side_effects", "seconds")}
+                                     "side_effects", "duplicate_side_effects", "retries", "seconds")}
     print("campaign figures:", json.dumps(brief))
     detail = json.dumps({k: v for k, v in report.items() if k not in brief}, indent=1, default=str)[:6000]
     assert report["kills"] >= 3, f"too few kills to mean anything: {brief}"
+    assert max(report["running_at_kills"]) > 0, f"no kill hit a running execution: {brief}"
+    # each `retry` execution fails its first attempt on purpose: the step's own policy retried it
+    assert report["retries"].get("policy", 0) >= report["executions"] // 5, brief
     assert not report["hung"], f"hung: {detail}"
     assert not report["lost"] and not report["not_one_execution"] and not report["stray_executions"], \
         f"lost or duplicated executions: {detail}"
