@@ -211,8 +211,11 @@ class Campaign:
 
     # -- the killer
     def killer(self, stop: threading.Event) -> None:
-        first = self.rng.sample(self.victims, len(self.victims))    # every victim once, then at random
-        while not stop.wait(self.rng.uniform(*self.kill_every)):
+        # Every victim once (in a seeded order), then at random, until the submissions are done; the first
+        # round is finished even if the submissions end first (executions are still running then).
+        first = self.rng.sample(self.victims, len(self.victims))
+        while first or not stop.is_set():
+            time.sleep(self.rng.uniform(*self.kill_every))
             victim = first.pop() if first else self.rng.choices(self.victims, [v.weight for v in self.victims])[0]
             running = self.running()
             t = time.monotonic()
@@ -278,8 +281,9 @@ class Campaign:
             ids[item["key"]] = self.submit(item)
             time.sleep(self.pace)
         stop.set()
-        killer.join(120)
+        killer.join(180)
         assert not errors, f"the killer failed: {errors[0]!r}"
+        assert not killer.is_alive(), "the killer did not stop"
         self.say(f"{len(ids)} submitted in {time.monotonic() - submit_start:.1f}s; {len(self.kills)} kills")
 
         states: dict[str, dict[str, Any] | None] = {}

@@ -39,12 +39,13 @@ def _seed() -> int:
     return int(os.environ.get("NOETL_FAULT_SEED") or random.SystemRandom().randrange(1, 10**6))
 
 
-def _check(report: dict[str, Any]) -> None:
+def _check(report: dict[str, Any], victims: list[str]) -> None:
     brief = {k: report[k] for k in ("seed", "executions", "kills", "kills_by_victim", "running_at_kills", "status",
                                      "side_effects", "duplicate_side_effects", "retries", "seconds")}
     print("campaign figures:", json.dumps(brief))
     detail = json.dumps({k: v for k, v in report.items() if k not in brief}, indent=1, default=str)[:6000]
     assert report["kills"] >= 3, f"too few kills to mean anything: {brief}"
+    assert set(report["kills_by_victim"]) == set(victims), f"not every victim was killed: {brief}"
     assert max(report["running_at_kills"]) > 0, f"no kill hit a running execution: {brief}"
     # each `retry` execution fails its first attempt on purpose: the step's own policy retried it
     assert report["retries"].get("policy", 0) >= report["executions"] // 5, brief
@@ -98,7 +99,7 @@ def test_fault_campaign_embedded_server(tmp_path: Path) -> None:
             server.kill()
     if report["failed"] or report["hung"]:
         print(server.log.read_text()[-4000:])
-    _check(report)
+    _check(report, [v.name for v in campaign.victims])
 
 
 # -------------------------------------------------------------------------------------------------- cluster
@@ -195,4 +196,4 @@ def test_fault_campaign_cluster_of_separate_processes(cluster: tuple[str, dict[s
     if report["failed"] or report["hung"]:
         for role in roles.values():
             print(f"--- {role.name} log (tail)\n{role.log.read_text(errors='replace')[-2500:]}")
-    _check(report)
+    _check(report, [v.name for v in campaign.victims])
