@@ -43,7 +43,8 @@ def _record(out: Path, value: str) -> str:
     return (f"import json, os, time\n"
             f"def main(eid, key, step, **args):\n"
             f"    time.sleep({STEP_SECONDS})\n"
-            f"    line = json.dumps({{'eid': eid, 'key': key, 'step': step}}) + '\\n'\n"
+            f"    line = json.dumps({{'eid': eid, 'key': key, 'step': step, 'worker': os.getppid(),\n"
+            f"                       'time': time.time()}}) + '\\n'\n"
             f"    fd = os.open({str(out)!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
             f"    os.write(fd, line.encode())\n"
             f"    os.close(fd)\n"
@@ -180,7 +181,7 @@ class Campaign:
         self.marks = self.workdir / "marks"
         self.marks.mkdir(parents=True, exist_ok=True)
         self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=10)
-        self.started = time.monotonic()
+        self.started, self.wall = time.monotonic(), time.time()
 
     def say(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f}s] {text}"
@@ -340,11 +341,12 @@ class Campaign:
         completed = [item["key"] for item in work if (states.get(item["key"]) or {}).get("status") == "COMPLETED"]
         missing_effect = [k for k in completed if effects[k] == 0]
         duplicates = sum(n - 1 for n in effects.values() if n > 1)
+        twice = [line for line in lines if effects[line["key"]] > 1]   # which process ran it, and when
         return {"seed": self.seed, "executions": len(work), "kills": len(self.kills),
                 "kills_by_victim": dict(Counter(v for _, v in self.kills)),
-                "running_at_kills": self.in_flight, "status": dict(by_status),
+                "running_at_kills": self.in_flight, "kill_times": [(round(t, 1), v) for t, v in self.kills], "status": dict(by_status),
                 "hung": hung, "lost": lost, "not_one_execution": not_one, "stray_executions": strays,
                 "wrong": wrong, "failed": failed, "missing_side_effect": missing_effect,
                 "side_effects": len(lines), "duplicate_side_effects": duplicates, "retries": dict(retries),
-                "duplicated_keys": sorted(k for k, n in effects.items() if n > 1),
+                "duplicated": [(x["key"], x["eid"], x["step"], x["worker"], round(x["time"] - self.wall, 1)) for x in twice],
                 "seconds": round(time.monotonic() - self.started, 1)}
