@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,6 +112,16 @@ def playbooks(out: Path, marks: Path) -> dict[str, str]:
 def expected(kind: str, n: int, items: list[int]) -> int:
     return {"chain": (n + 1) * 3, "fanout": n * 2 + n + 5, "iterator": sum(i * i for i in items),
             "retry": n + 100, "child": n * 7}[kind]
+
+
+def _epoch(stamp: Any) -> float:
+    """An event's timestamp (epoch seconds, or ISO 8601 as the API serves it) as epoch seconds."""
+    if isinstance(stamp, (int, float)):
+        return float(stamp)
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ victims
@@ -342,6 +353,12 @@ class Campaign:
         missing_effect = [k for k in completed if effects[k] == 0]
         duplicates = sum(n - 1 for n in effects.values() if n > 1)
         twice = [line for line in lines if effects[line["key"]] > 1]   # which process ran it, and when
+        why = {}     # the events of each duplicated step: which attempts ran, where, and which retries
+        for eid, step in sorted({(x["eid"], x["step"]) for x in twice}):
+            why[eid] = [(e["event_type"], e.get("attempt"), (e.get("worker_id") or "")[-8:],
+                         (e.get("result") or {}).get("kind") if isinstance(e.get("result"), dict) else None,
+                         round(_epoch(e.get("timestamp")) - self.wall, 1))
+                        for e in self.events(eid) if e.get("node_name") == step]
         return {"seed": self.seed, "executions": len(work), "kills": len(self.kills),
                 "kills_by_victim": dict(Counter(v for _, v in self.kills)),
                 "running_at_kills": self.in_flight, "kill_times": [(round(t, 1), v) for t, v in self.kills], "status": dict(by_status),
@@ -349,4 +366,5 @@ class Campaign:
                 "wrong": wrong, "failed": failed, "missing_side_effect": missing_effect,
                 "side_effects": len(lines), "duplicate_side_effects": duplicates, "retries": dict(retries),
                 "duplicated": [(x["key"], x["eid"], x["step"], x["worker"], round(x["time"] - self.wall, 1)) for x in twice],
+                "duplicated_events": why,
                 "seconds": round(time.monotonic() - self.started, 1)}

@@ -45,6 +45,8 @@ def _check(report: dict[str, Any], victims: list[str]) -> None:
     print("campaign figures:", json.dumps(brief))
     print("kills (s after start, victim):", report["kill_times"])
     print("duplicated side effects (key, execution, step, process, s after start):", report["duplicated"])
+    for eid, events in report["duplicated_events"].items():
+        print(f"  {eid} (event, attempt, worker, retry kind, s after start): {events}")
     detail = json.dumps({k: v for k, v in report.items() if k not in brief}, indent=1, default=str)[:6000]
     assert report["kills"] >= 3, f"too few kills to mean anything: {brief}"
     assert set(report["kills_by_victim"]) == set(victims), f"not every victim was killed: {brief}"
