@@ -22,11 +22,12 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel
 
 from noetl_common.messages import TERMINAL_EVENTS, Event
-from noetl_common.ports import CatalogEntry, Credential
+from noetl_common.ports import CatalogEntry, Claim, Credential
+from noetl_common.refusals import Conflict
 from noetl_runtime import secret_key
 
 DEFAULT_PATH = Path("~/.noetl/noetl.db")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the idempotency table
 
 _TERMINAL_STATUS = {
     "execution_complete": "COMPLETED",
@@ -79,6 +80,14 @@ CREATE TABLE IF NOT EXISTS executions (   -- read model, maintained from the eve
     end_time            TEXT,
     error               TEXT
 );
+CREATE TABLE IF NOT EXISTS idempotency (   -- submissions with an Idempotency-Key or a client-chosen id
+    scope        TEXT PRIMARY KEY,      -- "key:<Idempotency-Key>" or "id:<execution_id>"
+    request_hash TEXT NOT NULL,         -- sha256 of the canonical request: a reuse with another body is a 409
+    execution_id TEXT NOT NULL UNIQUE,  -- one scope per execution: a second one naming it is a 409
+    request      TEXT NOT NULL,         -- JSON: what a re-send of the start is rebuilt from
+    answer       TEXT NOT NULL,         -- JSON: the answer a retry gets again
+    created_at   REAL NOT NULL          -- the start's `time`
+);
 """
 
 
@@ -113,6 +122,7 @@ class SqliteStore:
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
         self.catalog = SqliteCatalog(self)
         self.credentials = SqliteCredentials(self)
+        self.idempotency = SqliteIdempotency(self)
 
     # ----------------------------------------------------------------------------------------- plumbing
     @contextmanager
@@ -322,3 +332,33 @@ class SqliteCredentials:
     async def delete(self, name: str) -> bool:
         with self._s._tx() as db:
             return db.execute("DELETE FROM credentials WHERE name = ?", (name,)).rowcount > 0
+
+
+class SqliteIdempotency:
+    """IdempotencyPort: one row per scope, kept (a retry may come after a restart, days later)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._s = store
+
+    async def get(self, scope: str) -> Claim | None:
+        rows = self._s._query("SELECT scope, request_hash, execution_id, request, answer, created_at"
+                              " FROM idempotency WHERE scope = ?", (scope,))
+        if not rows:
+            return None
+        scope, digest, eid, request, answer, created = rows[0]
+        return Claim(scope=scope, request_hash=digest, execution_id=eid, request=json.loads(request),
+                     answer=json.loads(answer), created_at=created)
+
+    async def claim(self, claim: Claim) -> Claim | None:
+        with self._s._tx() as db:
+            if db.execute("SELECT 1 FROM idempotency WHERE scope = ?", (claim.scope,)).fetchone():
+                existing = True
+            elif db.execute("SELECT 1 FROM idempotency WHERE execution_id = ?", (claim.execution_id,)).fetchone():
+                raise Conflict(f"execution_id {claim.execution_id!r} already names another execution")
+            else:
+                existing = False
+                db.execute("INSERT INTO idempotency (scope, request_hash, execution_id, request, answer, created_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           (claim.scope, claim.request_hash, claim.execution_id, json.dumps(claim.request),
+                            json.dumps(claim.answer), claim.created_at))
+        return await self.get(claim.scope) if existing else None

@@ -291,8 +291,8 @@ class Broker:
             del store[key]
         self.cache.clear()
         parsed = [(k.decode(), *schedule_of(v)) for k, v in list(store.items()) if v is not None]
-        scheduled = self.timers.replace(((eid, timers) for eid, timers, _ in parsed), self.assigned)
-        self.evictions.rebuild((eid, at) for eid, _, at in parsed if at is not None)
+        scheduled = self.timers.replace(((eid, timers, lease) for eid, timers, _, lease in parsed), self.assigned)
+        self.evictions.rebuild((eid, at) for eid, _, at, _ in parsed if at is not None)
         self.recovered = True
         log.info("table recovered: partitions %s, %d deadline(s) scheduled", sorted(self.assigned), scheduled)
 

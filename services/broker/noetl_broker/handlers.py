@@ -216,15 +216,12 @@ def dead_letter(record: Record, reason: str, now: float) -> DeadLetter:
         timestamp=datetime.fromtimestamp(now, timezone.utc).isoformat())
 
 
-def timers_of(raw: bytes) -> dict[str, float]:
-    """The durable deadlines in a snapshot (empty for a finished execution): for rebuilding the timer heap."""
-    return schedule_of(raw)[0]
-
-
-def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None]:
-    """A snapshot's live deadlines, and when it finished (None while it runs): one parse, for a recovery."""
+def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None, float]:
+    """A snapshot's live deadlines, when it finished (None while it runs) and its lease: one parse, for a
+    recovery."""
     data = json.loads(raw)
+    lease = float(data.get("lease_seconds") or 0.0)
     if data.get("status") == "RUNNING":
-        return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None
+        return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None, lease
     finished = data.get("finished")
-    return {}, float(finished if finished is not None else data.get("started") or 0.0)
+    return {}, float(finished if finished is not None else data.get("started") or 0.0), lease

@@ -3,7 +3,8 @@
 The deadlines themselves live in the execution states (`state.timers`), i.e. in the table and its
 changelog: that is what makes them durable. This heap is only a schedule of them, for the partitions this
 worker owns, rebuilt from the table after every recovery (start, restart, rebalance) and kept up to date by
-the agent as states change. Firing sends `TimerFired(execution_id, timer, time)` to noetl.requests; the fold
+the agent as states change. After a recovery a lease deadline is held back to one lease after it (the
+broker could not hear the workers while it was away). Firing sends `TimerFired(execution_id, timer, time)` to noetl.requests; the fold
 drops a TimerFired whose deadline was cleared or moved, so firing twice (e.g. once before a crash and once
 after the rebuild) is harmless, and nothing due is ever lost.
 
@@ -19,9 +20,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka.partitioner import murmur2
 
+from noetl_common.engine.leases import recovered_fire_time
 from noetl_common.messages import TimerFired
 
-from noetl_broker.handlers import timers_of
+from noetl_broker.handlers import schedule_of
 
 log = logging.getLogger("noetl.broker.timers")
 Fire = Callable[[list[TimerFired]], Awaitable[None]]
@@ -61,19 +63,24 @@ class TimerLoop:
 
     def rebuild(self, snapshots: Iterable[tuple[str, bytes]], owned: set[int]) -> int:
         """Replace the schedule with the deadlines of these snapshots (the table after a recovery)."""
-        return self.replace(((eid, timers_of(raw)) for eid, raw in snapshots if raw is not None), owned)
+        parsed = ((eid, schedule_of(raw)) for eid, raw in snapshots if raw is not None)
+        return self.replace(((eid, timers, lease) for eid, (timers, _, lease) in parsed), owned)
 
-    def replace(self, schedules: Iterable[tuple[str, dict[str, float]]], owned: set[int]) -> int:
-        """Replace the schedule with these executions' deadlines (parsed from the table after a recovery)."""
+    def replace(self, schedules: Iterable[tuple[str, dict[str, float], float]], owned: set[int]) -> int:
+        """Replace the schedule with these executions' (deadlines, lease) (parsed from the table after a
+        recovery). A lease deadline fires no sooner than one lease from now (leases.recovered_fire_time): the
+        heartbeats and results that waited while this worker did not own the partition come first."""
         self._owned = set(owned)
         self._heap.clear()
         self._current.clear()
-        for execution_id, timers in schedules:
+        now = self._clock()
+        for execution_id, timers, lease_seconds in schedules:
             if partition_of(execution_id, self._partitions) not in self._owned:
                 continue
             if timers:
                 self._current[execution_id] = timers
-                self._heap.extend((due, execution_id, key, due) for key, due in timers.items())
+                self._heap.extend((recovered_fire_time(key, due, lease_seconds, now), execution_id, key, due)
+                                  for key, due in timers.items())
         heapq.heapify(self._heap)
         self._poke()
         return len(self._heap)

@@ -72,7 +72,11 @@ def server_command(ctx: typer.Context,
                        None, "--database-url", metavar="DSN", envvar="NOETL_DATABASE_URL",
                        help="Postgres for the catalog, credentials and read model (with --kafka only)."),
                    log_level: str = typer.Option("INFO", "--log-level", envvar="NOETL_LOG_LEVEL",
-                                                 help="DEBUG, INFO, WARNING or ERROR.")
+                                                 help="DEBUG, INFO, WARNING or ERROR."),
+                   max_in_flight: Optional[int] = typer.Option(
+                       None, "--max-in-flight", envvar="NOETL_MAX_IN_FLIGHT", min=0,
+                       help="Executions in flight above which POST /api/executions/run answers 429 with "
+                            "Retry-After (0: no bound; default 64).")
                    ) -> None:
     """Serve the HTTP API with every role in this process; resumes in-flight executions. Embedded (SQLite
     store, in-process workers) by default; on Kafka + Postgres with --kafka and --database-url. JSON logs on
@@ -90,13 +94,15 @@ def server_command(ctx: typer.Context,
                       "credentials and read model live in Postgres")
             raise typer.Exit(2)
         from noetl_cli.server_kafka import serve_kafka   # faust, aiokafka and asyncpg only for this mode
-        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level))
+        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level, max_in_flight))
     if database_url and given("database_url"):
         # An exported NOETL_DATABASE_URL alone does not switch modes; a typed --database-url means Kafka mode.
         err.print("[red]error:[/] --database-url needs --kafka (embedded mode keeps its data in SQLite)")
         raise typer.Exit(2)
     from noetl_cli.server import serve   # FastAPI and uvicorn only for this command
-    raise typer.Exit(serve(host, port, store, log_level))
+    from noetl_ingest.admission import DEFAULT_MAX_IN_FLIGHT
+    raise typer.Exit(serve(host, port, store, log_level,
+                           DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight))
 
 
 @app.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Header, Query
 
 from noetl_ingest import handlers as h
 from noetl_ingest.handlers import CancelRequest, CredentialRequest, IngestPorts, RegisterRequest, RunRequest
@@ -31,12 +31,12 @@ def router(ports: IngestPorts) -> APIRouter:
         return await answer(_validated_register(ports, data))
 
     @api.post("/executions/run")
-    async def run(body: RunRequest) -> Any:
-        return await answer(h.run(ports, body))
+    async def run(body: RunRequest, idempotency_key: str | None = Header(None)) -> Any:
+        return await answer(h.run(ports, body, idempotency_key))
 
     @api.post("/execute")
-    async def execute(body: RunRequest) -> Any:
-        return await answer(h.run(ports, body))
+    async def execute(body: RunRequest, idempotency_key: str | None = Header(None)) -> Any:
+        return await answer(h.run(ports, body, idempotency_key))
 
     @api.post("/executions/{execution_id}/cancel", status_code=202)
     async def cancel(execution_id: str, body: CancelRequest | None = Body(None)) -> Any:
