@@ -181,6 +181,7 @@ class Campaign:
     executions: int = EXECUTIONS
     pace: float = 0.5                  # seconds between submissions
     kill_every: tuple[float, float] = (3.0, 6.0)
+    max_kills: int = 8                 # bounds the run's time: each kill is an outage the submissions wait out
     finish_within: float = 120.0
     kills: list[tuple[float, str]] = field(default_factory=list)
     in_flight: list[int] = field(default_factory=list)      # executions running at each kill
@@ -226,7 +227,7 @@ class Campaign:
         # Every victim once (in a seeded order), then at random, until the submissions are done; the first
         # round is finished even if the submissions end first (executions are still running then).
         first = self.rng.sample(self.victims, len(self.victims))
-        while first or not stop.is_set():
+        while first or (not stop.is_set() and len(self.kills) < self.max_kills):
             time.sleep(self.rng.uniform(*self.kill_every))
             victim = first.pop() if first else self.rng.choices(self.victims, [v.weight for v in self.victims])[0]
             running = self.running()

@@ -96,7 +96,8 @@ def test_fault_campaign_embedded_server(tmp_path: Path) -> None:
     try:
         wait_for(server.ready, 60, "noetl server ready")
         victim = Victim("noetl server", server.kill, server.start, server.ready)
-        campaign = Campaign(server.url, {}, [victim], tmp_path / "campaign", _seed(), kill_every=(3.0, 5.0))
+        campaign = Campaign(server.url, {}, [victim], tmp_path / "campaign", _seed(), kill_every=(3.0, 5.0),
+                            max_kills=6)
         report = campaign.run()
     finally:
         if server.popen is not None and server.popen.poll() is None:
