@@ -185,6 +185,7 @@ class Campaign:
     finish_within: float = 120.0
     kills: list[tuple[float, str]] = field(default_factory=list)
     in_flight: list[int] = field(default_factory=list)      # executions running at each kill
+    refused: Counter[str] = field(default_factory=Counter)  # requests retried, by answer or error
     log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -209,9 +210,11 @@ class Campaign:
                 if answer.status_code not in RETRYABLE:
                     return answer
                 why = f"{answer.status_code} {answer.text[:120]}"
+                self.refused[str(answer.status_code)] += 1
                 wait = float(answer.headers.get("Retry-After", delay)) if answer.status_code == 429 else delay
             except httpx.HTTPError as exc:   # connection refused/reset, timeout: the process is down
                 why, wait = f"{type(exc).__name__}", delay
+                self.refused[why] += 1
             if time.monotonic() + wait > deadline:
                 raise AssertionError(f"{method} {path}: still refused after {timeout:.0f}s ({why})")
             time.sleep(min(wait, 5.0))
@@ -275,6 +278,12 @@ class Campaign:
         return answer.json().get("events", []) if answer.status_code == 200 else []
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.client.close()
+
+    def _run(self) -> dict[str, Any]:
         self.say(f"seed {self.seed} (NOETL_FAULT_SEED={self.seed} replays it); {self.executions} executions")
         self.register(playbooks(self.out, self.marks))
         work = self.plan()
@@ -339,8 +348,8 @@ class Campaign:
                 events = self.events(ids[item["key"]])
                 failed[item["key"]] = {"kind": item["kind"], "execution_id": ids[item["key"]],
                                        "error": state.get("error"),
-                                       "errors": [(e["event_type"], e.get("node_name"), e.get("attempt"), e.get("error"))
-                                                  for e in events if e.get("error")]}
+                                       "errors": [(e["event_type"], e.get("node_name"), e.get("attempt"),
+                                                   e.get("error")) for e in events if e.get("error")]}
         retries: Counter[str] = Counter()     # action_retry events by kind (infrastructure | policy)
         for eid in ids.values():
             retries.update((e.get("result") or {}).get("kind", "policy") if isinstance(e.get("result"), dict)
@@ -362,10 +371,13 @@ class Campaign:
                         for e in self.events(eid) if e.get("node_name") == step]
         return {"seed": self.seed, "executions": len(work), "kills": len(self.kills),
                 "kills_by_victim": dict(Counter(v for _, v in self.kills)),
-                "running_at_kills": self.in_flight, "kill_times": [(round(t, 1), v) for t, v in self.kills], "status": dict(by_status),
+                "running_at_kills": self.in_flight, "kill_times": [(round(t, 1), v) for t, v in self.kills],
+                "status": dict(by_status),
                 "hung": hung, "lost": lost, "not_one_execution": not_one, "stray_executions": strays,
                 "wrong": wrong, "failed": failed, "missing_side_effect": missing_effect,
                 "side_effects": len(lines), "duplicate_side_effects": duplicates, "retries": dict(retries),
-                "duplicated": [(x["key"], x["eid"], x["step"], x["worker"], round(x["time"] - self.wall, 1)) for x in twice],
+                "requests_retried": dict(self.refused),
+                "duplicated": [(x["key"], x["eid"], x["step"], x["worker"], round(x["time"] - self.wall, 1))
+                               for x in twice],
                 "duplicated_events": why,
                 "seconds": round(time.monotonic() - self.started, 1)}

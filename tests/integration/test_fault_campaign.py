@@ -41,7 +41,8 @@ def _seed() -> int:
 
 def _check(report: dict[str, Any], victims: list[str]) -> None:
     brief = {k: report[k] for k in ("seed", "executions", "kills", "kills_by_victim", "running_at_kills", "status",
-                                     "side_effects", "duplicate_side_effects", "retries", "seconds")}
+                                     "side_effects", "duplicate_side_effects", "retries", "requests_retried",
+                                     "seconds")}
     print("campaign figures:", json.dumps(brief))
     print("kills (s after start, victim):", report["kill_times"])
     print("duplicated side effects (key, execution, step, process, s after start):", report["duplicated"])
