@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -21,11 +22,30 @@ from aiokafka.partitioner import murmur2
 
 from noetl_common.messages import TimerFired
 
-from noetl_broker.handlers import timers_of
-
 log = logging.getLogger("noetl.broker.timers")
 Fire = Callable[[list[TimerFired]], Awaitable[None]]
 RETRY_AFTER = 0.5   # seconds before a deadline whose TimerFired could not be produced is tried again
+
+
+def timers_of(raw: bytes) -> dict[str, float]:
+    """The durable deadlines in a snapshot (empty for a finished execution): for rebuilding the timer heap."""
+    return schedule_of(raw)[0]
+
+
+def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None]:
+    """A snapshot's live deadlines, and when it finished (None while it runs): one parse, for a recovery.
+
+    A snapshot that cannot be read here has neither: it stays in the table untouched until a message for
+    its execution arrives, and the batch fold then quarantines the execution (noetl_common.batch)."""
+    try:
+        data = json.loads(raw)
+        if data.get("status") == "RUNNING":
+            return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None
+        finished = data.get("finished")
+        return {}, float(finished if finished is not None else data.get("started") or 0.0)
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        log.error("an execution snapshot cannot be read (%s): no deadline scheduled for it", exc)
+        return {}, None
 
 
 def partition_of(execution_id: str, partitions: int) -> int:

@@ -69,7 +69,8 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
     app.include_router(render_router(RenderPorts(events=store.events)))
     install_ops(app, service="server", ready=ready, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
-        "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
+        "noetl_dead_letters": ("messages the fold could not use (the store's dead_letters table), since start",
+                               lambda: float(runtime.dead_lettered)),
     })
     return app
 
