@@ -621,6 +621,52 @@ async def test_poison_playbooks_fail_naming_the_template_while_others_complete(
     assert broker.proc is not None and broker.proc.poll() is None and after["noetl_broker_ready"] == 1
 
 
+def test_hostile_playbooks_through_the_real_broker(kafka_bootstrap: str,
+                                                  shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    """The property test's playbooks (tests/hostile.py) through the real broker on Kafka: every execution
+    ends (this test answers every command), a canary folded with them gives exactly the simulator's events,
+    the broker never needs its error path (fold_errors), never dies and stays ready."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from hostile import CANARY, playbooks
+
+    broker, topics = shared_broker
+    loop = asyncio.new_event_loop()
+    worker = Worker(kafka_bootstrap, topics)
+    loop.run_until_complete(worker.__aenter__())
+    before = loop.run_until_complete(broker.metrics())
+
+    @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(documents=st.lists(playbooks("h"), min_size=1, max_size=3))
+    def check(documents: list[dict[str, Any]]) -> None:
+        tag, now = uuid.uuid4().hex[:8], time.time()
+        ids = [f"hostile-{tag}-{i}" for i in range(len(documents))]
+        canary_worker = lambda cmd: Outcome(result={"y": 21})   # noqa: E731
+        canary, sim = simulate(CANARY, f"canary-{tag}", canary_worker, now=now)
+
+        async def run() -> None:
+            await worker.send(topics.requests, canary, *(
+                StartExecution(execution_id=eid, time=now, playbook=d, path="t/h") for eid, d in zip(ids, documents)))
+            for eid in ids:
+                await worker.drive(eid, lambda cmd: answer(cmd, ok(cmd), now), deadline=60)
+            await worker.drive(canary.execution_id, lambda cmd: answer(cmd, canary_worker(cmd), now), deadline=60)
+        loop.run_until_complete(run())
+        assert worker.events[canary.execution_id] == sim.events
+        assert sim.events[-1].event_type == "execution_complete" and sim.events[-1].result == {"y": 21}
+        assert broker.proc is not None and broker.proc.poll() is None
+
+    try:
+        check()
+        after = loop.run_until_complete(broker.metrics())
+    finally:
+        loop.run_until_complete(worker.__aexit__(None, None, None))
+        loop.close()
+    assert after["noetl_broker_fold_errors_total"] == before["noetl_broker_fold_errors_total"]
+    assert after["noetl_broker_ready"] == 1
+
+
 async def test_an_unreadable_snapshot_quarantines_its_execution_and_nothing_else(kafka_bootstrap: str) -> None:
     """A snapshot the broker cannot read (corrupt, or from an incompatible version) used to crash the broker at
     the first message for its execution, at every restart. Now that execution is quarantined: a FAILED

@@ -14,7 +14,6 @@ tests/integration/test_broker.py and tests/integration/test_server_kafka.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -226,3 +225,47 @@ def test_noetl_server_fails_poison_executions_and_stays_ready(tmp_path: Path, ht
     assert http.calls[-1]["headers"]["x.token"] == TOKEN
     assert later["status"] == "COMPLETED" and later["result"] == {"y": 3}
     assert {e["execution_id"] for e in listed} == {ids["end"], ids["cycler"]}
+
+
+# ------------------------------------------------------------------------------------------ hypothesis, for real
+def test_hostile_playbooks_through_the_real_embedded_runtime(tmp_path: Path) -> None:
+    """The property test's playbooks (tests/hostile.py) through the real runtime, its real worker and python
+    pool: every execution ends (its worker answers every command), the canary next to them completes, the
+    runtime never dies, and no input needs the batch fold's error path."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from hostile import CANARY, playbooks
+
+    loop = asyncio.new_event_loop()
+    runtime = EmbeddedRuntime(SqliteStore(tmp_path / "x.db"), python_processes=1)
+    loop.run_until_complete(runtime.start())
+    problems: list[str] = []
+    import noetl_runtime.embedded as embedded
+    log_problems = embedded._log_problems
+
+    def spy(out: Any) -> None:
+        problems.extend(f"{f.execution_id}: {f.reason}" for f in out.failures)
+        log_problems(out)
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(documents=st.lists(playbooks("h"), min_size=1, max_size=3))
+    def check(documents: list[dict[str, Any]]) -> None:
+        async def run() -> None:
+            ids = [runtime.submit(runtime.start_message(d, "t/h", None, {}, time.time())) for d in documents]
+            canary = runtime.submit(runtime.start_message(CANARY, "t/canary", None, {}, time.time()))
+            states = await asyncio.wait_for(asyncio.gather(*(runtime.wait(e) for e in [*ids, canary])), 60)
+            assert all(s.terminal for s in states)
+            assert states[-1].status == "COMPLETED" and states[-1].result == {"y": 21}
+        loop.run_until_complete(run())
+        assert runtime.crashed is None and problems == []
+
+    embedded._log_problems = spy
+    try:
+        check()
+    finally:
+        embedded._log_problems = log_problems
+        loop.run_until_complete(runtime.stop())
+        runtime.store.close()
+        loop.close()

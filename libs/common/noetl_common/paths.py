@@ -48,10 +48,10 @@ def text(path: Path) -> str:
     for key in path:
         if type(key) is int:
             out += f"[{key}]"
-        elif key.isidentifier():
+        elif isinstance(key, str) and key.isidentifier():
             out += f".{key}" if out else key
         else:
-            out += f"[{json.dumps(key, ensure_ascii=False)}]"
+            out += f"[{json.dumps(key, ensure_ascii=False, default=repr)}]"
     return out
 
 

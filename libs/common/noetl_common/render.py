@@ -149,43 +149,61 @@ def value_problem(value: Any) -> tuple[str, str] | _Undefined | None:
     where in the value: "" for the value itself, else a path like `[0].k`), or the Undefined found in it.
 
     JSON values: None, bool, finite float, int of at most MAX_DIGITS digits, str (valid Unicode), list and
-    tuple (an array), dict with str keys; nested at most MAX_DEPTH deep. Everything else (a method, a
-    function, a class, a set, bytes, NaN, an object) is not: stored, it would fail to encode, change on the
-    way back (a set's order, NaN to null, an int key to a string), or stop the snapshot being read."""
+    tuple (an array; rendering hands it back as a list), dict with str keys; nested at most MAX_DEPTH
+    deep. Everything else (a method, a function, a class, a set, bytes, NaN, an object) is not: stored, it
+    would fail to encode, change on the way back (a set's order, NaN to null, an int key to a string), or
+    stop the snapshot being read."""
+    return _walk(value)[0]
+
+
+def _walk(value: Any) -> tuple[tuple[str, str] | _Undefined | None, bool]:
+    """(value_problem, whether the value holds a tuple)."""
+    tuples = False
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         v, where, depth = stack.pop()
         t = type(v)
         if t is str:
             if not v.isascii() and not _utf8(v):
-                return "a string with a lone surrogate (not valid Unicode)", where
+                return ("a string with a lone surrogate (not valid Unicode)", where), tuples
         elif t is int:
             if (v.bit_length() > 14_283 and abs(v) >= _BIG):
-                return f"an integer of more than {MAX_DIGITS} digits", where
+                return (f"an integer of more than {MAX_DIGITS} digits", where), tuples
         elif t is float:
             if not math.isfinite(v):
-                return f"{v!r}, not a JSON number", where
+                return (f"{v!r}, not a JSON number", where), tuples
         elif v is None or t is bool:
             pass
         elif t is dict or t is list or t is tuple or isinstance(v, (dict, list, tuple)):
             if depth >= MAX_DEPTH:
-                return f"a value nested deeper than {MAX_DEPTH} levels", where
+                return (f"a value nested deeper than {MAX_DEPTH} levels", where), tuples
             if isinstance(v, dict):
                 for key, item in v.items():
                     if type(key) is not str:
-                        return f"a key {key!r} ({type(key).__name__}): JSON object keys are strings", where
+                        return (f"a key {key!r} ({type(key).__name__}): JSON object keys are strings", where), tuples
                     stack.append((item, f"{where}[{key!r}]", depth + 1))
             else:
+                tuples = tuples or isinstance(v, tuple)
                 stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
         elif isinstance(v, _Undefined):
-            return v
+            return v, tuples
         elif isinstance(v, str):          # Markup and other str subclasses encode as strings
             stack.append((str(v), where, depth))
         elif isinstance(v, int) and not isinstance(v, bool):
             stack.append((int(v), where, depth))
         else:
-            return _describe(v), where
-    return None
+            return (_describe(v), where), tuples
+    return None, tuples
+
+
+def _lists(value: Any) -> Any:
+    """The value with every tuple made a list: what it becomes once written as JSON and read back, so a
+    replay (or the other runtime) sees exactly the same value (`(1, 2) == [1, 2]` is false)."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
 
 
 def _utf8(text: str) -> bool:
@@ -312,6 +330,10 @@ def _compile_uncached(text: str) -> _Compiled | TemplateError:
         return _Compiled(_ENV.from_string(ast), False, False)
     except _JinjaSyntaxError as exc:    # includes unknown filters/tests (TemplateAssertionError)
         return TemplateError(text, exc)
+    except RecursionError:              # Jinja's parser recurses per nesting level: `[[[[...` 90 deep
+        return TemplateError(text, "syntax error: nested too deeply to parse")
+    except Exception as exc:            # whatever else the compiler chokes on is this template's problem
+        return TemplateError(text, exc)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -340,7 +362,9 @@ def _render_str(text: str, context: Mapping[str, Any]) -> Any:
             rv = str(rv)                  # Markup from e.g. |escape: hand back a plain str
         # A pure path (a.b['c']) that ends on a dict or a list returns context data, which came from JSON:
         # only the value itself needs a look. Anything computed is checked all the way down.
-        problem = None if entry.pure_path and type(rv) in _TRUSTED else value_problem(rv)
+        problem, tuples = (None, False) if entry.pure_path and type(rv) in _TRUSTED else _walk(rv)
+        if tuples and problem is None:
+            rv = _lists(rv)
         if problem is not None:
             if isinstance(problem, _Undefined):
                 problem._fail_with_undefined_error()
@@ -411,6 +435,8 @@ def _names_of(text: str) -> frozenset[str]:
             names = frozenset(meta.find_undeclared_variables(_ENV.parse(text)))
         except _JinjaSyntaxError as exc:
             raise TemplateError(text, exc) from exc
+        except RecursionError:
+            raise TemplateError(text, "syntax error: nested too deeply to parse") from None
         if len(_names) >= _CACHE_MAX:
             _names.clear()
         _names[text] = names
