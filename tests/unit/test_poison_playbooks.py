@@ -269,3 +269,49 @@ def test_hostile_playbooks_through_the_real_embedded_runtime(tmp_path: Path) -> 
         loop.run_until_complete(runtime.stop())
         runtime.store.close()
         loop.close()
+
+
+async def test_an_unreadable_snapshot_is_quarantined_at_resume_and_the_read_model_says_so(tmp_path: Path) -> None:
+    """A snapshot the embedded runtime cannot read (corrupt, or from an incompatible version) used to stop
+    `noetl server` from starting at all. Now its execution is quarantined at resume, the snapshot lands in the
+    dead_letters table, the read model says `quarantined`, and everything else runs."""
+    from noetl_query.sqlite_reads import SqliteReadModel
+
+    path = tmp_path / "x.db"
+    store = SqliteStore(path)
+    store.commit_batch_sync([], {"q": b'{"execution_id": "q", "status": "RUNNING", "seq": 0, "path": "t/q", '
+                                      b'"started": 1700000000.0, "steps": 7}'})
+    store.close()
+    runtime = EmbeddedRuntime(SqliteStore(path), python_processes=1)
+    await runtime.start()
+    try:
+        quarantined = await asyncio.wait_for(runtime.wait("q"), 5)
+        playbook = doc(GOOD)
+        good = await asyncio.wait_for(runtime.wait(runtime.submit(runtime.start_message(
+            playbook, "t/good", None, {}, time.time()))), 30)
+        summary = await SqliteReadModel(runtime.store).execution("q")
+        letters = runtime.store.dead_letters()
+        states = await runtime.store.load_states()
+    finally:
+        await runtime.stop()
+        runtime.store.close()
+    assert quarantined.status == "FAILED" and quarantined.error.startswith("quarantined: its state cannot be resumed")
+    assert summary is not None and summary["status"] == "FAILED" and summary["quarantined"] is True
+    assert summary["error"] == quarantined.error
+    assert [(eid, raw[:16]) for eid, raw, _reason in letters] == [("q", b'{"execution_id":')]
+    assert "q" not in states                              # terminal now: the next start does not resume it
+    assert good.status == "COMPLETED" and runtime.crashed is None
+
+
+def test_submit_refuses_a_message_no_reader_takes_back(tmp_path: Path) -> None:
+    """A start whose payload the codec writes but cannot read back (an int of 5,000 digits) is refused at
+    submission: accepted, it would be dead-lettered and its caller left waiting for ever."""
+    from noetl_common.codec import DecodeError
+
+    runtime = EmbeddedRuntime(SqliteStore(tmp_path / "x.db"))
+    try:
+        with pytest.raises(DecodeError, match="number out of range"):
+            runtime.submit(runtime.start_message(doc(GOOD), "t/good", None, {"x": 10 ** 5000}, time.time()))
+        assert runtime.bus.backlog(runtime.topics.requests) == 0
+    finally:
+        runtime.store.close()
