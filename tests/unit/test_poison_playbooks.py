@@ -25,7 +25,7 @@ import yaml
 from noetl_common.engine import advance
 from noetl_common.messages import StartExecution
 from noetl_common.simulate import Outcome, Simulation
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 
 from test_cli import cli, report_of, write
