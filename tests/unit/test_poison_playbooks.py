@@ -241,7 +241,7 @@ def test_hostile_playbooks_through_the_real_embedded_runtime(tmp_path: Path) -> 
     runtime = EmbeddedRuntime(SqliteStore(tmp_path / "x.db"), python_processes=1)
     loop.run_until_complete(runtime.start())
     problems: list[str] = []
-    import noetl_runtime.embedded as embedded
+    import noetl_embedded.runtime as embedded
     log_problems = embedded._log_problems
 
     def spy(out: Any) -> None:
