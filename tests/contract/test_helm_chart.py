@@ -26,6 +26,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -313,7 +314,7 @@ def test_http_roles_serve_the_probe_and_metrics_paths(role: str) -> None:
     """The FastAPI apps really have /health, /ready and /metrics (the broker and the workers are checked
     by tests/contract/test_helm_env_starts_services.py, which GETs them from the running processes)."""
     import importlib
-    app = importlib.import_module(f"{MODULES[role]}.app").create_app(None)
+    app = importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
     paths = app.openapi()["paths"]
     for path in ("/health", "/ready", "/metrics"):
         assert "get" in paths.get(path, {}), f"{role} does not serve GET {path}"
@@ -616,7 +617,7 @@ def test_route_list_is_the_services_routes() -> None:
     import importlib
     served = set()
     for role in HTTP_ROLES:
-        app = importlib.import_module(f"{MODULES[role]}.app").create_app(None)
+        app = importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
         for path, ops in app.openapi()["paths"].items():
             if path.startswith("/api/"):
                 served |= {(method.upper(), path, role) for method in ops}

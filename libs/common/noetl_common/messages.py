@@ -101,6 +101,7 @@ class StartExecution(_Msg):
     parent_step: str | None = None
     return_step: str | None = None
     lease_seconds: float = 30.0
+    principal: str | None = None           # who started it (set by the API from the caller, never the body)
 
 
 class CancelExecution(_Msg):
@@ -108,6 +109,7 @@ class CancelExecution(_Msg):
     execution_id: str
     time: float
     reason: str = "cancelled"
+    principal: str | None = None           # who cancelled it (set by the API from the caller)
 
 
 class ActionStarted(_Msg):

@@ -29,13 +29,15 @@ from noetl_query.app import router as query_router
 from noetl_query.sqlite_reads import SqliteReadModel
 from noetl_render.app import router as render_router
 from noetl_render.handlers import RenderPorts
+from noetl_runtime.auth import Authenticator, AuthSettings, check_bind
 from noetl_runtime.embedded import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
+from noetl_runtime.tokens import SqliteTokens, ensure_local_admin, local_token_file
 
 log = logging.getLogger("noetl.server")
 
 
-def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
+def build_app(store: SqliteStore, runtime: EmbeddedRuntime, *, auth: Authenticator) -> FastAPI:
     """The one app of embedded mode. The runtime starts and stops with the app (its lifespan)."""
     started = False
 
@@ -67,7 +69,7 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime) -> FastAPI:
                                                  lease_seconds=runtime.lease_seconds)))
     app.include_router(query_router(SqliteReadModel(store)))
     app.include_router(render_router(RenderPorts(events=store.events)))
-    install_ops(app, service="server", ready=ready, gauges={
+    install_ops(app, service="server", auth=auth, ready=ready, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
         "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
     })
@@ -81,14 +83,21 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
     an exclusive lock on the store (two servers on one store would both resume and run every step twice)
     and the listening socket (uvicorn would otherwise start the app, hence the runtime, before binding)."""
     configure_json_logging(log_level.upper())
+    try:
+        settings = AuthSettings()
+        check_bind(host, settings)
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
+        return 1
     store = SqliteStore(store_path)
     try:
         with _exclusive(store.path.with_name(store.path.name + ".server.lock")) as locked:
             if not locked:
                 log.error("another noetl server is using the store %s", store.path)
                 return 1
-            config = uvicorn.Config(build_app(store, EmbeddedRuntime(store, **runtime_options)), host=host,
-                                    port=port, log_config=None, lifespan="on", log_level=log_level.lower(),
+            auth = Authenticator(local_admin(store), settings=settings)
+            app = build_app(store, EmbeddedRuntime(store, **runtime_options), auth=auth)
+            config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on", log_level=log_level.lower(),
                                     timeout_graceful_shutdown=5)
             try:
                 sock = config.bind_socket()   # logs the reason and exits 1 when the port is taken
@@ -103,6 +112,18 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
             return 0 if server.started else 1
     finally:
         store.close()
+
+
+def local_admin(store: SqliteStore) -> SqliteTokens:
+    """The store's tokens; on first start an admin token in `admin.token` beside the store (0600), which
+    `noetl run --server` on this machine reads (docs/security.md "Tokens")."""
+    tokens = SqliteTokens(store)
+    path = local_token_file(store.path)
+    created = asyncio.run(ensure_local_admin(tokens, path, time.time()))
+    if created is not None:
+        log.info("created the admin token %r in %s (mode 0600): `noetl run --server` on this machine uses it; "
+                 "`noetl token create` makes others", created.name, path)
+    return tokens
 
 
 @contextmanager

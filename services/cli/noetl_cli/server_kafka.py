@@ -190,7 +190,9 @@ class KafkaServer:
         from noetl_ingest.handlers import IngestPorts
         from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
         from noetl_query.postgres_reads import PostgresReadModel
+        from noetl_runtime.auth import Authenticator
         from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials
+        from noetl_runtime.tokens import PostgresTokens
 
         s = self.settings
         submit = KafkaSubmit(self.producer, s.topics)
@@ -199,7 +201,7 @@ class KafkaServer:
             credentials=PostgresCredentials(self.pool, s.database_schema, key=_secret_key(s)),
             submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
         app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
-                                 gauges={
+                                 auth=Authenticator(PostgresTokens(self.pool, s.database_schema)), gauges={
             "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
@@ -318,6 +320,13 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
     except ValidationError as exc:
         log.error("invalid settings: %s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                       for e in exc.errors()))
+        return 1
+    try:
+        from noetl_runtime.auth import AuthSettings, check_bind
+
+        check_bind(host, AuthSettings())
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
         return 1
     try:   # bound before anything starts, so that a taken port fails at once
         sock = _listen(host, port)

@@ -48,7 +48,9 @@ class IngestCluster:
         from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog, ensure_topics, open_pool
         from noetl_query.postgres_reads import PostgresReadModel
         from noetl_runtime import kafka_io
+        from noetl_runtime.auth import Authenticator
         from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials
+        from noetl_runtime.tokens import PostgresTokens
 
         s = self.settings
         if s.secret_key is None:
@@ -70,6 +72,7 @@ class IngestCluster:
             submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
         self.app = create_cluster_app(
             ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
+            auth=Authenticator(PostgresTokens(self.pool, s.database_schema)),
             gauges={"noetl_ingest_messages_produced": ("inbound messages produced to Kafka",
                                                        lambda: float(submit.sent))})
         return self.app

@@ -2,7 +2,7 @@
 
     router(ports)                     the /api routes, to mount in any app (`noetl server` mounts every
                                       service's router)
-    create_app(ports)                 a standalone app: the router + /health, /ready, /metrics
+    create_app(ports, auth=...)       a standalone app: the router + /health, /ready, /metrics
     create_cluster_app(ports, read)   the app `python -m noetl_ingest` and `noetl server --kafka` serve:
                                       + the read and render routes over the Postgres read model
 """
@@ -11,47 +11,46 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Body, FastAPI, Query, Request
+from fastapi import APIRouter, Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from noetl_ingest import handlers as h
 from noetl_ingest.handlers import CancelRequest, CredentialRequest, IngestPorts, RegisterRequest, RunRequest
+from noetl_runtime.auth import Authenticator, principal_of
 from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 from noetl_runtime.postgres_store import MissingSecretKey
 
 log = logging.getLogger("noetl.ingest")
 
 
-async def _validated_register(ports: IngestPorts, data: dict[str, Any]) -> dict[str, Any]:
-    return await h.register(ports, RegisterRequest.model_validate(data))
+async def _validated_register(ports: IngestPorts, data: dict[str, Any], principal: str | None) -> dict[str, Any]:
+    return await h.register(ports, RegisterRequest.model_validate(data), principal=principal)
 
 
 def router(ports: IngestPorts) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["ingest"])
 
     @api.post("/catalog/register")
-    async def register(body: dict[str, Any] | None = Body(None), content: str | None = Query(None),
-                       content_base64: str | None = Query(None), resource_type: str | None = Query(None)) -> Any:
-        # NoETL takes the fields in the JSON body or as query parameters; the body wins.
-        query = {"content": content, "content_base64": content_base64, "resource_type": resource_type}
-        data = {k: v for k, v in query.items() if v is not None} | (body or {})
-        return await answer(_validated_register(ports, data))
+    async def register(request: Request, body: dict[str, Any] = Body(...)) -> Any:
+        # JSON body only: NoETL also took the fields as query parameters, which let a cross-site form
+        # publish a playbook (docs/security.md)
+        return await answer(_validated_register(ports, body, principal_of(request)))
 
     @api.post("/executions/run")
-    async def run(body: RunRequest) -> Any:
-        return await answer(h.run(ports, body))
+    async def run(request: Request, body: RunRequest) -> Any:
+        return await answer(h.run(ports, body, principal=principal_of(request)))
 
     @api.post("/execute")
-    async def execute(body: RunRequest) -> Any:
-        return await answer(h.run(ports, body))
+    async def execute(request: Request, body: RunRequest) -> Any:
+        return await answer(h.run(ports, body, principal=principal_of(request)))
 
     @api.post("/executions/{execution_id}/cancel", status_code=202)
-    async def cancel(execution_id: str, body: CancelRequest | None = Body(None)) -> Any:
-        return await answer(h.cancel(ports, execution_id, body or CancelRequest()))
+    async def cancel(request: Request, execution_id: str, body: CancelRequest | None = Body(None)) -> Any:
+        return await answer(h.cancel(ports, execution_id, body or CancelRequest(), principal=principal_of(request)))
 
     @api.post("/events", status_code=202)
-    async def post_event(body: Any = Body(...)) -> Any:
-        return await answer(h.post_event(ports, body))
+    async def post_event(request: Request, body: Any = Body(...)) -> Any:
+        return await answer(h.post_event(ports, body, principal=principal_of(request)))
 
     @api.post("/credentials")
     async def put_credential(body: CredentialRequest) -> Any:
@@ -72,14 +71,14 @@ def router(ports: IngestPorts) -> APIRouter:
     return api
 
 
-def create_app(ports: IngestPorts, *, ready: ReadyCheck | None = None) -> FastAPI:
+def create_app(ports: IngestPorts, *, auth: Authenticator, ready: ReadyCheck | None = None) -> FastAPI:
     app = FastAPI(title="noetl ingest", version="1")
     app.include_router(router(ports))
-    install_ops(app, service="ingest", ready=ready)
+    install_ops(app, service="ingest", auth=auth, ready=ready)
     return app
 
 
-def create_cluster_app(ports: IngestPorts, read: Any, *, ready: ReadyCheck | None = None,
+def create_cluster_app(ports: IngestPorts, read: Any, *, auth: Authenticator, ready: ReadyCheck | None = None,
                        gauges: dict[str, Any] | None = None) -> FastAPI:
     """The ingest app of a cluster: write routes + the read and render routes over `read` (a
     PostgresReadModel), + ops."""
@@ -95,7 +94,7 @@ def create_cluster_app(ports: IngestPorts, read: Any, *, ready: ReadyCheck | Non
     app.include_router(router(ports))
     app.include_router(query_router(read))
     app.include_router(render_router(RenderPorts(events=read.events)))
-    install_ops(app, service="ingest", ready=ready, gauges=gauges)
+    install_ops(app, service="ingest", auth=auth, ready=ready, gauges=gauges)
 
     @app.exception_handler(KafkaError)
     async def _kafka_down(_request: Request, exc: KafkaError) -> JSONResponse:

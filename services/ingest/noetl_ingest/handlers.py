@@ -138,7 +138,7 @@ class CredentialRequest(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- catalog
-async def register(ports: IngestPorts, req: RegisterRequest) -> dict[str, Any]:
+async def register(ports: IngestPorts, req: RegisterRequest, principal: str | None = None) -> dict[str, Any]:
     text = req.text()
     playbook, problems = load_playbook(text)
     if playbook is None:
@@ -157,7 +157,7 @@ def _errors(problems: list[Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- executions
-async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
+async def run(ports: IngestPorts, req: RunRequest, principal: str | None = None) -> dict[str, Any]:
     """Resolve the playbook, validate it, submit the start. Returns before any step runs."""
     path, version = req.target()
     entry = await ports.catalog.get(path, version)
@@ -170,7 +170,8 @@ async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
         raise Rejected(f"invalid playbook {entry.path} version {entry.version}: {len(errors)} error(s)", errors)
     now = ports.clock()
     start = StartExecution(execution_id=ports.new_id(), time=now, playbook=entry.document, path=entry.path,
-                           version=entry.version, payload=req.parameters or {}, lease_seconds=ports.lease_seconds)
+                           version=entry.version, payload=req.parameters or {}, lease_seconds=ports.lease_seconds,
+                           principal=principal)
     await ports.submit(start)
     return {"execution_id": start.execution_id, "id": start.execution_id,
             "catalog_id": f"{entry.path}:{entry.version}", "path": entry.path, "playbook_id": entry.path,
@@ -179,21 +180,26 @@ async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
             "end_time": None, "progress": 0, "result": None, "error": None}
 
 
-async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest) -> dict[str, Any]:
+async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest,
+                 principal: str | None = None) -> dict[str, Any]:
     """Ask the fold to cancel. Asynchronous like everything the fold does: an execution already finished
     (or unknown) is left as it is; GET /api/executions/{id} shows the outcome."""
-    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason))
+    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason,
+                                       principal=principal))
     return {"execution_id": execution_id, "status": "cancel_requested", "reason": req.reason}
 
 
-async def post_event(ports: IngestPorts, body: Any) -> dict[str, Any]:
-    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it."""
+async def post_event(ports: IngestPorts, body: Any, principal: str | None = None) -> dict[str, Any]:
+    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it.
+    A posted cancel records the caller as its principal (never what the body claims)."""
     if not isinstance(body, dict):
         raise DecodeError("the body must be a JSON object (an inbound message with `kind` and `execution_id`)")
     kind = body.get("kind")
     if kind in ("start", "timer_fired"):
         raise ValueError(f"kind {kind!r} cannot be posted here"
                          + (": use POST /api/executions/run" if kind == "start" else " (timers are internal)"))
+    if kind == "cancel":
+        body = {**body, "principal": principal}
     message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
     await ports.submit(message)
     return {"status": "accepted", "kind": message.kind, "execution_id": message.execution_id}

@@ -136,8 +136,13 @@ async def ensure_topics(settings: Settings) -> None:
 def http_server(app: Any, settings: Settings) -> uvicorn.Server:
     """A uvicorn server for `app` on NOETL_HTTP_HOST/PORT. SIGTERM/SIGINT make `serve()` return (once the
     open requests are answered), so the caller's cleanup runs: stock uvicorn re-raises the signal after
-    `serve()`, which would end the process before the consumer commits and the producer flushes."""
+    `serve()`, which would end the process before the consumer commits and the producer flushes.
+    Refuses (ValueError) to serve with NOETL_AUTH=off on anything but a loopback address."""
     import uvicorn
+
+    from noetl_runtime.auth import AuthSettings, check_bind
+
+    check_bind(settings.http_host, AuthSettings())
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager

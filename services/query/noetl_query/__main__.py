@@ -32,13 +32,16 @@ async def serve(settings: Settings) -> int:
     from noetl_query.consumer import QueryConsumer
     from noetl_query.postgres_reads import PostgresReadModel
     from noetl_query.projector import Projector
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.tokens import PostgresTokens
 
     pool = await open_pool(settings)
     consumer: QueryConsumer | None = None
     try:
         await ensure_topics(settings)
         consumer = QueryConsumer(settings, Projector(pool, settings.database_schema))
-        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer)
+        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer,
+                                 Authenticator(PostgresTokens(pool, settings.database_schema)))
         await consumer.start()
         server = http_server(app, settings)
         serving = asyncio.create_task(server.serve(), name="query-http")
@@ -58,7 +61,7 @@ async def serve(settings: Settings) -> int:
         log.info("query stopped")
 
 
-def create_service_app(read: Any, consumer: Any) -> Any:
+def create_service_app(read: Any, consumer: Any, auth: Any) -> Any:
     """The read API (the query app's router) + ops, with the projection's counters on /metrics."""
     from fastapi import FastAPI
 
@@ -74,7 +77,7 @@ def create_service_app(read: Any, consumer: Any) -> Any:
         ("dead_letters", "records sent to noetl.dlq"),
         ("batches", "batches applied and committed"),
         ("retries", "batch attempts retried after a Postgres error"))}
-    install_ops(app, service="query", ready=consumer.not_ready, gauges=gauges)
+    install_ops(app, service="query", auth=auth, ready=consumer.not_ready, gauges=gauges)
     return app
 
 

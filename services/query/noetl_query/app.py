@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Response
 from pydantic import ValidationError
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 from noetl_query import handlers as h
 from noetl_query.handlers import ExecutionFilters, Page, ReadModel
@@ -84,8 +85,8 @@ def router(read: ReadModel) -> APIRouter:
     return api
 
 
-def create_app(read: ReadModel, *, ready: ReadyCheck | None = None) -> FastAPI:
+def create_app(read: ReadModel, *, auth: Authenticator, ready: ReadyCheck | None = None) -> FastAPI:
     app = FastAPI(title="noetl query", version="1")
     app.include_router(router(read))
-    install_ops(app, service="query", ready=ready)
+    install_ops(app, service="query", auth=auth, ready=ready)
     return app

@@ -22,21 +22,24 @@ from noetl_runtime.settings import Settings
 log = logging.getLogger("noetl.render")
 
 
-def create_service_app(read: Any) -> Any:
+def create_service_app(read: Any, auth: Any) -> Any:
     """The render app over a PostgresReadModel's events."""
     from noetl_render.app import create_app
     from noetl_render.handlers import RenderPorts
 
-    return create_app(RenderPorts(events=read.events))
+    return create_app(RenderPorts(events=read.events), auth=auth)
 
 
 async def serve(settings: Settings) -> int:
     from noetl_ingest.kafka_ports import http_server, open_pool
     from noetl_query.postgres_reads import PostgresReadModel
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.tokens import PostgresTokens
 
     pool = await open_pool(settings, max_size=5)
     try:
-        server = http_server(create_service_app(PostgresReadModel(pool, settings.database_schema)), settings)
+        auth = Authenticator(PostgresTokens(pool, settings.database_schema))
+        server = http_server(create_service_app(PostgresReadModel(pool, settings.database_schema), auth), settings)
         log.info("render on http://%s:%d (schema %s)", settings.http_host, settings.http_port,
                  settings.database_schema)
         await server.serve()
