@@ -220,3 +220,16 @@ async def test_postgres_tokens_behave_like_sqlite_ones(pg_pool: tuple[Any, str])
     assert (await tokens.lookup(token)).revoked_at is not None
     with pytest.raises(Exception, match="revoked"):
         await auth.authenticate(f"Bearer {token}")
+
+
+def test_the_cli_sends_its_token_and_the_local_admin_token_only_to_loopback(tmp_path: Path) -> None:
+    from noetl_cli.remote import api_token
+
+    (tmp_path / "admin.token").write_text("noetl_local\n")
+    env = {"NOETL_STORE": str(tmp_path / "noetl.db")}
+    for url in ("http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:8080/"):
+        assert api_token(url, env) == "noetl_local", url
+    for url in ("http://10.0.0.5:8080", "https://noetl.example.com", "http://127.0.0.1.nip.io:80", "nonsense"):
+        assert api_token(url, env) is None, url
+    assert api_token("https://noetl.example.com", {**env, "NOETL_API_TOKEN": " noetl_env "}) == "noetl_env"
+    assert api_token("http://127.0.0.1:1", {"NOETL_STORE": str(tmp_path / "elsewhere" / "x.db")}) is None

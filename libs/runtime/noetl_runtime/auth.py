@@ -18,12 +18,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 from noetl_runtime import tokens as tk
 from noetl_runtime.tokens import TokenStore
@@ -89,14 +89,12 @@ def role_for(method: str, path: str) -> str | None:
     return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path))
 
 
-def _compile() -> list[tuple[Any, str]]:
+@cache
+def _templates() -> list[tuple[Any, str]]:
+    # compiled on first use: the `noetl` command imports this module without the [server] extra
     from starlette.routing import compile_path
 
-    templates = sorted({path for _, path in ROUTE_ROLES})
-    return [(compile_path(path)[0], path) for path in templates]
-
-
-_TEMPLATES = _compile()
+    return [(compile_path(path)[0], path) for path in sorted({path for _, path in ROUTE_ROLES})]
 
 
 def route_of(method: str, path: str) -> tuple[str | None, str | None]:
@@ -104,7 +102,7 @@ def route_of(method: str, path: str) -> tuple[str | None, str | None]:
     needs (None: the template does not take this method). Matching the table itself, not the app's
     router, keeps the check independent of how a FastAPI version stores included routers."""
     first = None
-    for regex, template in _TEMPLATES:   # /api/executions/run also matches /api/executions/{execution_id}
+    for regex, template in _templates():   # /api/executions/run also matches /api/executions/{execution_id}
         if regex.match(path):
             needed = role_for(method, template)
             if needed is not None:

@@ -26,10 +26,12 @@ LEEWAY = 30
 
 
 class OidcVerifier:
-    def __init__(self, settings: AuthSettings) -> None:
+    def __init__(self, settings: AuthSettings, refetch_cooldown: float = 30.0) -> None:
         self.settings = settings
-        # The JWKS is cached (5 min) and refetched when a token names a key id it does not know (rotation).
-        self.keys = PyJWKClient(settings.oidc_jwks_url or "", cache_keys=True, lifespan=300, timeout=10)
+        # The JWKS is cached (5 min) and refetched when a token names a key id it does not know (rotation),
+        # at most once per `refetch_cooldown` seconds: tokens with made-up key ids cannot hammer the provider.
+        self.keys = PyJWKClient(settings.oidc_jwks_url or "", cache_keys=True, lifespan=300, timeout=10,
+                                cooldown_duration=refetch_cooldown)
 
     async def principal(self, token: str) -> Principal:
         # PyJWKClient fetches with urllib (blocking): off the event loop

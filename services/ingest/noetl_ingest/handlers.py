@@ -145,7 +145,7 @@ async def register(ports: IngestPorts, req: RegisterRequest, principal: str | No
         errors = _errors(problems)
         raise Rejected(f"invalid playbook: {len(errors)} error(s)", errors)
     document = yaml.safe_load(text)
-    entry = await ports.catalog.register(text, document, playbook.path)
+    entry = await ports.catalog.register(text, document, playbook.path, registered_by=principal)
     return {"status": "success", "message": f"registered {entry.path} version {entry.version}",
             "path": entry.path, "version": entry.version, "catalog_id": f"{entry.path}:{entry.version}",
             "kind": "Playbook",

@@ -80,8 +80,9 @@ class PublishingCatalog:
         self.producer = producer
         self.topics = topics
 
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry:
-        entry = await self.inner.register(content, document, path)
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry:
+        entry = await self.inner.register(content, document, path, registered_by=registered_by)
         await self.producer.send_and_wait(self.topics.catalog, entry.model_dump_json().encode(),
                                           key=entry.path.encode())
         return entry
