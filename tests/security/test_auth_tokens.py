@@ -233,3 +233,28 @@ def test_the_cli_sends_its_token_and_the_local_admin_token_only_to_loopback(tmp_
         assert api_token(url, env) is None, url
     assert api_token("https://noetl.example.com", {**env, "NOETL_API_TOKEN": " noetl_env "}) == "noetl_env"
     assert api_token("http://127.0.0.1:1", {"NOETL_STORE": str(tmp_path / "elsewhere" / "x.db")}) is None
+
+
+def test_the_token_command_refuses_bad_input_clearly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    noetl = str(Path(sys.executable).with_name("noetl"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([noetl, "token", *args, "--store", str(tmp_path / "t.db")], capture_output=True,
+                              text=True, timeout=60, env=env)
+    for args, message in ((["create", "--name", "a", "--role", "root"], "unknown role"),
+                          (["create", "--name", "a", "--role", "viewer", "--expires", "5x"], "--expires"),
+                          (["create", "--name", "a", "--role", "viewer", "--expires", "0d"], "--expires"),
+                          (["create", "--name", "../a\nb", "--role", "viewer"], "token name"),
+                          (["create", "--name", "ü" * 300, "--role", "viewer"], "token name")):
+        done = run(*args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done)
+        assert done.stdout == ""
+    missing = run("revoke", "nobody")
+    assert missing.returncode == 1 and "no active token" in missing.stderr
+    pg = subprocess.run([noetl, "token", "list", "--postgres"], capture_output=True, text=True, timeout=60,
+                        env={**env, "NOETL_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"})
+    assert pg.returncode == 2 and "Traceback" not in pg.stderr

@@ -74,6 +74,11 @@ def _run(work: Any) -> Any:
     except (ValueError, OSError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2)
+    except Exception as exc:   # the database refused (asyncpg's errors, sqlite3's): say so, no traceback
+        if type(exc).__module__.split(".")[0] not in ("asyncpg", "sqlite3"):
+            raise
+        err.print(f"[red]error:[/] the token store refused: {type(exc).__name__}: {escape(str(exc))}")
+        raise typer.Exit(2)
 
 
 def _when(t: float | None) -> str:
