@@ -258,3 +258,14 @@ def test_the_token_command_refuses_bad_input_clearly(tmp_path: Path) -> None:
     pg = subprocess.run([noetl, "token", "list", "--postgres"], capture_output=True, text=True, timeout=60,
                         env={**env, "NOETL_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"})
     assert pg.returncode == 2 and "Traceback" not in pg.stderr
+
+
+async def test_a_token_store_that_cannot_be_read_is_503_not_500(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "noetl.db")
+    tokens = SqliteTokens(store)
+    token, _ = await tokens.create("t", "viewer", None)
+    app = server_app(store, Authenticator(tokens))
+    assert (await get(app, token)).status_code == 200
+    store.close()                                   # the database goes away under the running app
+    answer = await get(app, token)
+    assert answer.status_code == 503 and "token store" in answer.json()["detail"]

@@ -234,7 +234,11 @@ class Authenticator:
     async def _token(self, token: str) -> Principal:
         if self.tokens is None:
             raise AuthError(401, "invalid token")
-        record = await self.tokens.lookup(token)
+        try:
+            record = await self.tokens.lookup(token)
+        except Exception as exc:   # the database is down or refused: nobody can be authenticated now
+            log.warning("the token store cannot be read: %r", exc)
+            raise AuthError(503, "the token store is unavailable; try again") from None
         if record is None:
             raise AuthError(401, "invalid token")
         if record.revoked_at is not None:
