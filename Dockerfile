@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # One image for every role of the cluster (deploy/helm/noetl runs each as its own Deployment):
 #
-#   python -m noetl_ingest | noetl_query | noetl_render | noetl_broker | noetl_worker
-#   python -m noetl_query.postgres_schema            (the schema migration Job)
+#   python -m noetl_frontend | noetl_query | noetl_render | noetl_broker | noetl_worker
+#   python -m noetl_runtime.postgres_schema          (the schema migration Job)
+#
+# (noetl_frontend is the `ingest` role: the API, composed from the ingest, query and render routers.)
 #
 # Settings come only from NOETL_* environment variables (libs/runtime/noetl_runtime/settings.py).
 #
@@ -25,7 +27,7 @@ COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
 RUN /opt/noetl/bin/pip install ".[server,kafka]" \
-    && /opt/noetl/bin/python -c "import noetl_ingest, noetl_query, noetl_render, noetl_broker, noetl_worker, noetl_cli"
+    && /opt/noetl/bin/python -c "import noetl_frontend, noetl_query, noetl_render, noetl_broker, noetl_worker, noetl_cli"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="noetl-engine" \

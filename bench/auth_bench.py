@@ -17,7 +17,7 @@ import httpx
 from common import describe
 from noetl_cli.server import build_app
 from noetl_runtime.auth import Authenticator, AuthSettings
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.tokens import SqliteTokens
 

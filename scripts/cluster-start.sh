@@ -13,7 +13,8 @@
 #   NOETL_DATABASE_SCHEMA      (noetl)   NOETL_TOPIC_PREFIX (empty)   NOETL_TOPIC_PARTITIONS (6)
 #   NOETL_SECRET_KEY           the Fernet key of the credentials, shared by ingest and the workers;
 #                              generated when unset (kept in the cluster dir, mode 600)
-#   NOETL_INGEST_PORT          the ingest (= the API) port (8080, else the next free one)
+#   NOETL_INGEST_PORT          the ingest role's port, the API (python -m noetl_frontend; 8080, else the
+#                              next free one)
 #   NOETL_CLUSTER_WORKERS      worker processes of the pool NOETL_WORKER_POOL (1)
 #   NOETL_CLUSTER_DIR          logs, pids and the info file (default: a new temp dir)
 #   NOETL_CLUSTER_READY_TIMEOUT  seconds to wait for every /ready (120)
@@ -109,7 +110,7 @@ pools = [p.strip() for p in __import__("os").environ["NOETL_BROKER_POOLS"].split
 created = asyncio.run(kafka_io.ensure_topics(s, s.topics, pools, partitions=s.topic_partitions))
 print(f"created topics: {created or 'none (all existed)'}")
 PY
-"$PYTHON" -m noetl_query.postgres_schema >&2
+"$PYTHON" -m noetl_runtime.postgres_schema >&2
 
 # -------------------------------------------------------------------------------------------- API token
 # Every route but /health and /ready needs a token (docs/security.md): an admin token for the caller of
@@ -150,7 +151,7 @@ for i in $(seq 1 "${NOETL_CLUSTER_WORKERS:-1}"); do
   start_role "worker$i" "$(free_port)" noetl_worker
 done
 start_role render "$(free_port)" noetl_render
-start_role ingest "$INGEST_PORT" noetl_ingest
+start_role ingest "$INGEST_PORT" noetl_frontend   # the API: ingest's writes + the reads, one URL
 URL="http://127.0.0.1:$INGEST_PORT"
 info "URL=$URL"
 

@@ -17,7 +17,7 @@ from noetl_runtime.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-ROLES = {"ingest": "noetl_ingest", "broker": "noetl_broker", "worker": "noetl_worker", "query": "noetl_query",
+ROLES = {"ingest": "noetl_frontend", "broker": "noetl_broker", "worker": "noetl_worker", "query": "noetl_query",
          "render": "noetl_render"}
 NEEDS_DATABASE = {"ingest", "worker", "query", "render"}
 NEEDS_KEY = {"ingest", "worker"}           # the two that encrypt or decrypt credentials
@@ -75,7 +75,7 @@ def test_the_development_key_is_a_valid_fernet_key_and_can_be_overridden():
 
 def test_the_api_is_published_and_the_migration_runs_first():
     assert "8080:8080" in SERVICES["ingest"]["ports"]
-    assert SERVICES["migrate"]["command"] == ["python", "-m", "noetl_query.postgres_schema"]
-    assert importlib.util.find_spec("noetl_query.postgres_schema") is not None
+    assert SERVICES["migrate"]["command"] == ["python", "-m", "noetl_runtime.postgres_schema"]
+    assert importlib.util.find_spec("noetl_runtime.postgres_schema") is not None
     for role in ROLES:
         assert SERVICES[role]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -37,12 +37,13 @@ KUBE_VERSIONS = (MIN_KUBE, kubernetes_validate.latest_version())
 # Custom resources have no schema in kubernetes-validate: they get the structural tests below instead.
 CUSTOM_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "HTTPRoute": "gateway.networking.k8s.io/v1"}
 HTTP_ROLES = ("ingest", "query", "render")     # the roles behind the Ingress
-MODULES = {"ingest": "noetl_ingest", "query": "noetl_query", "render": "noetl_render",
-           "broker": "noetl_broker", "worker": "noetl_worker", "migrate": "noetl_query.postgres_schema"}
+# The ingest role is the API's entry point: the frontend, which serves every service's routes (one URL).
+MODULES = {"ingest": "noetl_frontend", "query": "noetl_query", "render": "noetl_render",
+           "broker": "noetl_broker", "worker": "noetl_worker", "migrate": "noetl_runtime.postgres_schema"}
 
 # Variables the chart sets that are not Settings fields: each must be read, by name, by the code of the
 # role it is set for (checked by searching that role's package for the literal name). The migration Job
-# has no Settings: every variable it gets must be read by noetl_query.postgres_schema itself.
+# has no Settings: every variable it gets must be read by noetl_runtime.postgres_schema itself.
 EXTRAS = {
     "NOETL_WORKER_SHUTDOWN_GRACE": "seconds in-flight commands get on SIGTERM (WorkerOptions.from_env)",
     "NOETL_WORKER_PYTHON_PROCESSES": "python step processes per worker (noetl_worker.__main__)",
@@ -68,8 +69,9 @@ FORBIDDEN = {
     "migrate": {"NOETL_SECRET_KEY"},
 }
 
-# The API: (method, path template, the service that serves it). test_route_list_is_the_services_routes
-# holds this list to the routers of noetl_ingest, noetl_query and noetl_render.
+# The API: (method, path template, the service whose router defines it: the role the Ingress sends it to).
+# test_route_list_is_the_services_routes holds this list to the routers of noetl_ingest, noetl_query and
+# noetl_render, and to the apps the roles serve.
 API_ROUTES = [
     ("POST", "/api/catalog/register", "ingest"),
     ("POST", "/api/executions/run", "ingest"),
@@ -132,6 +134,27 @@ def role_source(role: str) -> str:
     origin = Path(spec.origin)
     files = [origin] if role == "migrate" else sorted(origin.parent.rglob("*.py"))
     return "\n".join(f.read_text() for f in files)
+
+
+def role_app(role: str) -> Any:
+    """The FastAPI app the HTTP role's process serves (without ports: only its routes are looked at)."""
+    import importlib
+    if role == "ingest":
+        from noetl_frontend.app import build_api
+        return build_api(None, None, None, service="ingest", description="",   # type: ignore[arg-type]
+                         auth=Authenticator(None))
+    return importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
+
+
+def api_routes(app_or_router: Any) -> set[tuple[str, str]]:
+    """(METHOD, path template) of every /api route of an app or a router."""
+    from fastapi import FastAPI
+    app = app_or_router
+    if not isinstance(app, FastAPI):
+        app = FastAPI()
+        app.include_router(app_or_router)
+    return {(method.upper(), path) for path, ops in app.openapi()["paths"].items() if path.startswith("/api/")
+            for method in ops}
 
 
 def message(exc: BaseException) -> str:
@@ -313,9 +336,7 @@ def test_probes_hit_health_and_ready_on_the_http_port(rendered: Any) -> None:
 def test_http_roles_serve_the_probe_and_metrics_paths(role: str) -> None:
     """The FastAPI apps really have /health, /ready and /metrics (the broker and the workers are checked
     by tests/contract/test_helm_env_starts_services.py, which GETs them from the running processes)."""
-    import importlib
-    app = importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
-    paths = app.openapi()["paths"]
+    paths = role_app(role).openapi()["paths"]
     for path in ("/health", "/ready", "/metrics"):
         assert "get" in paths.get(path, {}), f"{role} does not serve GET {path}"
 
@@ -613,17 +634,23 @@ def resolve_httproute(route: dict[str, Any], method: str, path: str) -> str | No
 
 
 def test_route_list_is_the_services_routes() -> None:
-    """API_ROUTES is exactly what noetl_ingest, noetl_query and noetl_render serve under /api."""
-    import importlib
-    served = set()
-    for role in HTTP_ROLES:
-        app = importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
-        for path, ops in app.openapi()["paths"].items():
-            if path.startswith("/api/"):
-                served |= {(method.upper(), path, role) for method in ops}
-    assert set(API_ROUTES) == served, (
-        f"missing from API_ROUTES: {sorted(served - set(API_ROUTES))}; "
-        f"not served: {sorted(set(API_ROUTES) - served)}")
+    """API_ROUTES is exactly what the routers of noetl_ingest, noetl_query and noetl_render define under
+    /api; each role serves the routes the Ingress sends it, and the ingest role (the frontend) serves them
+    all, for the clients that use one URL."""
+    from noetl_ingest.app import router as ingest_router
+    from noetl_query.app import router as query_router
+    from noetl_render.app import router as render_router
+
+    defined = {(method, path, role) for role, router in (("ingest", ingest_router), ("query", query_router),
+                                                         ("render", render_router))
+               for method, path in api_routes(router(None))}   # type: ignore[arg-type]
+    assert set(API_ROUTES) == defined, (
+        f"missing from API_ROUTES: {sorted(defined - set(API_ROUTES))}; "
+        f"not defined: {sorted(set(API_ROUTES) - defined)}")
+    served = {role: api_routes(role_app(role)) for role in HTTP_ROLES}
+    for method, path, role in API_ROUTES:
+        assert (method, path) in served[role], f"{role} does not serve {method} {path}"
+    assert served["ingest"] == {(method, path) for method, path, _ in API_ROUTES}
 
 
 @pytest.mark.parametrize("nginx_exact_is_regex", [False, True])
@@ -812,6 +839,9 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
         assert homes and homes[0] in where, (
             f"{package} ({role}) is in {homes}, which pyproject.toml's packages.find.where {sorted(where)} "
             "does not list: the image would not contain it")
+    # ... and so must every package they import (the frontend, the embedded runtime the CLI imports, ...)
+    homes_of_all = {str(init.parent.parent.relative_to(ROOT)) for init in ROOT.glob("*/*/noetl_*/__init__.py")}
+    assert homes_of_all <= where, f"not installed by `pip install .`: {sorted(homes_of_all - where)}"
     for extra in ("server", "kafka"):
         assert extra in pyproject["project"]["optional-dependencies"]
     ignored = (ROOT / ".dockerignore").read_text().split()
@@ -819,4 +849,4 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
         assert needed not in ignored
 
 
-ROLES_DIRS = ("ingest", "query", "render", "broker", "worker", "cli")
+ROLES_DIRS = ("frontend", "ingest", "query", "render", "broker", "worker", "embedded", "cli")

@@ -30,7 +30,7 @@ import pytest
 
 from support import bearer, free_port, pg_token
 
-ROLES = {"ingest": "noetl_ingest", "query": "noetl_query", "render": "noetl_render",
+ROLES = {"ingest": "noetl_frontend", "query": "noetl_query", "render": "noetl_render",
          "broker": "noetl_broker", "worker": "noetl_worker"}
 READY_TIMEOUT = 120.0
 # What a process needs from outside the chart to find its interpreter and packages; nothing NOETL_*.

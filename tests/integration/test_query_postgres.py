@@ -23,8 +23,9 @@ from noetl_common.ports import CatalogEntry  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_query.handlers import ExecutionFilters, Page  # noqa: E402
 from noetl_query.postgres_reads import PostgresReadModel  # noqa: E402
-from noetl_query.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
+from noetl_runtime.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
+from support import bearer, new_pg_token  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -439,3 +440,45 @@ async def test_read_api_handlers_over_postgres(pg):
     assert (await h.catalog_playbook(read, "tests/linear"))["version"] == 1
     with pytest.raises(LookupError):
         await h.get_execution(read, "nope")
+
+
+async def test_render_service_reads_the_projected_log(pg):
+    """`python -m noetl_render`'s app over the projected event log (noetl_runtime.postgres_store.read_events):
+    renders against the context the events give, and answers hostile requests with that request's error."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from noetl_render.__main__ import create_service_app
+    from noetl_runtime.postgres_store import read_events
+
+    pool, schema = pg
+    events = scenario()
+    await Projector(pool, schema).apply(events)
+    log = by_execution(events)["lin-0"]
+    assert await read_events(pool, schema, "lin-0") == log
+    assert await read_events(pool, schema, "lin-0", after_seq=log[1].seq, limit=2) == log[2:4]
+    assert await read_events(pool, schema, "lin-0", limit=-5) == []
+    assert await read_events(pool, schema, "no-such-execution") == []
+    with pytest.raises(ValueError, match="invalid schema name"):
+        await read_events(pool, 'x"; DROP TABLE event; --', "lin-0")
+
+    app = create_service_app(pool, schema)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render",
+                                 headers=bearer(await new_pg_token(pool, schema, "viewer"))) as api:
+        async def render(body: Any) -> httpx.Response:
+            return await api.post("/api/context/render", json=body)
+
+        ok = await render({"execution_id": "lin-0", "template": {"a": "{{ a.v }}", "id": "{{ execution_id }}"}})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["rendered"] == {"a": "a", "id": "lin-0"}
+        injected = await render({"execution_id": "lin-0' OR '1'='1", "template": "{{ a.v }}"})
+        assert injected.status_code == 404
+        huge = await render({"execution_id": "x" * 1_000_000, "template": "{{ a.v }}"})
+        assert huge.status_code == 404
+        undefined = await render({"execution_id": "lin-0", "template": "{{ nope.deeper }}"})
+        assert undefined.status_code == 400 and "nope" in undefined.json()["detail"]
+        assert (await render({"execution_id": "", "template": "x"})).status_code == 422
+        assert (await render({"template": "x"})).status_code == 422
+        # nothing above harmed the log or the next request
+        assert await read_events(pool, schema, "lin-0") == log
+        assert (await render({"execution_id": "lin-0", "template": "{{ b.v }}"})).json()["rendered"] == "b"

@@ -1,12 +1,14 @@
-"""The standalone HTTP services (ingest, query, render) wired onto real Kafka (Tansu) and real Postgres.
+"""The HTTP services wired onto real Kafka (Tansu) and real Postgres: the cluster API (`python -m
+noetl_frontend`: ingest's writes + the reads), the query service, and all the roles as processes.
 
-- ingest: the write API produces the right messages (StartExecution on noetl.requests, facts on
-  noetl.results, registrations on noetl.catalog), keyed as architecture §1 says; credentials are stored
-  encrypted in Postgres and never answered;
+- the API (noetl_frontend.__main__.FrontendCluster): the writes produce the right messages (StartExecution
+  on noetl.requests, facts on noetl.results, registrations on noetl.catalog), keyed as architecture §1
+  says; credentials are stored encrypted in Postgres and never answered;
 - query: events produced to noetl.events (from the pure simulator) show up on the read API; a malformed
   record goes to noetl.dlq with the reason and its partition keeps flowing; a restart that replays the
   topic (a new consumer group) re-projects with no duplicate and no changed row;
-- end to end: ingest, broker, worker, query and render as separate processes (scripts/cluster-start.sh):
+- end to end: the API (the `ingest` role), broker, worker, query and render as separate processes
+  (scripts/cluster-start.sh):
   `noetl run --server` completes hello world, and a restarted query process re-projects identically.
 
 Needs NOETL_TEST_PG_DSN; Kafka comes from the conftest fixtures. Each test has its own topic prefix and
@@ -43,7 +45,7 @@ from noetl_common.messages import ActionCompleted, CancelExecution, DeadLetter, 
 from noetl_common.ports import CatalogEntry  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
-from noetl_query.postgres_schema import migrate  # noqa: E402
+from noetl_runtime.postgres_schema import migrate  # noqa: E402
 from noetl_runtime import kafka_io  # noqa: E402
 from noetl_runtime.auth import Authenticator  # noqa: E402
 from noetl_runtime.tokens import PostgresTokens  # noqa: E402
@@ -122,9 +124,9 @@ async def snapshot(pool: Any, schema: str) -> dict[str, list[tuple[Any, ...]]]:
 
 # ------------------------------------------------------------------------------------------------- ingest
 async def test_ingest_produces_requests_results_and_catalog(settings: Any, topics: Topics, pool: Any) -> None:
-    from noetl_ingest.__main__ import IngestCluster
+    from noetl_frontend.__main__ import FrontendCluster
 
-    cluster = IngestCluster(settings)
+    cluster = FrontendCluster(settings)
     app = await cluster.start()
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",
@@ -171,10 +173,10 @@ async def test_ingest_produces_requests_results_and_catalog(settings: Any, topic
 
 
 async def test_ingest_credentials_encrypted_in_postgres(settings: Any, pool: Any, schema: str) -> None:
-    from noetl_ingest.__main__ import IngestCluster
+    from noetl_frontend.__main__ import FrontendCluster
 
     secret = f"s3cr3t-{uuid.uuid4().hex}"
-    cluster = IngestCluster(settings)
+    cluster = FrontendCluster(settings)
     app = await cluster.start()
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",
@@ -193,7 +195,7 @@ async def test_ingest_credentials_encrypted_in_postgres(settings: Any, pool: Any
     key = settings.secret_key.get_secret_value().encode()
     assert json.loads(Fernet(key).decrypt(stored)) == {"user": "u", "password": secret}
 
-    keyless = IngestCluster(settings.model_copy(update={"secret_key": None}))
+    keyless = FrontendCluster(settings.model_copy(update={"secret_key": None}))
     app = await keyless.start()
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",

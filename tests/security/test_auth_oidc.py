@@ -96,7 +96,7 @@ def sign(key: Any, kid: str = "k1", algorithm: str = "RS256", **claims: Any) -> 
 
 def app_with(store: SqliteStore, auth: Authenticator) -> Any:
     from noetl_cli.server import build_app
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
 
     return build_app(store, EmbeddedRuntime(store), auth=auth)
 

@@ -51,7 +51,8 @@ async def role_tokens(tokens: SqliteTokens) -> dict[str, str]:
 def apps(store: SqliteStore, auth: Authenticator) -> dict[str, Any]:
     """Every FastAPI app the project builds, by name."""
     from noetl_cli.server import build_app
-    from noetl_ingest.app import create_app as ingest_app, create_cluster_app
+    from noetl_frontend.app import build_api, cluster_api
+    from noetl_runtime.settings import load_settings
     from noetl_ingest.handlers import IngestPorts
     from noetl_query.__main__ import create_service_app as query_service_app
     from noetl_query.app import create_app as query_app
@@ -59,7 +60,7 @@ def apps(store: SqliteStore, auth: Authenticator) -> dict[str, Any]:
     from noetl_render.__main__ import create_service_app as render_service_app
     from noetl_render.app import create_app as render_app
     from noetl_render.handlers import RenderPorts
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
     from noetl_worker.http_server import ops_app
 
     async def submit(_message: Any) -> None:
@@ -69,12 +70,15 @@ def apps(store: SqliteStore, auth: Authenticator) -> dict[str, Any]:
     read = SqliteReadModel(store)   # the cluster apps take a Postgres read model; the SQLite one has its shape
     return {
         "server": build_app(store, EmbeddedRuntime(store), auth=auth),
-        "ingest": ingest_app(ports, auth=auth),
-        "ingest-cluster": create_cluster_app(ports, read, auth=auth),
+        "frontend": build_api(ports, read, RenderPorts(events=store.events), service="ingest", description="",
+                              auth=auth),
         "query": query_app(SqliteReadModel(store), auth=auth),
         "query-service": query_service_app(read, _Consumer(), auth),
         "render": render_app(RenderPorts(events=store.events), auth=auth),
-        "render-service": render_service_app(read, auth),
+        # the cluster's own apps, with their own Authenticator over Postgres tokens (no pool: these tests
+        # only send them anonymous calls and read their routes)
+        "render-service": render_service_app(None, "noetl"),
+        "frontend-cluster": cluster_api(load_settings(), None, None),
         "worker": ops_app(lambda: None, lambda: 0, 1)[0],
     }
 

@@ -31,7 +31,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
 
 def server_app(store: SqliteStore, auth: Authenticator) -> Any:
     from noetl_cli.server import build_app
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
 
     return build_app(store, EmbeddedRuntime(store), auth=auth)
 

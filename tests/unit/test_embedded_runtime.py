@@ -14,7 +14,7 @@ from noetl_common.codec import decode_inbound
 from noetl_common.engine import advance
 from noetl_common.messages import ActionCompleted, Event
 from noetl_common.state import ExecutionState
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 
 

@@ -1,5 +1,5 @@
 """What every service's HTTP app shares: /health, /ready, Prometheus /metrics, request metrics, the mapping of
-handler exceptions to HTTP answers, and JSON logs.
+handler exceptions to HTTP answers, JSON logs, the `python -m` entry point and its uvicorn server.
 
 The handlers of ingest, query and render never import FastAPI; they raise plain exceptions and this module
 turns them into answers, the same way for every service:
@@ -8,19 +8,18 @@ turns them into answers, the same way for every service:
     LookupError                                  -> 404  {"detail": "reason"}
     PermissionError                              -> 403  {"detail": "reason"}
     ValueError (an `errors` attribute optional)  -> 400  {"detail": "reason", "errors": [...]}
-
-(It lives in the ingest package because the services share nothing else at the edge yet; it belongs in
-`noetl_runtime` next to the settings once that package takes HTTP helpers.)
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +29,11 @@ from pydantic import ValidationError
 
 from noetl_common.codec import DecodeError
 from noetl_runtime.auth import Authenticator, install_auth
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from noetl_runtime.settings import Settings
 
 T = TypeVar("T")
 _OPS_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -163,3 +167,40 @@ def run_service(name: str, serve: Callable[[Any], Awaitable[int | None]]) -> int
     except Exception:
         logging.getLogger(f"noetl.{name}").exception("%s failed", name)
         return 1
+
+
+def http_server(app: Any, settings: Settings, *, handle_signals: bool = True) -> uvicorn.Server:
+    """A uvicorn server for `app` on NOETL_HTTP_HOST/PORT, with the app's lifespan off (the caller starts
+    and stops what the app uses).
+
+    handle_signals=True (a service's own process): SIGTERM/SIGINT make `serve()` return once the open
+    requests are answered, so the caller's cleanup runs; stock uvicorn re-raises the signal after `serve()`,
+    which would end the process before the consumer commits and the producer flushes.
+    handle_signals=False (a host of several roles, `noetl server --kafka`): the host owns the signals and
+    sets `should_exit` itself.
+    Refuses (ValueError) to serve with NOETL_AUTH=off on anything but a loopback address."""
+    import uvicorn
+
+    from noetl_runtime.auth import AuthSettings, check_bind
+
+    check_bind(settings.http_host, AuthSettings())
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            installed = []
+            for sig in (signal.SIGTERM, signal.SIGINT) if handle_signals else ():
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, self.handle_exit, sig, None)
+                    installed.append(sig)
+            try:
+                yield
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
+                            lifespan="off", access_log=False, timeout_graceful_shutdown=5,
+                            log_level=settings.log_level.lower())
+    return _Server(config)

@@ -1,13 +1,15 @@
-"""Postgres implementations of CatalogPort and CredentialPort (Kafka mode), with asyncpg.
+"""Postgres implementations of CatalogPort and CredentialPort (Kafka mode), with asyncpg; the pool a
+service opens on NOETL_DATABASE_URL; the reading of the projected event log.
 
 The SQLite store (`sqlite_store`) is the embedded twin: the same behaviours, one contract suite each.
 Tables live in one schema per installation (default `noetl`; tests use a schema each):
 
-    <schema>.catalog     (path, version, content, document jsonb, created_at)   migration 0001 (query service)
+    <schema>.catalog     (path, version, content, document jsonb, created_at)                  migration 0001
+    <schema>.event       (event_id, execution_id, seq, body, ...), the query service projects  migration 0001
     <schema>.credential  (name, type, description, secret bytea, created_at, updated_at)       migration 0002
 
-The tables are created by the query service's migrations (`noetl_query.postgres_schema.migrate`), the only
-DDL in the project; `ensure_schema` runs them, so a worker or ingest process may start first.
+The tables are created by the installation's migrations (`noetl_runtime.postgres_schema.migrate`), the only
+DDL in the project; `ensure_schema` and `open_pool` run them, so any service may start first.
 
 Credentials are encrypted at rest with Fernet (`secret_key.encrypt_json`). In a cluster every service that
 reads or writes them needs the same key, so it comes from NOETL_SECRET_KEY (or the `key` argument): unlike
@@ -16,39 +18,69 @@ the embedded store there is no key file to fall back to, and a missing key is an
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet
 
+from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry, Credential
 from noetl_runtime import secret_key
+from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, migrate, qualify
 
-DEFAULT_SCHEMA = "noetl"
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+if TYPE_CHECKING:
+    from noetl_runtime.settings import Settings
 
-__all__ = ["DEFAULT_SCHEMA", "PostgresCatalog", "PostgresCredentials", "ensure_schema", "MissingSecretKey"]
+__all__ = ["DEFAULT_SCHEMA", "PostgresCatalog", "PostgresCredentials", "ensure_schema", "open_pool", "read_events",
+           "MissingSecretKey"]
+
+log = logging.getLogger("noetl.postgres")
 
 
 class MissingSecretKey(RuntimeError):
     """Credentials cannot be encrypted or decrypted: NOETL_SECRET_KEY is not set."""
 
 
-def _qualify(schema: str) -> str:
-    # Interpolated into SQL as an identifier, so only plain names pass (the rule of noetl_query.postgres_schema).
-    if not _SCHEMA_NAME.match(schema):
-        raise ValueError(f"invalid schema name {schema!r}: use letters, digits and _ (max 63)")
-    return f'"{schema}"'
-
-
 async def ensure_schema(pool: Any, schema: str = DEFAULT_SCHEMA) -> list[int]:
     """Create `schema` and apply the pending migrations (catalog, credential, the read models); returns the
     versions applied now. Safe to run from every replica at once (an advisory lock serialises them)."""
-    from noetl_query.postgres_schema import migrate   # the migrations ship with the query service
-
     return await migrate(pool, schema)
+
+
+async def open_pool(settings: Settings, *, max_size: int = 10) -> Any:
+    """An asyncpg pool on NOETL_DATABASE_URL, with the schema migrated (idempotent, concurrency-safe: every
+    service may run it at start, whichever comes first creates the tables)."""
+    import asyncpg
+
+    if not settings.database_url:
+        raise SystemExit("NOETL_DATABASE_URL is not set: this service keeps its data in Postgres")
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=max_size)
+    try:
+        applied = await ensure_schema(pool, settings.database_schema)
+    except BaseException:
+        await pool.close()
+        raise
+    if applied:
+        log.info("migrated schema %s: %s", settings.database_schema, applied)
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The projected event log
+# ---------------------------------------------------------------------------------------------------------
+async def read_events(conn_or_pool: Any, schema: str, execution_id: str, after_seq: int = -1,
+                      limit: int | None = None) -> list[Event]:
+    """The execution's events as the query service projected them (every event once, in seq order; those
+    with seq > after_seq, at most `limit`); [] if unknown. The read model and the render service read it."""
+    sql = (f"SELECT body::text FROM {qualify(schema)}.event WHERE execution_id = $1 AND seq > $2"
+           ' ORDER BY seq, event_id COLLATE "C"')
+    if limit is not None:
+        sql += f" LIMIT {max(0, int(limit))}"
+    async with connection(conn_or_pool) as conn:
+        rows = await conn.fetch(sql, execution_id, after_seq)
+    return [Event.model_validate_json(body) for (body,) in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +99,7 @@ class PostgresCatalog:
     def __init__(self, pool: Any, schema: str = DEFAULT_SCHEMA) -> None:
         self.pool = pool
         self.schema = schema
-        q = _qualify(schema)
+        q = qualify(schema)
         cols = ("path, version, content, document::text AS document,"
                 " extract(epoch FROM created_at)::float8 AS created_at, registered_by")
         self._sql_lock = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
@@ -113,7 +145,7 @@ class PostgresCredentials:
         self._key = key.encode() if isinstance(key, str) else key
         self._env = env
         self._fernet: Fernet | None = None
-        q = _qualify(schema)
+        q = qualify(schema)
         meta = ("name, type, description, extract(epoch FROM created_at)::float8 AS created_at,"
                 " extract(epoch FROM updated_at)::float8 AS updated_at")
         self._sql_put = (

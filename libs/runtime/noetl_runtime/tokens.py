@@ -145,11 +145,11 @@ class PostgresTokens:
     """The `api_token` table of a cluster's schema (migration 0003)."""
 
     def __init__(self, pool: Any, schema: str = "noetl", clock: Any = time.time) -> None:
-        from noetl_runtime.postgres_store import _qualify
+        from noetl_runtime.postgres_schema import qualify
 
         self.pool = pool
         self._clock = clock
-        q = _qualify(schema)
+        q = qualify(schema)
         cols = ("token_hash, name, role, extract(epoch FROM created_at)::float8,"
                 " extract(epoch FROM expires_at)::float8, extract(epoch FROM revoked_at)::float8, created_by")
         self._sql_insert = (f"INSERT INTO {q}.api_token (token_hash, name, role, created_at, expires_at, created_by)"

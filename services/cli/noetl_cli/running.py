@@ -83,7 +83,7 @@ async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str
                store_path: Path | None, started: float) -> dict[str, Any]:
     # Imported here: the runtime pulls in the worker and every action (httpx, asyncpg, duckdb), which
     # `validate`, `catalog` and `credential` do not need (they start about twice as fast without it).
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
 
     store = SqliteStore(store_path)
     try:

@@ -1,8 +1,8 @@
 """`noetl server`: every role in one process (architecture §3): the embedded runtime (fold, worker pool,
-timers) on a SQLite store, and one FastAPI app with the ingest, query and context-render routers, served by
+timers) on a SQLite store, and the API every mode serves (`noetl_frontend.app.build_api`), served by
 uvicorn on the same event loop. In-flight executions resume on start (the runtime reloads their snapshots).
 
-The routers and handlers are the services' own; only the ports differ from the cluster:
+The app is the frontend's; only the ports differ from the cluster:
     ingest  submit = runtime.submit (the in-process bus), catalog/credentials = the SQLite store
     query   SqliteReadModel(store)
     render  events = store.events
@@ -22,15 +22,13 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from noetl_ingest.app import router as ingest_router
+from noetl_embedded.runtime import EmbeddedRuntime
+from noetl_frontend.app import build_api
 from noetl_ingest.handlers import IngestPorts
-from noetl_runtime.http_ops import configure_json_logging, install_ops
-from noetl_query.app import router as query_router
 from noetl_query.sqlite_reads import SqliteReadModel
-from noetl_render.app import router as render_router
 from noetl_render.handlers import RenderPorts
 from noetl_runtime.auth import Authenticator, AuthSettings, check_bind
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.tokens import SqliteTokens, ensure_local_admin, local_token_file
 
@@ -62,18 +60,14 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, *, auth: Authenticat
             return f"the runtime died: {runtime.crashed!r}"
         return None if started else "starting"
 
-    app = FastAPI(title="noetl", version="1", lifespan=lifespan,
-                  description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).")
-    app.include_router(ingest_router(IngestPorts(catalog=store.catalog, credentials=store.credentials,
-                                                 submit=submit, clock=time.time,
-                                                 lease_seconds=runtime.lease_seconds)))
-    app.include_router(query_router(SqliteReadModel(store)))
-    app.include_router(render_router(RenderPorts(events=store.events)))
-    install_ops(app, service="server", auth=auth, ready=ready, gauges={
+    ingest = IngestPorts(catalog=store.catalog, credentials=store.credentials, submit=submit, clock=time.time,
+                         lease_seconds=runtime.lease_seconds)
+    return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
+                     description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
+                     auth=auth, ready=ready, lifespan=lifespan, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
         "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
     })
-    return app
 
 
 def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO", **runtime_options: Any) -> int:

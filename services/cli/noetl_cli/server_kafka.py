@@ -1,8 +1,9 @@
 """`noetl server --kafka BOOTSTRAP --database-url DSN`: every role of the cluster in one process, on one
 event loop, on Kafka + Postgres (docs/cluster.md, "One process").
 
-    the API      one uvicorn server: ingest's write routes + the query and render routers over the
-                 Postgres read model (the app `python -m noetl_ingest` serves), + /health /ready /metrics
+    the API      one uvicorn server: `noetl_frontend.app.cluster_api`, the app `python -m noetl_frontend`
+                 serves (ingest's writes, the query and render routers over the Postgres read model),
+                 + /health /ready /metrics
     the broker   the faust app of `noetl_broker.create_app`, started by a faust Worker on this loop
     a worker     `WorkerService` of the pool NOETL_WORKER_POOL (default `default`), no HTTP of its own
     projection   `QueryConsumer`: noetl.events + noetl.catalog -> Postgres
@@ -28,7 +29,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class KafkaServer:
     async def open_postgres(self) -> None:
         import asyncpg
 
-        from noetl_ingest.kafka_ports import open_pool
+        from noetl_runtime.postgres_store import open_pool
 
         s = self.settings
         try:
@@ -132,6 +132,7 @@ class KafkaServer:
         from noetl_query.consumer import QueryConsumer
         from noetl_query.projector import Projector
         from noetl_runtime import kafka_io
+        from noetl_runtime.http_ops import http_server
 
         s = self.settings
         self.query = QueryConsumer(s, Projector(self.pool, s.database_schema))
@@ -141,7 +142,8 @@ class KafkaServer:
         await self._start_broker()
         self.producer = kafka_io.make_producer(s)
         await self.producer.start()
-        self.http = _http_server(self._api(), s)
+        # The server owns SIGTERM/SIGINT (run_server) and stops the API in its turn.
+        self.http = http_server(self._api(), s, handle_signals=False)
         self.http_task = asyncio.create_task(self.http.serve(sockets=[sock]), name="server-http")
 
     def _worker(self) -> Any:
@@ -186,23 +188,9 @@ class KafkaServer:
         await self.faust_worker.start()
 
     def _api(self) -> Any:
-        from noetl_ingest.app import create_cluster_app
-        from noetl_ingest.handlers import IngestPorts
-        from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
-        from noetl_query.postgres_reads import PostgresReadModel
-        from noetl_runtime.auth import Authenticator
-        from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials
-        from noetl_runtime.tokens import PostgresTokens
+        from noetl_frontend.app import cluster_api
 
-        s = self.settings
-        submit = KafkaSubmit(self.producer, s.topics)
-        ports = IngestPorts(
-            catalog=PublishingCatalog(PostgresCatalog(self.pool, s.database_schema), self.producer, s.topics),
-            credentials=PostgresCredentials(self.pool, s.database_schema, key=_secret_key(s)),
-            submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
-        app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
-                                 auth=Authenticator(PostgresTokens(self.pool, s.database_schema)), gauges={
-            "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
+        app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
@@ -340,20 +328,6 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _http_server(app: Any, settings: BrokerSettings) -> Any:
-    """uvicorn for `app`, leaving SIGTERM/SIGINT to the server (stock uvicorn would take them over)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                                 lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-                                 log_level=settings.log_level.lower()))
-
-
 def _listen(host: str, port: int) -> socket.socket:
     """The API's listening socket, as uvicorn would make it (uvicorn's own binding logs "running" at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

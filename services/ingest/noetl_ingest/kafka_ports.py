@@ -18,33 +18,16 @@ is produced to `noetl.catalog` (key: the playbook path, value: `noetl_common.por
 so consumers other than this installation's query service see every registration. The query service of
 the installation reads the catalog table itself (the same database) and also projects the topic
 (`apply_catalog` is an idempotent upsert: a no-op for rows already there).
-
-The last section is the cluster-mode plumbing the three HTTP services (ingest, query, render) share: the
-Postgres pool (migrated at start) and a uvicorn server that leaves SIGTERM to the caller's cleanup. It lives
-here because the services share no edge package for it yet; it belongs in
-`noetl_runtime` next to the settings.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import signal
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from noetl_common.codec import encode
 from noetl_common.ports import CatalogEntry, CatalogPort
 from noetl_common.topics import Topics
-
-if TYPE_CHECKING:
-    import uvicorn
-
-    from noetl_runtime.settings import Settings
-
-log = logging.getLogger("noetl.cluster")
 
 REQUEST_KINDS = frozenset({"start", "cancel", "timer_fired", "child_finished"})
 
@@ -92,75 +75,3 @@ class PublishingCatalog:
 
     async def list(self) -> list[CatalogEntry]:
         return await self.inner.list()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cluster-mode plumbing shared by the HTTP services
-# ---------------------------------------------------------------------------------------------------------
-async def open_pool(settings: Settings, *, max_size: int = 10) -> Any:
-    """An asyncpg pool on NOETL_DATABASE_URL, with the schema migrated (idempotent, concurrency-safe: every
-    service may run it at start, whichever comes first creates the tables)."""
-    import asyncpg
-
-    from noetl_query.postgres_schema import migrate
-
-    if not settings.database_url:
-        raise SystemExit("NOETL_DATABASE_URL is not set: this service keeps its data in Postgres")
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=max_size)
-    try:
-        applied = await migrate(pool, settings.database_schema)
-    except BaseException:
-        await pool.close()
-        raise
-    if applied:
-        log.info("migrated schema %s: %s", settings.database_schema, applied)
-    return pool
-
-
-async def ensure_topics(settings: Settings) -> None:
-    """Create the missing topics (the partition count of NOETL_TOPIC_PARTITIONS). Without the rights to
-    create topics they must exist already: a warning, not a failure."""
-    from aiokafka.errors import KafkaError
-
-    from noetl_runtime import kafka_io
-
-    try:
-        created = await kafka_io.ensure_topics(settings, settings.topics, [settings.worker_pool],
-                                               partitions=settings.topic_partitions)
-    except KafkaError as exc:
-        log.warning("could not ensure topics: %r", exc)
-        return
-    if created:
-        log.info("created topics %s", created)
-
-
-def http_server(app: Any, settings: Settings) -> uvicorn.Server:
-    """A uvicorn server for `app` on NOETL_HTTP_HOST/PORT. SIGTERM/SIGINT make `serve()` return (once the
-    open requests are answered), so the caller's cleanup runs: stock uvicorn re-raises the signal after
-    `serve()`, which would end the process before the consumer commits and the producer flushes.
-    Refuses (ValueError) to serve with NOETL_AUTH=off on anything but a loopback address."""
-    import uvicorn
-
-    from noetl_runtime.auth import AuthSettings, check_bind
-
-    check_bind(settings.http_host, AuthSettings())
-
-    class _Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            loop = asyncio.get_running_loop()
-            installed = []
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, self.handle_exit, sig, None)
-                    installed.append(sig)
-            try:
-                yield
-            finally:
-                for sig in installed:
-                    loop.remove_signal_handler(sig)
-
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                            lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-                            log_level=settings.log_level.lower())
-    return _Server(config)

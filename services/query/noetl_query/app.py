@@ -1,17 +1,18 @@
 """The query service's HTTP transport: each route decodes, calls one handler, encodes.
 
-    router(read)      the /api read routes, to mount in any app (`noetl server` mounts every service's router)
-    create_app(read)  a standalone app: the router + /health, /ready, /metrics
+    router(read)      the /api read routes, mounted by noetl_frontend.app.build_api too
+    create_app(read)  the app of `python -m noetl_query`: the router + /health, /ready, /metrics
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Response
 from pydantic import ValidationError
 
 from noetl_runtime.auth import Authenticator
-from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
+from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops
 from noetl_query import handlers as h
 from noetl_query.handlers import ExecutionFilters, Page, ReadModel
 
@@ -85,8 +86,9 @@ def router(read: ReadModel) -> APIRouter:
     return api
 
 
-def create_app(read: ReadModel, *, auth: Authenticator, ready: ReadyCheck | None = None) -> FastAPI:
+def create_app(read: ReadModel, *, auth: Authenticator, ready: ReadyCheck | None = None,
+               gauges: Mapping[str, GaugeFn] | None = None) -> FastAPI:
     app = FastAPI(title="noetl query", version="1")
     app.include_router(router(read))
-    install_ops(app, service="query", auth=auth, ready=ready)
+    install_ops(app, service="query", auth=auth, ready=ready, gauges=gauges)
     return app

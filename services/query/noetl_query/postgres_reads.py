@@ -14,7 +14,8 @@ from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
 from noetl_query.handlers import ExecutionFilters, Page
-from noetl_query.postgres_schema import DEFAULT_SCHEMA, connection, qualify
+from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
+from noetl_runtime.postgres_store import read_events
 
 _SUMMARY_COLUMNS = ("execution_id, parent_execution_id, path, version, playbook_name, status, start_time,"
                     " end_time, duration, progress, result::text AS result, error, last_event_time")
@@ -126,11 +127,7 @@ class PostgresReadModel:
 
     async def _events(self, conn: Any, execution_id: str, after_seq: int = -1,
                       limit: int | None = None) -> list[Event]:
-        sql = (f"SELECT body::text FROM {self._q}.event WHERE execution_id = $1 AND seq > $2"
-               ' ORDER BY seq, event_id COLLATE "C"')
-        if limit is not None:
-            sql += f" LIMIT {max(0, int(limit))}"
-        return [Event.model_validate_json(body) for (body,) in await conn.fetch(sql, execution_id, after_seq)]
+        return await read_events(conn, self.schema, execution_id, after_seq, limit)
 
     async def catalog(self) -> list[CatalogEntry]:
         """Every registered version, by path then version (as the embedded catalog lists them)."""

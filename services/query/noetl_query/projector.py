@@ -30,7 +30,7 @@ import pydantic_core
 from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
-from noetl_query.postgres_schema import DEFAULT_SCHEMA, connection, qualify
+from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
 
 DEFAULT_CACHE_EVENTS = 100_000
 _TERMINAL = frozenset(projection.TERMINAL_STATUS.values())

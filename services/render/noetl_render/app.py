@@ -1,7 +1,7 @@
 """The context-render service's HTTP transport.
 
-    router(ports)      POST /api/context/render, to mount in any app (`noetl server` mounts it)
-    create_app(ports)  a standalone app: the router + /health, /ready, /metrics
+    router(ports)      POST /api/context/render, mounted by noetl_frontend.app.build_api too
+    create_app(ports)  the app of `python -m noetl_render`: the router + /health, /ready, /metrics
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Schema migrations of the query service's Postgres read model.
+"""Schema migrations of the installation's Postgres database: the catalog and the credentials (ingest,
+workers) and the read models the query service projects (executions, events).
 
 Migrations are plain SQL files `migrations/NNNN_name.sql`, applied in number order, each at most once per
 schema, recorded in `<schema>.schema_migrations`. The files use unqualified names: they run with
@@ -10,7 +11,7 @@ takes a transaction-scoped advisory lock derived from the schema name, then appl
 that same transaction. A second caller waits for the lock and then finds nothing to do. Either every
 pending migration is applied or none is.
 
-    python -m noetl_query.postgres_schema --database-url postgresql://... [--schema noetl]
+    python -m noetl_runtime.postgres_schema --database-url postgresql://... [--schema noetl]
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ async def migrate(conn_or_pool: Any, schema: str = DEFAULT_SCHEMA) -> list[int]:
     q = qualify(schema)
     files = migrations()
     async with connection(conn_or_pool) as conn, conn.transaction():
-        # Serialises migrators of this schema (also CREATE SCHEMA IF NOT EXISTS, which races otherwise).
+        # Serialises migrators of this schema (also CREATE SCHEMA IF NOT EXISTS, which races otherwise). The
+        # key keeps the name of the module's first home, so a replica of an older release locks the same key.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('noetl_query.migrate:' || $1, 0))",
                            schema)
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
@@ -125,8 +127,8 @@ async def _main(database_url: str, schema: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m noetl_query.postgres_schema",
-                                     description="Apply the query service's Postgres migrations.")
+    parser = argparse.ArgumentParser(prog="python -m noetl_runtime.postgres_schema",
+                                     description="Apply the installation's Postgres migrations.")
     parser.add_argument("--database-url", default=os.environ.get("NOETL_DATABASE_URL"),
                         help="asyncpg DSN (default: $NOETL_DATABASE_URL)")
     parser.add_argument("--schema", default=os.environ.get("NOETL_DATABASE_SCHEMA", DEFAULT_SCHEMA),
