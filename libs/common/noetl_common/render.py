@@ -93,8 +93,8 @@ class _Env(ImmutableSandboxedEnvironment):
             except (KeyError, TypeError):
                 if attribute in _LENIENT:
                     return obj
-        elif attribute in _LENIENT and isinstance(obj, (list, tuple)):
-            return obj
+        elif attribute in _LENIENT and (obj is None or isinstance(obj, (list, tuple))):
+            return obj                          # null too: a control step's result (`{{ start.data }}`)
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
@@ -104,7 +104,7 @@ class _Env(ImmutableSandboxedEnvironment):
             except (KeyError, TypeError):
                 if type(argument) is str and argument in _LENIENT:
                     return obj
-        elif type(argument) is str and argument in _LENIENT and isinstance(obj, (list, tuple)):
+        elif type(argument) is str and argument in _LENIENT and (obj is None or isinstance(obj, (list, tuple))):
             return obj
         return super().getitem(obj, argument)
 

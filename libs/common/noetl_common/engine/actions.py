@@ -31,14 +31,51 @@ def render_inputs(step: Step, context: dict[str, Any], edge_data: dict[str, Any]
                   ) -> tuple[dict[str, Any], list[str]]:
     """Render a step's `data` (edge data merged over it, edge wins). Returns (data, deferred paths)."""
     deferred: list[str] = []
-    data = _render_deferring(step.data, context, "data", deferred)
+    if isinstance(step.data, str):
+        data = _inputs_from_expression(step.data, context)
+    else:
+        data = _render_deferring(step.data, context, "data", deferred)
     if edge_data:
         data = {**data, **edge_data}
     if step.assert_expects:
-        missing = missing_paths(data, step.assert_expects)
+        missing = _missing_expects(step, data, context)
         if missing:
             raise StepError(f"assert.expects: missing input(s) {', '.join(missing)}")
     return data, deferred
+
+
+def _inputs_from_expression(template: str, context: dict[str, Any]) -> dict[str, Any]:
+    """`data: "{{ x.data }}"`: the expression's value is the mapping of inputs (null: no inputs)."""
+    hidden = referenced_names(template) & ACTION_SIDE
+    if hidden:
+        raise StepError(f"data: {template!r} reads {', '.join(sorted(hidden))}, which only the worker may see: "
+                        f"give data as a mapping")
+    try:
+        value = render(template, context)
+    except TemplateError as exc:
+        raise StepError(f"data: {exc}") from exc
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StepError(f"data: {template!r} gave a {type(value).__name__}, not a mapping of named inputs")
+    return dict(value)
+
+
+def _missing_expects(step: Step, data: dict[str, Any], context: dict[str, Any]) -> list[str]:
+    """DSL §2.9 `assert.expects`: `x.y` names an input, and so does `data.x.y`; `auth.<alias>` names an
+    entry of the step's (rendered) `auth`."""
+    missing, auth = [], None
+    for path in step.assert_expects:
+        head, _, rest = path.partition(".")
+        if not missing_paths(data, [path]) or (head == "data" and rest and not missing_paths(data, [rest])):
+            continue
+        if head == "auth" and step.auth is not None:
+            if auth is None:
+                auth = _render_deferring(step.auth, {**context, "data": data}, "auth", [])
+            if not rest or not missing_paths(auth, [rest]):
+                continue
+        missing.append(path)
+    return missing
 
 
 def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], deferred: list[str]) -> ActionSpec:

@@ -90,7 +90,7 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
 def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None) -> None:
     """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
     work.started = started
-    if work.index is None and work.phase == "action":
+    if _is_attempt(tick, work):
         tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id,
                   worker_id=worker_id)
 
@@ -142,7 +142,7 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
     step = tick.playbook.steps[work.step]
     run = s.steps[work.step]
     action = _action_of(run, work)
-    if work.phase == "action" and work.index is None:
+    if _is_attempt(tick, work):
         meta = {k: v for k, v in (("log", msg.log), ("saved", msg.saved)) if v is not None}
         tick.emit("action_completed", work.step, "task", "COMPLETED", attempt=work.attempt, result=msg.result,
                   command_id=work.command_id, duration=msg.time - (work.started or work.dispatched),
@@ -230,6 +230,19 @@ def _timer_fired(tick: Tick, msg: TimerFired) -> None:
             tick.requests.append(CancelExecution(execution_id=work.child_execution_id, time=msg.time, reason=error))
         _action_failed(tick, ActionFailed(execution_id=s.execution_id, command_id=work.command_id,
                                           time=msg.time, error=error))
+
+
+def _is_attempt(tick: Tick, work: Work) -> bool:
+    """Whether this work is logged as an attempt of its step (`action_started`, then `action_completed` with
+    the saved data or `action_error`): a step's action, or the save of a step that has no action of its
+    own (a control step, an iterator's step-level save), which is then the step's only work on a worker.
+    Iteration items and the save after a child playbook are not (their items/action were logged)."""
+    if work.index is not None:
+        return False
+    if work.phase == "action":
+        return True
+    step = tick.playbook.steps[work.step]
+    return step.is_control or step.iterator is not None
 
 
 def _action_of(run: Any, work: Work) -> Any:
