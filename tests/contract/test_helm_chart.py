@@ -709,6 +709,9 @@ def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     assert scraped == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    # the API roles' /metrics takes a token: Prometheus sends the one in the Secret production names
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": {"name": "noetl-metrics-token", "key": "token"}}
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
     assert not helm_chart.named("default").of_kind("ServiceMonitor")
 
