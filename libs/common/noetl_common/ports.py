@@ -41,6 +41,24 @@ class CredentialPort(Protocol):
     async def delete(self, name: str) -> bool: ...
 
 
+class Claim(BaseModel):
+    """What a submission with an idempotency scope (an Idempotency-Key, or a client-chosen execution_id)
+    recorded: the execution it started, the hash of the request, the request and the answer given."""
+    scope: str
+    request_hash: str
+    execution_id: str
+    request: dict[str, Any]
+    answer: dict[str, Any]
+    created_at: float            # the StartExecution's `time`: a re-send repeats it (see docs/broker.md)
+
+
+class IdempotencyPort(Protocol):
+    async def get(self, scope: str) -> Claim | None: ...
+    # Record `claim` unless its scope is taken: None when recorded, else the claim already there. Raises
+    # noetl_common.refusals.Conflict when another scope holds the same execution_id.
+    async def claim(self, claim: Claim) -> Claim | None: ...
+
+
 # The worker reports facts (ActionStarted/Completed/Failed, heartbeats, ChildStarted) and starts child
 # executions (StartExecution) through one callable: the runtime routes each message to the right topic.
 Emit = Callable[[BaseModel], Awaitable[None]]

@@ -8,6 +8,10 @@ turns them into answers, the same way for every service:
     LookupError                                  -> 404  {"detail": "reason"}
     PermissionError                              -> 403  {"detail": "reason"}
     ValueError (an `errors` attribute optional)  -> 400  {"detail": "reason", "errors": [...]}
+    noetl_common.refusals.Refusal                -> its status (409, 413, 429 + Retry-After, 503)
+
+/health answers 503 while the `live` check names a reason (a role of the process died: the supervisor
+should restart it); /ready answers 503 while the `ready` check does (not yet, or no longer, able to serve).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import ValidationError
 
 from noetl_common.codec import DecodeError
+from noetl_common.refusals import Overloaded, Refusal
 from noetl_runtime.auth import Authenticator, install_auth
 
 if TYPE_CHECKING:
@@ -37,7 +42,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _OPS_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-ReadyCheck = Callable[[], "str | None"]        # None when ready, else why not
+ReadyCheck = Callable[[], "str | None"]        # None when ready (or alive), else why not
 GaugeFn = tuple[str, Callable[[], float]]     # (help text, current value)
 
 
@@ -50,6 +55,9 @@ async def answer(call: Awaitable[T]) -> T | JSONResponse:
         return JSONResponse({"detail": detail}, status_code=422)
     except DecodeError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+    except Refusal as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=headers)
     except LookupError as exc:
         return JSONResponse({"detail": _reason(exc)}, status_code=404)
     except PermissionError as exc:
@@ -67,6 +75,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready: ReadyCheck | None = None,
+                live: ReadyCheck | None = None,
                 gauges: Mapping[str, GaugeFn] | None = None) -> CollectorRegistry:
     """Add /health, /ready, /metrics, per-request metrics and authorization (noetl_runtime.auth) to `app`.
     One registry per app (not the global one), so several apps can live in one process (tests, `noetl server`).
@@ -105,8 +114,11 @@ def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready
         requests.labels(service, request.method, path, str(response.status_code)).inc()
         return response
 
-    @app.get("/health", tags=["ops"])
-    async def health() -> dict[str, str]:
+    @app.get("/health", tags=["ops"], response_model=None)
+    async def health() -> dict[str, str] | JSONResponse:
+        why = live() if live is not None else None
+        if why is not None:
+            return JSONResponse({"status": "dead", "reason": why}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready", tags=["ops"], response_model=None)

@@ -74,7 +74,11 @@ def server_command(ctx: typer.Context,
                        None, "--database-url", metavar="DSN", envvar="NOETL_DATABASE_URL",
                        help="Postgres for the catalog, credentials and read model (with --kafka only)."),
                    log_level: str = typer.Option("INFO", "--log-level", envvar="NOETL_LOG_LEVEL",
-                                                 help="DEBUG, INFO, WARNING or ERROR.")
+                                                 help="DEBUG, INFO, WARNING or ERROR."),
+                   max_in_flight: Optional[int] = typer.Option(
+                       None, "--max-in-flight", envvar="NOETL_MAX_IN_FLIGHT", min=0,
+                       help="Executions in flight above which POST /api/executions/run answers 429 with "
+                            "Retry-After (0: no bound; default 64).")
                    ) -> None:
     """Serve the HTTP API with every role in this process; resumes in-flight executions. Embedded (SQLite
     store, in-process workers) by default; on Kafka + Postgres with --kafka and --database-url. JSON logs on
@@ -92,13 +96,32 @@ def server_command(ctx: typer.Context,
                       "credentials and read model live in Postgres")
             raise typer.Exit(2)
         from noetl_cli.server_kafka import serve_kafka   # faust, aiokafka and asyncpg only for this mode
-        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level))
+        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level, max_in_flight))
     if database_url and given("database_url"):
         # An exported NOETL_DATABASE_URL alone does not switch modes; a typed --database-url means Kafka mode.
         err.print("[red]error:[/] --database-url needs --kafka (embedded mode keeps its data in SQLite)")
         raise typer.Exit(2)
     from noetl_cli.server import serve   # FastAPI and uvicorn only for this command
-    raise typer.Exit(serve(host, port, store, log_level))
+    from noetl_ingest.admission import DEFAULT_MAX_IN_FLIGHT
+    raise typer.Exit(serve(host, port, store, log_level,
+                           DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight))
+
+
+@app.command()
+def status(execution_id: str = typer.Argument(..., help="The execution id."),
+           server: str = typer.Option("http://127.0.0.1:8080", "--server", metavar="URL", envvar="NOETL_SERVER",
+                                      help="The noetl server or cluster (its HTTP API)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the execution and its explanation as JSON.")
+           ) -> None:
+    """Status and progress of an execution on a server, and what it waits for (step attempts, leases, retry
+    timers, joins, iterators, child executions), until when."""
+    from noetl_cli.status import status_command   # httpx only
+    try:
+        code = status_command(server, execution_id, as_json)
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()

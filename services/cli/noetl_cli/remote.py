@@ -5,7 +5,10 @@
 2. upload every NOETL_SECRET_<NAME> of this environment as credential NAME, type "secret", data {"value"}
    (the workers do not share this environment; their `{{ secret.NAME }}` lookup falls back to that
    credential), then the --credentials entries (so an explicit credential wins a name clash);
-3. POST /api/executions/run, poll the execution (cancel it once --timeout has passed), print the report of
+3. POST /api/executions/run with an Idempotency-Key (a new UUID per command), retried with the same key
+   on a connection error, a timeout, 429 (after its Retry-After) and 503 for up to SUBMIT_RETRY_FOR
+   seconds: a retry of a start the server did take returns the same execution, never a second one;
+   then poll the execution (cancel it once --timeout has passed), print the report of
    embedded mode from the API's data. Exit 0 COMPLETED, 1 FAILED/CANCELLED, 2 INVALID or unusable input
    (also when the server cannot be reached).
 """
@@ -16,6 +19,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,8 @@ POLL_FIRST, POLL_MAX = 0.01, 0.2          # seconds: quick runs report fast, lon
 UNREACHABLE_FOR = 120.0                   # give up after the server has not answered for this long
 UNSEEN_FOR = 60.0                         # ... or has not shown the accepted execution for this long
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+SUBMIT_RETRY_FOR = 120.0                  # keep retrying the start (same Idempotency-Key) for this long
+SUBMIT_BACKOFF = (0.2, 5.0)               # first and longest pause between two tries, seconds
 
 
 class RemoteError(UsageError):
@@ -137,8 +143,7 @@ async def _run(server: str, text: str, file: Path, payload: dict[str, Any], cata
                                         f"uploaded by noetl run --server from {SECRET_PREFIX}{name}")
         if credentials is not None:
             await load_credentials(store, credentials)   # type: ignore[arg-type]  # duck-typed: credentials.put
-        run = await api.call("POST", "/api/executions/run",
-                             json={"path": entry["path"], "version": entry["version"], "parameters": payload})
+        run = await _submit(api, {"path": entry["path"], "version": entry["version"], "parameters": payload}, err)
         if run.status_code == 400 and "errors" in run.json():
             return invalid_report(run.json()["errors"], _ms(started))
         execution_id = api.ok(run, f"starting {entry['path']}")["execution_id"]
@@ -171,6 +176,34 @@ def api_token(server: str, environ: Mapping[str, str]) -> str | None:
         return path.read_text(encoding="utf-8").strip() or None
     except (OSError, UnicodeDecodeError):
         return None
+
+
+async def _submit(api: _Api, body: dict[str, Any], err: Console) -> httpx.Response:
+    """POST /api/executions/run, retried with one Idempotency-Key while the server cannot answer."""
+    key = str(uuid.uuid4())
+    give_up_at = time.monotonic() + SUBMIT_RETRY_FOR
+    delay = SUBMIT_BACKOFF[0]
+    while True:
+        try:
+            response = await api.client.post("/api/executions/run", json=body, headers={"Idempotency-Key": key})
+        except httpx.TransportError as exc:   # refused, reset, timed out: maybe taken, maybe not
+            why, pause = f"{type(exc).__name__}: {exc}", delay
+            if time.monotonic() + pause > give_up_at:
+                raise RemoteError(f"cannot reach the server at {api.server}: {why}") from exc
+        else:
+            if response.status_code not in (429, 503):
+                return response
+            why, pause = f"HTTP {response.status_code}", _retry_after(response) or delay
+            if time.monotonic() + pause > give_up_at:
+                return response
+        err.print(f"[yellow]retrying the start[/] ({escape(why)}) in {pause:.1f} s")
+        await asyncio.sleep(pause)
+        delay = min(SUBMIT_BACKOFF[1], delay * 2)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return min(float(value), SUBMIT_BACKOFF[1] * 6) if value.isdigit() else None
 
 
 def _secrets(environ: Mapping[str, str]) -> dict[str, str]:

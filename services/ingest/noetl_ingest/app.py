@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Header, Request
 
 from noetl_ingest import handlers as h
 from noetl_ingest.handlers import CancelRequest, CredentialRequest, IngestPorts, RegisterRequest, RunRequest
@@ -30,12 +30,12 @@ def router(ports: IngestPorts) -> APIRouter:
         return await answer(_validated_register(ports, body, principal_of(request)))
 
     @api.post("/executions/run")
-    async def run(request: Request, body: RunRequest) -> Any:
-        return await answer(h.run(ports, body, principal=principal_of(request)))
+    async def run(request: Request, body: RunRequest, idempotency_key: str | None = Header(None)) -> Any:
+        return await answer(h.run(ports, body, idempotency_key, principal=principal_of(request)))
 
     @api.post("/execute")
-    async def execute(request: Request, body: RunRequest) -> Any:
-        return await answer(h.run(ports, body, principal=principal_of(request)))
+    async def execute(request: Request, body: RunRequest, idempotency_key: str | None = Header(None)) -> Any:
+        return await answer(h.run(ports, body, idempotency_key, principal=principal_of(request)))
 
     @api.post("/executions/{execution_id}/cancel", status_code=202)
     async def cancel(request: Request, execution_id: str, body: CancelRequest | None = Body(None)) -> Any:
