@@ -19,6 +19,8 @@ from jinja2.runtime import Context, missing
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import object_type_repr
 
+from . import render_limits
+
 __all__ = [
     "TemplateError", "render", "evaluate", "truthy", "syntax_error", "referenced_names",
     "this_view", "unwrap", "missing_paths",
@@ -82,9 +84,18 @@ def _is_mapping(obj: Any) -> bool:
 
 class _Env(ImmutableSandboxedEnvironment):
     """Immutable sandbox (templates cannot mutate engine state) with keys-win and lenient
-    `.data`/`.result` lookups."""
+    `.data`/`.result` lookups, and bounded powers, repetitions and paddings (render_limits)."""
 
     context_class = _Context
+    intercepted_binops = render_limits.INTERCEPTED
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        return render_limits.binop(operator, left, right)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # double underscores like Jinja's own: a template's keyword argument cannot collide with them
+        args = render_limits.check_call(__obj, args, kwargs)
+        return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if _is_mapping(obj):
@@ -124,6 +135,7 @@ def _b64decode(value: str | bytes) -> str:
 
 
 _ENV = _Env(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
+_ENV.filters.update(render_limits.bounded_filters(_ENV.filters))
 _ENV.filters.update(tojson=_tojson, fromjson=json.loads, b64encode=_b64encode, b64decode=_b64decode)
 # Non-deterministic helpers would break replaying the fold: drop them.
 _ENV.filters.pop("random", None)
