@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from conftest import BODY_LIMIT, health_latency
+from limits_support import BODY_LIMIT, health_latency
 from test_limits_yaml import laughs
 
 ROUTES = ["/api/catalog/register", "/api/executions/run", "/api/context/render", "/api/credentials",

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import health_latency
+from limits_support import health_latency
 
 PLAYBOOK = ("apiVersion: noetl.io/v1\nkind: Playbook\nmetadata: {name: r, path: limits/render}\n"
             "workload: {n: 3}\nworkflow:\n  - step: start\n    next: [{step: end}]\n  - step: end\n")
@@ -29,6 +29,15 @@ def execution_id(limits_server) -> str:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return eid
+
+
+def baseline(url: str, execution_id: str) -> float:
+    """What an ordinary render and a /health cost on this machine now (it is shared and often loaded): the
+    time bounds below are a second on top of that."""
+    started = time.monotonic()
+    assert httpx.post(url + "/api/context/render", json={"execution_id": execution_id, "template": "{{ 1 }}"},
+                      timeout=30).status_code == 200
+    return time.monotonic() - started + health_latency(url)
 
 
 def render_while_probing(url: str, body: dict) -> tuple[httpx.Response, float, list[float]]:
@@ -59,21 +68,23 @@ def render_while_probing(url: str, body: dict) -> tuple[httpx.Response, float, l
     "{{ 7**(10**7) }}", "{{ 'a'*10**9 }}", "{{ [0]*10**9 }}", "{{ '%0999999999d' % 1 }}",
 ])
 def test_a_render_bomb_is_refused_within_a_second(limits_server, execution_id, template):
+    slack = baseline(limits_server.url, execution_id)
     response, took, latencies = render_while_probing(
         limits_server.url, {"execution_id": execution_id, "template": template})
     detail = response.json()["detail"]
     assert response.status_code == 400 and any(s in detail for s in ("too large", "more than", "longer than")), detail
-    assert took < 1.0
-    assert max(latencies) < 1.0, latencies
+    assert took < 1.0 + slack, (took, slack)
+    assert max(latencies) < 1.0 + slack, (latencies, slack)
 
 
 def test_a_loop_in_a_loop_is_stopped_at_the_deadline_and_health_answers(limits_server, execution_id):
     template = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"
+    slack = baseline(limits_server.url, execution_id)
     response, took, latencies = render_while_probing(
         limits_server.url, {"execution_id": execution_id, "template": template})
     assert response.status_code == 400 and "longer than" in response.json()["detail"], response.text
-    assert took < 5.0
-    assert max(latencies) < 1.0, latencies
+    assert took < 3.0 + slack, (took, slack)            # the 2 s deadline
+    assert max(latencies) < 1.0 + slack, (latencies, slack)
 
 
 @pytest.mark.parametrize("template", ["{{ 'a'.upper }}", "{{ 1e308 * 10 }}", "{{ workload.keys() | list | first }}x"])
@@ -82,7 +93,7 @@ def test_a_value_that_is_not_json_is_a_400_or_rendered_not_a_5xx(limits_server, 
                           json={"execution_id": execution_id, "template": template}, timeout=30)
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
-        assert "not JSON" in response.json()["detail"]
+        assert "not a value" in response.json()["detail"] or "not a JSON" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("depth", [400, 5000])
