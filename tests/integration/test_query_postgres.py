@@ -436,7 +436,7 @@ async def test_read_api_handlers_over_postgres(pg):
     assert summary["status"] == "FAILED" and summary["counts"]["action_error"] == 3
     items, total = await h.list_executions(read, ExecutionFilters(status="FAILED"), Page())
     assert total == 1 and items[0]["id"] == "retry-fail" and items[0]["playbook_id"] == "tests/retry"
-    assert (await h.catalog_list(read))["entries"][0]["payload"] == LINEAR
+    assert (await h.catalog_list(read, include_content=True))["entries"][0]["payload"] == LINEAR
     assert (await h.catalog_playbook(read, "tests/linear"))["version"] == 1
     with pytest.raises(LookupError):
         await h.get_execution(read, "nope")

@@ -17,6 +17,10 @@ from noetl_common.topics import Topics
 # 0: no bound). Measured with bench/load_ramp.py on a 2-core machine: see docs/decisions.md.
 DEFAULT_MAX_IN_FLIGHT = 64
 
+# The largest request body any HTTP route takes (NOETL_MAX_BODY_BYTES): a playbook is kilobytes, a step's
+# result posted by a worker may be megabytes; above this the answer is 413 (docs/security.md, Limits).
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # Kafka's names (security.protocol, sasl.mechanism); aiokafka and faust take the same strings.
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -107,6 +111,18 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(prefix=self.topic_prefix)
+
+
+class HttpLimits(BaseSettings):
+    """The limits every HTTP app applies, read on their own: the embedded server builds its apps without
+    the Kafka settings."""
+    model_config = SettingsConfigDict(env_prefix="NOETL_", extra="ignore", frozen=True)
+
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+
+
+def load_http_limits(**overrides: Any) -> HttpLimits:
+    return HttpLimits(**overrides)
 
 
 def load_settings(**overrides: Any) -> Settings:
