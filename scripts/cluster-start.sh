@@ -133,8 +133,11 @@ else
   port_busy "$INGEST_PORT" && die "no free port for ingest"
 fi
 
+# The API and query roles ask the broker what a running execution waits for (GET /api/executions/{id}/explain)
+BROKER_PORT="$(free_port)"
+export NOETL_BROKER_URL="http://127.0.0.1:$BROKER_PORT"
 start_role query "$(free_port)" noetl_query
-start_role broker "$(free_port)" noetl_broker
+start_role broker "$BROKER_PORT" noetl_broker
 for i in $(seq 1 "${NOETL_CLUSTER_WORKERS:-1}"); do
   start_role "worker$i" "$(free_port)" noetl_worker
 done

@@ -84,6 +84,7 @@ API_ROUTES = [
     ("GET", "/api/executions", "query"),
     ("GET", "/api/executions/{execution_id}", "query"),
     ("GET", "/api/executions/{execution_id}/events", "query"),
+    ("GET", "/api/executions/{execution_id}/explain", "query"),
     ("GET", "/api/execution/data/{execution_id}", "query"),
     ("GET", "/api/events/summary/{execution_id}", "query"),
     ("GET", "/api/events/by-execution/{execution_id}", "query"),
@@ -400,6 +401,10 @@ def test_env_values_parse_with_the_roles_settings(rendered: Any, monkeypatch: py
             options = WorkerOptions.from_env()
             grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             assert grace > options.shutdown_grace, "the kubelet must wait longer than the worker drains"
+        if role in ("ingest", "query"):   # /explain asks the brokers' Service
+            broker_service = next(w for k, w in rendered.workloads().items() if role_of(k) == "broker")
+            assert settings.broker_url is not None
+            assert settings.broker_url.startswith(f"http://{broker_service['metadata']['name']}:")
         if role == "broker":
             assert settings.topic_partitions == partitions
             assert workload["spec"]["replicas"] <= settings.topic_partitions

@@ -515,3 +515,25 @@ def test_the_migration_command_takes_the_dsn_from_a_file_never_from_argv(pg_dsn,
     both = subprocess.run([*command, "--database-url-file", str(dsn_file), "--database-url", pg_dsn], env=env,
                           capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "give the DSN once" in both.stderr, both.stderr
+
+
+async def test_a_quarantined_execution_shows_as_such(pg):
+    """An execution the fold could only quarantine (noetl_common.engine.quarantine) is FAILED with
+    `quarantined: true` in the read model, as projection.summary says; any other one says false."""
+    from noetl_common.engine.quarantine import quarantine
+    from noetl_common.engine.tick import iso
+    pool, schema = pg
+    events = scenario()
+    raw = b'{"execution_id": "q", "seq": 3, "path": "tests/q", "started": 1767225600.0, "steps": 7}'
+    stuck = [Event(event_id=f"q:{i}", execution_id="q", seq=i, event_type="step_started", node_name="a",
+                   node_type="step", status="RUNNING", timestamp=iso(T0), time=T0) for i in range(3)]
+    failed = quarantine("q", "its state cannot be read: ValidationError", T0 + 5, raw=raw).events
+    projector, read = Projector(pool, schema), PostgresReadModel(pool, schema)
+    await projector.apply([*events, *stuck, *failed])
+    summary = await read.execution("q")
+    assert summary == projection.summary([*stuck, *failed])
+    assert summary["status"] == "FAILED" and summary["quarantined"] is True
+    assert summary["error"] == "quarantined: its state cannot be read: ValidationError"
+    assert (await read.execution("lin-0"))["quarantined"] is False
+    listed = (await read.executions(ExecutionFilters(status="FAILED"), Page(limit=100)))[0]
+    assert {s["execution_id"]: s["quarantined"] for s in listed} == {"retry-fail": False, "q": True}

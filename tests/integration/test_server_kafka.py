@@ -232,6 +232,92 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     assert "Traceback" not in log and '"level": "error"' not in log, log[-3000:]
 
 
+# ------------------------------------------------------------------------------------------ poison playbooks
+POISON_END = textwrap.dedent("""\
+    apiVersion: noetl.io/v1
+    kind: Playbook
+    metadata: {name: poison_end, path: tests/server_kafka/poison_end}
+    workload: {n: 1}
+    workflow:
+      - step: start
+        next: [{step: end}]
+      - step: end
+        result: {x: "{{ workload.items }}"}
+    """)
+POISON_CYCLER = textwrap.dedent("""\
+    apiVersion: noetl.io/v1
+    kind: Playbook
+    metadata: {name: poison_cycler, path: tests/server_kafka/poison_cycler}
+    workflow:
+      - step: start
+        next: [{step: s}]
+      - step: s
+        type: python
+        data: {x: "{{ cycler }}"}
+        code: |
+          def main(x):
+              return x
+        next: [{step: end}]
+      - step: end
+    """)
+STEADY = textwrap.dedent("""\
+    apiVersion: noetl.io/v1
+    kind: Playbook
+    metadata: {name: steady, path: tests/server_kafka/steady}
+    workload: {x: 1}
+    workflow:
+      - step: start
+        next: [{step: work}]
+      - step: work
+        type: python
+        data: {x: "{{ workload.x }}"}
+        code: |
+          import time
+          def main(x):
+              time.sleep(1)
+              return {"y": x + 1}
+        next: [{step: end}]
+      - step: end
+        result: {y: "{{ work.y }}"}
+    """)
+
+
+def test_poison_playbooks_fail_naming_the_template_and_the_server_stays_ready(server: Server) -> None:
+    """Issue 8: these crashed the broker inside the process at every restart. Now each ends FAILED with a
+    message naming the template, an execution running meanwhile completes, /ready stays 200 and the process
+    never restarts."""
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=10) as api:
+        for text in (POISON_END, POISON_CYCLER, STEADY):
+            assert api.post("/api/catalog/register", json={"content": text}).status_code == 200
+
+        def run(path: str) -> str:
+            r = api.post("/api/executions/run", json={"path": f"tests/server_kafka/{path}"})
+            assert r.status_code == 200, r.text
+            return r.json()["execution_id"]
+
+        def finished(execution_id: str) -> dict[str, Any]:
+            def done() -> dict[str, Any] | None:
+                r = api.get(f"/api/executions/{execution_id}")
+                return r.json() if r.status_code == 200 and r.json()["status"] in ("COMPLETED", "FAILED") else None
+            return _wait(done, 60, f"execution {execution_id}")
+        steady, end, cycler = run("steady"), run("poison_end"), run("poison_cycler")
+        results = {"steady": finished(steady), "end": finished(end), "cycler": finished(cycler)}
+        assert api.get("/ready").status_code == 200
+        again = finished(run("steady"))
+        assert api.get("/ready").status_code == 200
+    assert server.proc is not None and server.proc.poll() is None
+    assert results["steady"]["status"] == "COMPLETED" and results["steady"]["result"] == {"y": 2}
+    assert (results["end"]["status"], results["end"]["error"]) == ("FAILED", (
+        "step 'end' failed: result: `workload.items` is a method of the mapping, not a value (the mapping has no "
+        "key 'items') in template '{{ workload.items }}'"))
+    assert (results["cycler"]["status"], results["cycler"]["error"]) == ("FAILED", (
+        "step 's' failed: data.x: `cycler` is a class (Cycler), not a value in template '{{ cycler }}'"))
+    assert again["status"] == "COMPLETED"
+    assert server.terminate() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
 # ------------------------------------------------------------------------------------------ restarts
 def _slow_playbook(tmp_path: Path) -> Path:
     """first -> slow (SLOW_STEP_SECONDS) -> after -> end. Each python step appends its name to the marker

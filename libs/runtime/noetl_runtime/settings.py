@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(64, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8082, gt=0, lt=65536)
+    # NOETL_BROKER_URL: the brokers' web servers (e.g. their Service); the API and query roles ask them what a
+    # running execution waits for (GET /api/executions/{id}/explain). Unset: that route answers 503 for one.
+    broker_url: str | None = None
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -128,6 +128,23 @@ def server_command(ctx: typer.Context,
 
 
 @app.command()
+def status(execution_id: str = typer.Argument(..., help="The execution id."),
+           server: str = typer.Option("http://127.0.0.1:8080", "--server", metavar="URL", envvar="NOETL_SERVER",
+                                      help="The noetl server or cluster (its HTTP API)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the execution and its explanation as JSON.")
+           ) -> None:
+    """Status and progress of an execution on a server, and what it waits for (step attempts, leases, retry
+    timers, joins, iterators, child executions), until when."""
+    from noetl_cli.status import status_command   # httpx only
+    try:
+        code = status_command(server, execution_id, as_json)
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+@app.command()
 def validate(file: Path = typer.Argument(..., help="The playbook YAML file."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Check a playbook: every error with its location (exit 2), warnings for keys that do not apply."""

@@ -82,9 +82,10 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int =
                          in_flight=InFlight(max_in_flight, running, seen))
     return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
                      description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
-                     ready=ready, live=dead, lifespan=lifespan, gauges={
+                     ready=ready, live=dead, lifespan=lifespan, explainer=runtime.explain, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
-        "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
+        "noetl_dead_letters": ("messages the fold could not use (the store's dead_letters table), since start",
+                               lambda: float(runtime.dead_lettered)),
     })
 
 

@@ -194,8 +194,9 @@ class KafkaServer:
     def _api(self) -> Any:
         from noetl_frontend.app import cluster_api
 
+        # The broker runs in this process and owns every partition: /explain reads its table (docs/query.md).
         app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, live=self.failure,
-                          max_in_flight=self.max_in_flight, gauges={
+                          max_in_flight=self.max_in_flight, explainer=self.faust_app.noetl_broker.explain, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })

@@ -39,7 +39,7 @@ async def serve(settings: Settings) -> int:
     try:
         await ensure_topics_best_effort(settings)
         consumer = QueryConsumer(settings, Projector(pool, settings.database_schema))
-        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer)
+        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer, settings.broker_url)
         await consumer.start()
         server = http_server(app, settings)
         serving = asyncio.create_task(server.serve(), name="query-http")
@@ -59,7 +59,7 @@ async def serve(settings: Settings) -> int:
         log.info("query stopped")
 
 
-def create_service_app(read: Any, consumer: Any) -> Any:
+def create_service_app(read: Any, consumer: Any, broker_url: str | None = None) -> Any:
     """The read API (the query app) with the projection's readiness and counters on /ready and /metrics."""
     from noetl_query.app import create_app
 
@@ -70,7 +70,9 @@ def create_service_app(read: Any, consumer: Any) -> Any:
         ("dead_letters", "records sent to noetl.dlq"),
         ("batches", "batches applied and committed"),
         ("retries", "batch attempts retried after a Postgres error"))}
-    return create_app(read, ready=consumer.not_ready, gauges=gauges)
+    from noetl_query.broker_explain import BrokerExplainer
+    return create_app(read, ready=consumer.not_ready, gauges=gauges,
+                      explainer=BrokerExplainer(broker_url) if broker_url else None)
 
 
 def main() -> int:

@@ -7,12 +7,14 @@ Handlers raise LookupError for an unknown execution or playbook (404); pydantic 
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from noetl_common import projection
+from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
 
@@ -135,6 +137,36 @@ async def events_summary(read: ReadModel, execution_id: str) -> dict[str, Any]:
               for e in events if e.event_type == "action_error"][-3:]
     return {"status": "ok", "summary": {"execution_id": execution_id, "status": projection.execution_status(events),
                                         "counts": counts, "skipped": skipped, "errors": errors}}
+
+
+# ----------------------------------------------------------------------------------------------- explain
+# (execution_id, now) -> noetl_common.explain.explain(state, now) as JSON, or None when this process does not
+# hold the execution's live state. Embedded: the runtime's states; `noetl server --kafka`: the broker's table.
+Explainer = Callable[[str, float], Awaitable[dict[str, Any] | None]]
+
+
+class NoLiveState(RuntimeError):
+    """The execution is running but this process cannot see its state (a 503: ask a process that can)."""
+
+
+async def explain_execution(read: ReadModel, explainer: Explainer | None, execution_id: str,
+                            now: float) -> dict[str, Any]:
+    """GET /api/executions/{id}/explain: what a running execution waits for (items with kind, step, fields
+    and a sentence, plus `text`, the sentences one per line). A finished one has nothing to wait for: its
+    projected summary says so (terminal is final), without asking the explainer."""
+    summary = await read.execution(execution_id)
+    status = summary.get("status") if summary is not None else None
+    if summary is not None and status in ("COMPLETED", "FAILED", "CANCELLED"):
+        end = summary.get("end_time")
+        finished = datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() if end else None
+        return finished_explanation(execution_id, status, now, finished, summary.get("error")).as_json()
+    live = await explainer(execution_id, now) if explainer is not None else None
+    if live is not None:
+        return live
+    if summary is None:   # (or accepted and not folded yet)
+        raise LookupError(f"no execution {execution_id!r}")
+    raise NoLiveState(f"execution {execution_id!r} is {status}, but this process does not hold its live state "
+                      f"and has no broker to ask (NOETL_BROKER_URL; see docs/query.md)")
 
 
 # ----------------------------------------------------------------------------------------------- catalog

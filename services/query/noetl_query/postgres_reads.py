@@ -18,7 +18,7 @@ from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
 from noetl_runtime.postgres_store import read_events
 
 _SUMMARY_COLUMNS = ("execution_id, parent_execution_id, path, version, playbook_name, status, start_time,"
-                    " end_time, duration, progress, result::text AS result, error, last_event_time")
+                    " end_time, duration, progress, result::text AS result, error, last_event_time, quarantined")
 
 TimeBound = datetime | str | float | int | None
 
@@ -53,7 +53,7 @@ def _summary(row: Any) -> dict[str, Any]:
         "status": row["status"], "start_time": iso(row["start_time"]), "end_time": iso(row["end_time"]),
         "duration": row["duration"], "progress": row["progress"],
         "result": None if row["result"] is None else json.loads(row["result"]),
-        "error": row["error"], "last_event_time": iso(row["last_event_time"]),
+        "error": row["error"], "last_event_time": iso(row["last_event_time"]), "quarantined": row["quarantined"],
     }
 
 

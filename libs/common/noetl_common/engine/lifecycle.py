@@ -135,4 +135,11 @@ def child_finished(s: Any, time: float) -> ChildFinished | None:
 
 
 def _playbook_name(tick: Tick) -> str:
-    return tick.compiled.playbook.name if tick.compiled else str(tick.state.playbook.get("metadata", {}).get("name", "playbook"))
+    return tick.compiled.playbook.name if tick.compiled else document_name(tick.state.playbook, tick.state.path)
+
+
+def document_name(document: Any, default: str) -> str:
+    """metadata.name of a playbook document that may not be valid (any shape at all)."""
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return str(name) if name is not None else default
