@@ -753,6 +753,15 @@ def test_every_role_has_a_network_policy_that_admits_only_its_peers(rendered: An
         peers = values["metricsFrom"] if key != "migrate" else []
         if role_of(key) in HTTP_ROLES:
             peers = values["apiFrom"] + peers
+        if key == "broker":     # explain: ingest and query ask a broker, which forwards to the owner
+            callers = [p for p in rules[0]["from"] if "podSelector" in p and "namespaceSelector" not in p]
+            reached = {k for k, w in workloads.items()
+                       if any(_selects(c["podSelector"]["matchLabels"], w) for c in callers)}
+            assert reached == {"ingest", "query", "broker"}, reached
+            for name in ("ingest", "query"):
+                env, _ = rendered.container_env(workloads[name])
+                assert env["NOETL_BROKER_URL"].value.startswith(f"http://{policy['metadata']['name']}:")
+            peers = callers + peers
         if peers:
             (rule,) = rules
             assert rule["from"] == peers, key
@@ -773,6 +782,8 @@ def test_metrics_peers_reach_every_role_and_api_peers_only_the_api(helm_chart: A
         peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
         expected = {"migrate": [], "ingest": gateway + prometheus, "query": gateway + prometheus,
                     "render": gateway + prometheus}.get(role, prometheus)
+        if role == "broker":
+            peers = [p for p in peers if "podSelector" not in p or p in gateway]   # its callers: above
         assert peers == expected, (policy["metadata"]["name"], peers)
     assert not helm_chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy")
 
