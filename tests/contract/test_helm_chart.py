@@ -927,6 +927,16 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
     pod = values["podSecurityContext"]
     (user,) = [i.split()[1] for i in instructions if i.startswith("USER ")]
     assert user == f"{pod['runAsUser']}:{pod['runAsGroup']}"          # numeric: runAsNonRoot can verify it
+    # BuildKit would fetch the dockerfile frontend image for a `# syntax=` line: the build must work offline
+    assert not re.match(r"#\s*syntax\s*=", dockerfile, re.IGNORECASE)
+    # the step user (issue 9): its own uid and group, neither the engine's
+    users = {}
+    for command in " ".join(instructions).split("&&"):
+        words = command.split()
+        if "useradd" in words:
+            users[words[-1]] = (words[words.index("--uid") + 1], words[words.index("--gid") + 1])
+    assert users["noetl"] == (str(pod["runAsUser"]), str(pod["runAsGroup"])), users
+    assert set(users) == {"noetl", "noetl-step"} and users["noetl-step"] == ("10002", "10002"), users
     (expose,) = [i.split()[1] for i in instructions if i.startswith("EXPOSE ")]
     assert int(expose) == values["httpPort"]
     workdir = [i.split()[1] for i in instructions if i.startswith("WORKDIR ")][-1]
