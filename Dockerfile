@@ -34,8 +34,8 @@ LABEL org.opencontainers.image.title="noetl-engine" \
       org.opencontainers.image.source="https://github.com/noetl/noetl"
 # uid/gid 10001: the engine, the chart's podSecurityContext (runAsNonRoot needs a numeric USER to verify).
 # uid/gid 10002 `noetl-step`: the step user, for python step code, in its own group so that it can read
-# nothing of the engine's (issue 9 scope 3: a worker started as root runs steps as this user, named by
-# NOETL_STEP_USER; docs/security.md, "Deployment"). The engine's working directory is 0700.
+# nothing of the engine's (issue 9 scope 3: a worker started as root runs python steps as NOETL_STEP_USER,
+# set below; docs/security.md, "Deployment"). The engine's working directory is 0700.
 # No `# syntax=` line: it makes BuildKit fetch a frontend image, which fails offline.
 RUN groupadd --system --gid 10001 noetl \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
@@ -52,7 +52,8 @@ COPY --from=build /opt/noetl /opt/noetl
 ENV PATH="/opt/noetl/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    NOETL_STEP_USER=noetl-step
 WORKDIR /var/lib/noetl
 USER 10001:10001
 EXPOSE 8080

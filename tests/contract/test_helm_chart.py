@@ -937,6 +937,7 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
             users[words[-1]] = (words[words.index("--uid") + 1], words[words.index("--gid") + 1])
     assert users["noetl"] == (str(pod["runAsUser"]), str(pod["runAsGroup"])), users
     assert set(users) == {"noetl", "noetl-step"} and users["noetl-step"] == ("10002", "10002"), users
+    assert re.search(r"^ENV .*\bNOETL_STEP_USER=noetl-step\b", "\n".join(instructions), re.MULTILINE)
     (expose,) = [i.split()[1] for i in instructions if i.startswith("EXPOSE ")]
     assert int(expose) == values["httpPort"]
     workdir = [i.split()[1] for i in instructions if i.startswith("WORKDIR ")][-1]
