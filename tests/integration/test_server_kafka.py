@@ -379,10 +379,11 @@ def _marks(marker: Path) -> Counter[str]:
     return Counter(marker.read_text().split()) if marker.exists() else Counter()
 
 
-def _restart_mid_step(server: Server, tmp_path: Path, interrupt: Any) -> tuple[dict[str, Any], Counter[str]]:
+def _restart_mid_step(server: Server, tmp_path: Path, step_dir: Path,
+                      interrupt: Any) -> tuple[dict[str, Any], Counter[str]]:
     """Start the slow playbook with `noetl run --server` in the background, interrupt the server while
     `slow` runs, start it again on the same port: the same client sees the execution finish."""
-    marker = tmp_path / "marks.txt"
+    marker = step_dir / "marks.txt"
     server.start()
     client = subprocess.Popen([NOETL, "run", "--server", server.url, str(_slow_playbook(tmp_path)), "--json",
                                "--payload", json.dumps({"marker": str(marker)})],
@@ -400,15 +401,16 @@ def _restart_mid_step(server: Server, tmp_path: Path, interrupt: Any) -> tuple[d
     return json.loads(out), _marks(marker)
 
 
-def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, tmp_path: Path) -> None:
+def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, tmp_path: Path,
+                                                               step_dir: Path) -> None:
     def graceful(s: Server) -> None:
         started = time.monotonic()
         assert s.terminate() == 0
         # the worker's grace let the running step finish before the process ended
-        assert _marks(tmp_path / "marks.txt")["slow-end"] == 1
+        assert _marks(step_dir / "marks.txt")["slow-end"] == 1
         assert time.monotonic() - started < 30
 
-    report, marks = _restart_mid_step(server, tmp_path, graceful)
+    report, marks = _restart_mid_step(server, tmp_path, step_dir, graceful)
     assert report["status"] == "COMPLETED" and report["result"] == 3, report
     assert marks == Counter({"first": 1, "slow-begin": 1, "slow-end": 1, "after": 1})
     assert {s: v["status"] for s, v in report["steps"].items()} == dict.fromkeys(
@@ -416,8 +418,9 @@ def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, t
     assert server.get(f"/api/executions/{report['execution_id']}")["status"] == "COMPLETED"
 
 
-def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(server: Server, tmp_path: Path) -> None:
-    report, marks = _restart_mid_step(server, tmp_path, Server.crash)
+def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(server: Server, tmp_path: Path,
+                                                                           step_dir: Path) -> None:
+    report, marks = _restart_mid_step(server, tmp_path, step_dir, Server.crash)
     assert report["status"] == "COMPLETED" and report["result"] == 3, report
     # `slow` was killed halfway and run again from the start; nothing else ran twice, nothing was skipped
     assert marks == Counter({"first": 1, "slow-begin": 2, "slow-end": 1, "after": 1})

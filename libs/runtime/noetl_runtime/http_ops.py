@@ -226,7 +226,9 @@ class JsonFormatter(logging.Formatter):
             if key not in self._STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            # exc_text when a record factory already formatted it (the worker's redaction does, so a
+            # traceback carrying a secret is logged redacted), as logging.Formatter itself does.
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
