@@ -296,15 +296,15 @@ def test_above_the_bound_429_with_retry_after(tmp_path: Path) -> None:
             register(api, SLOW)
             register(api, HELLO)
             key = "bounded-first"
-            first = api.post(RUN, json={"path": "tests/api_slow", "parameters": {"seconds": 3}},
+            first = api.post(RUN, json={"path": "tests/api_slow", "parameters": {"seconds": 8}},
                              headers={"Idempotency-Key": key})
-            second = api.post(RUN, json={"path": "tests/api_slow", "parameters": {"seconds": 3}})
+            second = api.post(RUN, json={"path": "tests/api_slow", "parameters": {"seconds": 8}})
             assert first.status_code == 200 and second.status_code == 200
             third = api.post(RUN, json={"path": "tests/api_hello"})
             assert third.status_code == 429, third.text
             assert int(third.headers["Retry-After"]) >= 1 and "bound is 2" in third.json()["detail"]
             # a retry of an accepted start is not a new execution: it is answered, bound or not
-            retry = api.post(RUN, json={"path": "tests/api_slow", "parameters": {"seconds": 3}},
+            retry = api.post(RUN, json={"path": "tests/api_slow", "parameters": {"seconds": 8}},
                              headers={"Idempotency-Key": key})
             assert retry.status_code == 200 and retry.json() == first.json()
             assert executions_of(api, "tests/api_hello") == []
