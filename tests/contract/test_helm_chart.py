@@ -26,6 +26,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +85,7 @@ API_ROUTES = [
     ("GET", "/api/executions", "query"),
     ("GET", "/api/executions/{execution_id}", "query"),
     ("GET", "/api/executions/{execution_id}/events", "query"),
+    ("GET", "/api/executions/{execution_id}/explain", "query"),
     ("GET", "/api/execution/data/{execution_id}", "query"),
     ("GET", "/api/events/summary/{execution_id}", "query"),
     ("GET", "/api/events/by-execution/{execution_id}", "query"),
@@ -140,8 +142,9 @@ def role_app(role: str) -> Any:
     import importlib
     if role == "ingest":
         from noetl_frontend.app import build_api
-        return build_api(None, None, None, service="ingest", description="")   # type: ignore[arg-type]
-    return importlib.import_module(f"{MODULES[role]}.app").create_app(None)
+        return build_api(None, None, None, service="ingest", description="",   # type: ignore[arg-type]
+                         auth=Authenticator(None))
+    return importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
 
 
 def api_routes(app_or_router: Any) -> set[tuple[str, str]]:
@@ -400,6 +403,10 @@ def test_env_values_parse_with_the_roles_settings(rendered: Any, monkeypatch: py
             options = WorkerOptions.from_env()
             grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             assert grace > options.shutdown_grace, "the kubelet must wait longer than the worker drains"
+        if role in ("ingest", "query"):   # /explain asks the brokers' Service
+            broker_service = next(w for k, w in rendered.workloads().items() if role_of(k) == "broker")
+            assert settings.broker_url is not None
+            assert settings.broker_url.startswith(f"http://{broker_service['metadata']['name']}:")
         if role == "broker":
             assert settings.topic_partitions == partitions
             assert workload["spec"]["replicas"] <= settings.topic_partitions
@@ -707,6 +714,9 @@ def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     assert scraped == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    # the API roles' /metrics takes a token: Prometheus sends the one in the Secret production names
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": {"name": "noetl-metrics-token", "key": "token"}}
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
     assert not helm_chart.named("default").of_kind("ServiceMonitor")
 

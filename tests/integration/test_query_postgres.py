@@ -25,6 +25,7 @@ from noetl_query.handlers import ExecutionFilters, Page  # noqa: E402
 from noetl_query.postgres_reads import PostgresReadModel  # noqa: E402
 from noetl_runtime.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
+from support import bearer, new_pg_token  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -462,7 +463,8 @@ async def test_render_service_reads_the_projected_log(pg):
         await read_events(pool, 'x"; DROP TABLE event; --', "lin-0")
 
     app = create_service_app(pool, schema)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render") as api:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render",
+                                 headers=bearer(await new_pg_token(pool, schema, "viewer"))) as api:
         async def render(body: Any) -> httpx.Response:
             return await api.post("/api/context/render", json=body)
 
@@ -480,3 +482,25 @@ async def test_render_service_reads_the_projected_log(pg):
         # nothing above harmed the log or the next request
         assert await read_events(pool, schema, "lin-0") == log
         assert (await render({"execution_id": "lin-0", "template": "{{ b.v }}"})).json()["rendered"] == "b"
+
+
+async def test_a_quarantined_execution_shows_as_such(pg):
+    """An execution the fold could only quarantine (noetl_common.engine.quarantine) is FAILED with
+    `quarantined: true` in the read model, as projection.summary says; any other one says false."""
+    from noetl_common.engine.quarantine import quarantine
+    from noetl_common.engine.tick import iso
+    pool, schema = pg
+    events = scenario()
+    raw = b'{"execution_id": "q", "seq": 3, "path": "tests/q", "started": 1767225600.0, "steps": 7}'
+    stuck = [Event(event_id=f"q:{i}", execution_id="q", seq=i, event_type="step_started", node_name="a",
+                   node_type="step", status="RUNNING", timestamp=iso(T0), time=T0) for i in range(3)]
+    failed = quarantine("q", "its state cannot be read: ValidationError", T0 + 5, raw=raw).events
+    projector, read = Projector(pool, schema), PostgresReadModel(pool, schema)
+    await projector.apply([*events, *stuck, *failed])
+    summary = await read.execution("q")
+    assert summary == projection.summary([*stuck, *failed])
+    assert summary["status"] == "FAILED" and summary["quarantined"] is True
+    assert summary["error"] == "quarantined: its state cannot be read: ValidationError"
+    assert (await read.execution("lin-0"))["quarantined"] is False
+    listed = (await read.executions(ExecutionFilters(status="FAILED"), Page(limit=100)))[0]
+    assert {s["execution_id"]: s["quarantined"] for s in listed} == {"retry-fail": False, "q": True}

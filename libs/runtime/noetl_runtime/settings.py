@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, MAX_LEASE_RETRIES,
+                                   MAX_LEASE_RETRY_DELAY)
 from noetl_common.topics import Topics
 
 # The bound on executions in flight above which POST /api/executions/run answers 429 (NOETL_MAX_IN_FLIGHT;
@@ -71,11 +73,18 @@ class Settings(BaseSettings):
     query_group: str | None = None
     secret_key: SecretStr | None = None
     lease_seconds: float = Field(30.0, gt=0)
+    # An attempt whose lease expired (its worker went silent) is sent again this many times, after
+    # lease_retry_delay × 1, 2, 4, ... s, before the step's own `retry` policy counts it (docs/broker.md).
+    lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
+    lease_retry_delay: float = Field(DEFAULT_LEASE_RETRY_DELAY, ge=0, le=MAX_LEASE_RETRY_DELAY, allow_inf_nan=False)
     max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=0)
     worker_pool: str = "default"
     worker_concurrency: int = Field(64, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8082, gt=0, lt=65536)
+    # NOETL_BROKER_URL: the brokers' web servers (e.g. their Service); the API and query roles ask them what a
+    # running execution waits for (GET /api/executions/{id}/explain). Unset: that route answers 503 for one.
+    broker_url: str | None = None
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")

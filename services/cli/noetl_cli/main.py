@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
+from noetl_cli.tokens import token_app
 from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, run_command)
 from noetl_runtime.sqlite_store import SqliteStore
 
@@ -23,6 +24,7 @@ catalog_app = typer.Typer(help="The playbook catalog of the local store.", no_ar
 credential_app = typer.Typer(help="Credentials in the local store (encrypted at rest).", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(credential_app, name="credential")
+app.add_typer(token_app, name="token")
 # soft_wrap: messages are never broken at 80 columns when stderr is not a terminal (paths stay whole).
 # Everything user-supplied that is printed through it is escaped: `[x]` in a message is text, not markup.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -103,6 +105,23 @@ def server_command(ctx: typer.Context,
     from noetl_ingest.admission import DEFAULT_MAX_IN_FLIGHT
     raise typer.Exit(serve(host, port, store, log_level,
                            DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight))
+
+
+@app.command()
+def status(execution_id: str = typer.Argument(..., help="The execution id."),
+           server: str = typer.Option("http://127.0.0.1:8080", "--server", metavar="URL", envvar="NOETL_SERVER",
+                                      help="The noetl server or cluster (its HTTP API)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the execution and its explanation as JSON.")
+           ) -> None:
+    """Status and progress of an execution on a server, and what it waits for (step attempts, leases, retry
+    timers, joins, iterators, child executions), until when."""
+    from noetl_cli.status import status_command   # httpx only
+    try:
+        code = status_command(server, execution_id, as_json)
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
