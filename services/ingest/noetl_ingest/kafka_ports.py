@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from pydantic import BaseModel
 
 from noetl_common.codec import encode
@@ -61,14 +60,14 @@ class KafkaSubmit:
         self.sent += 1
 
 
-_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
-
-
 async def send(producer: Any, topic: str, value: bytes, key: bytes, *, what: str) -> None:
     """send_and_wait with Kafka's refusals as the API's: TooLarge (413) or Unavailable (503)."""
+    # here: embedded `noetl server` imports this module (through noetl_frontend.app) without the Kafka extra
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
+
     try:
         await producer.send_and_wait(topic, value, key=key)
-    except _TOO_LARGE as exc:
+    except (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError) as exc:
         raise TooLarge(f"{what} is {len(value)} bytes, over the size limit of topic {topic}: "
                        f"{type(exc).__name__}") from exc
     except KafkaError as exc:
