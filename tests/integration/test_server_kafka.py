@@ -294,7 +294,7 @@ def test_poison_playbooks_fail_naming_the_template_and_the_server_stays_ready(se
     message naming the template, an execution running meanwhile completes, /ready stays 200 and the process
     never restarts."""
     server.start()
-    with httpx.Client(base_url=server.url, timeout=10) as api:
+    with httpx.Client(base_url=server.url, timeout=10, headers=server.auth) as api:
         for text in (POISON_END, POISON_CYCLER, STEADY):
             assert api.post("/api/catalog/register", json={"content": text}).status_code == 200
 
