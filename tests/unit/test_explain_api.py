@@ -117,12 +117,15 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def api(server: Server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as client:
         yield client
 
 
 def noetl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(NOETL), *args], capture_output=True, text=True, timeout=timeout, env=server_env(),
+    # the CLI finds a local server's admin.token beside NOETL_STORE (docs/security.md)
+    store = Server.stores.get(args[args.index("--server") + 1]) if "--server" in args else None
+    env = {**server_env(), **({"NOETL_STORE": str(store)} if store is not None else {})}
+    proc = subprocess.run([str(NOETL), *args], capture_output=True, text=True, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL)
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     return proc
@@ -198,13 +201,13 @@ def test_a_finished_execution_from_an_earlier_server_is_explained_from_its_summa
     """A restarted server no longer holds finished states in memory: the projected summary answers."""
     srv = Server(tmp_path / "noetl.db").start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as client:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=srv.auth) as client:
             register(client, CHILD)
             execution_id = start(client, "tests/explain_child", parameters={"slow": DOWN})   # fails at once
             until(lambda: explained(client, execution_id)["status"] == "FAILED", 20, "the failure")
         srv.kill(signal.SIGTERM)
         srv.start()
-        with httpx.Client(base_url=srv.url, timeout=30) as client:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=srv.auth) as client:
             body = explained(client, execution_id)
         assert body["status"] == "FAILED" and [i["kind"] for i in body["items"]] == ["finished"]
         assert body["items"][0]["fields"]["error"].startswith("step 'wait' failed")

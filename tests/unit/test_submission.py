@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import free_port
+from support import bearer, free_port, local_admin_token
 from test_http_api import HELLO, NOETL, ROOT, SLOW, Server, register, server_env, until
 
 RUN = "/api/executions/run"
@@ -59,7 +60,7 @@ def _ready(server: Server) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     srv = Server(tmp_path_factory.mktemp("submission") / "noetl.db").start()
-    with httpx.Client(base_url=srv.url, timeout=30) as api:
+    with httpx.Client(base_url=srv.url, timeout=30, headers=srv.auth) as api:
         register(api, HELLO)
         register(api, SLOW)
     yield srv
@@ -68,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def api(server: Server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as client:
         yield client
 
 
@@ -108,7 +109,7 @@ def test_concurrent_requests_with_one_key_are_one_execution(api: httpx.Client, s
     answers: list[httpx.Response] = []
 
     def post() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as own:
+        with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as own:
             answers.append(own.post(RUN, json={"path": "tests/api_hello"}, headers={"Idempotency-Key": key}))
     threads = [threading.Thread(target=post) for _ in range(8)]
     for t in threads:
@@ -191,7 +192,7 @@ def test_same_key_across_restarts(tmp_path: Path) -> None:
     """SIGTERM, then SIGKILL of the whole process group: the key still names the first execution."""
     srv = Server(tmp_path / "restart.db").start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as api:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=srv.auth) as api:
             register(api, HELLO)
             key = "across-restarts"
             eid = api.post(RUN, json={"path": "tests/api_hello"}, headers={"Idempotency-Key": key}).json()["id"]
@@ -199,7 +200,7 @@ def test_same_key_across_restarts(tmp_path: Path) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             srv.kill(sig)
             srv.start()
-            with httpx.Client(base_url=srv.url, timeout=30) as api:
+            with httpx.Client(base_url=srv.url, timeout=30, headers=srv.auth) as api:
                 again = api.post(RUN, json={"path": "tests/api_hello"}, headers={"Idempotency-Key": key})
                 assert again.status_code == 200 and again.json()["execution_id"] == eid
                 time.sleep(0.3)
@@ -278,7 +279,7 @@ def test_run_server_retries_a_lost_answer_with_the_same_key(tmp_path: Path, serv
         playbook.write_text(HELLO.replace("tests/api_hello", "tests/api_hello_retry"))
         proc = subprocess.run([str(NOETL), "run", str(playbook), "--json", "--server",
                                f"http://127.0.0.1:{proxy.port}"], capture_output=True, text=True, timeout=120,
-                              env=server_env())
+                              env={**server_env(), "NOETL_API_TOKEN": local_admin_token(server.store)})
     finally:
         proxy.close()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -292,7 +293,7 @@ def test_run_server_retries_a_lost_answer_with_the_same_key(tmp_path: Path, serv
 def test_above_the_bound_429_with_retry_after(tmp_path: Path) -> None:
     srv = BoundedServer(tmp_path / "bounded.db", "--max-in-flight", "2").start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as api:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=srv.auth) as api:
             register(api, SLOW)
             register(api, HELLO)
             key = "bounded-first"
@@ -312,7 +313,8 @@ def test_above_the_bound_429_with_retry_after(tmp_path: Path) -> None:
             playbook = tmp_path / "hello.yaml"
             playbook.write_text(HELLO)
             proc = subprocess.run([str(NOETL), "run", str(playbook), "--json", "--server", srv.url],
-                                  capture_output=True, text=True, timeout=120, env=server_env())
+                                  capture_output=True, text=True, timeout=120,
+                                  env={**server_env(), "NOETL_STORE": str(srv.store)})   # its admin.token
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "HTTP 429" in proc.stderr and json.loads(proc.stdout)["status"] == "COMPLETED"
             for eid in (first.json()["id"], second.json()["id"]):
@@ -349,7 +351,7 @@ def test_a_dead_runtime_is_not_healthy_refuses_runs_and_exits_1(tmp_path: Path) 
     try:
         url = f"http://127.0.0.1:{port}"
         until(lambda: _up(url), 30, "the fragile server")
-        with httpx.Client(base_url=url, timeout=10) as api:
+        with httpx.Client(base_url=url, timeout=10, headers=bearer(local_admin_token(tmp_path / "f.db"))) as api:
             assert api.get("/health").status_code == 200
             register(api, HELLO)
             assert api.post(RUN, json={"path": "tests/api_hello"}).status_code == 200   # its command kills it
@@ -384,10 +386,16 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
             await self.bus.take(self.topics.commands("default"), 1)
             raise RuntimeError("injected: the worker loop died")
 
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.tokens import SqliteTokens
+
     store = SqliteStore(tmp_path / "inproc.db")
     runtime = Fragile(store)
+    tokens = SqliteTokens(store)
+    admin, _ = asyncio.run(tokens.create("admin", "admin", None))
     try:
-        with TestClient(build_app(store, runtime)) as api:
+        with TestClient(build_app(store, runtime, auth=Authenticator(tokens)),
+                        headers={"Authorization": f"Bearer {admin}"}) as api:
             assert api.get("/health").status_code == 200
             assert api.post("/api/catalog/register", json={"content": HELLO}).status_code == 200
             assert api.post(RUN, json={"path": "tests/api_hello"}).status_code == 200
@@ -400,7 +408,8 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
             assert api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
                             headers={"Idempotency-Key": "while-dead"}).status_code == 503
         # restarted on the same store (what the supervisor does): the retry of the refused start runs it
-        with TestClient(build_app(store, EmbeddedRuntime(store))) as api:
+        with TestClient(build_app(store, EmbeddedRuntime(store), auth=Authenticator(tokens)),
+                        headers={"Authorization": f"Bearer {admin}"}) as api:
             retry = api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
                              headers={"Idempotency-Key": "while-dead"})
             assert retry.status_code == 200, retry.text
