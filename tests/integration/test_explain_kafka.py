@@ -93,7 +93,7 @@ def slow_url() -> Iterator[str]:
 
 def test_explain_and_noetl_status_on_noetl_server_kafka(server: Server, slow_url: str) -> None:  # noqa: F811
     server.start()
-    with httpx.Client(base_url=server.url, timeout=30) as api:
+    with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as api:
         for text in (CHILD, PARENT):
             assert api.post("/api/catalog/register", json={"content": text}).status_code == 200
         run = api.post("/api/executions/run", json={"path": "tests/kexplain_parent", "parameters": {

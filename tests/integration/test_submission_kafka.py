@@ -65,7 +65,7 @@ SLOW = textwrap.dedent("""\
 
 
 def api(server: Server) -> httpx.Client:
-    return httpx.Client(base_url=server.url, timeout=30)
+    return httpx.Client(base_url=server.url, timeout=30, headers=server.auth)
 
 
 def register(client: httpx.Client, text: str) -> dict[str, Any]:

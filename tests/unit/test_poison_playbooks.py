@@ -199,7 +199,7 @@ def test_noetl_server_fails_poison_executions_and_stays_ready(tmp_path: Path, ht
     server = Server(tmp_path / "noetl.db")
     server.start()
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as api:
+        with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as api:
             for text in (POISON_END, POISON_CYCLER, DOTTED_HEADER, GOOD):
                 register(api, text)
 
