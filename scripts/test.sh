@@ -150,7 +150,7 @@ if [[ -f "$CONFORMANCE" ]]; then
 fi
 
 # ------------------------------------------------------------------- conformance via 'noetl server --kafka'
-section "conformance: against 'noetl server --kafka BOOTSTRAP --database-url DSN' (Tansu + Postgres)"
+section "conformance: against 'noetl server --kafka BOOTSTRAP' (Tansu + Postgres, the DSN from NOETL_DATABASE_URL)"
 if [[ -f "$CONFORMANCE" ]]; then
   set +e
   KAFKA_ENV="$(PYTHON="$VENV/bin/python" NOETL_TEST_KAFKA_INFO="$WORK/kafka-server.info" bash scripts/kafka-start.sh)"
@@ -163,8 +163,9 @@ if [[ -f "$CONFORMANCE" ]]; then
     # The cluster's tokens live in Postgres: an admin token for the conformance client (docs/security.md).
     NOETL_API_TOKEN="$(NOETL_DATABASE_URL="$NOETL_TEST_PG_DSN" NOETL_DATABASE_SCHEMA=noetl_ci_server \
                        noetl token create --postgres --role admin --expires 1d --name "ci-server-$(date +%s)-$$")"
-    NOETL_KAFKA_SESSION_TIMEOUT_MS=3000 NOETL_DATABASE_SCHEMA=noetl_ci_server \
-      noetl server --port "$SERVER_PORT" --kafka "$SERVER_BOOTSTRAP" --database-url "$NOETL_TEST_PG_DSN" \
+    # The DSN through the environment, never argv (docs/security.md, "Deployment").
+    NOETL_KAFKA_SESSION_TIMEOUT_MS=3000 NOETL_DATABASE_SCHEMA=noetl_ci_server NOETL_DATABASE_URL="$NOETL_TEST_PG_DSN" \
+      noetl server --port "$SERVER_PORT" --kafka "$SERVER_BOOTSTRAP" \
       >"$WORK/server-kafka.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 600); do

@@ -436,7 +436,7 @@ async def test_read_api_handlers_over_postgres(pg):
     assert summary["status"] == "FAILED" and summary["counts"]["action_error"] == 3
     items, total = await h.list_executions(read, ExecutionFilters(status="FAILED"), Page())
     assert total == 1 and items[0]["id"] == "retry-fail" and items[0]["playbook_id"] == "tests/retry"
-    assert (await h.catalog_list(read))["entries"][0]["payload"] == LINEAR
+    assert (await h.catalog_list(read, include_content=True))["entries"][0]["payload"] == LINEAR
     assert (await h.catalog_playbook(read, "tests/linear"))["version"] == 1
     with pytest.raises(LookupError):
         await h.get_execution(read, "nope")
@@ -482,6 +482,41 @@ async def test_render_service_reads_the_projected_log(pg):
         # nothing above harmed the log or the next request
         assert await read_events(pool, schema, "lin-0") == log
         assert (await render({"execution_id": "lin-0", "template": "{{ b.v }}"})).json()["rendered"] == "b"
+
+
+def test_the_migration_command_takes_the_dsn_from_a_file_never_from_argv(pg_dsn, tmp_path):
+    """`python -m noetl_runtime.postgres_schema --database-url-file PATH` (docs/security.md): applies the
+    migrations with the DSN the file holds; a bad file is a usage error (2) that does not echo it."""
+    import os
+    import subprocess
+    import sys
+
+    schema = f"noetl_{uuid.uuid4().hex[:12]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    command = [sys.executable, "-m", "noetl_runtime.postgres_schema", "--schema", schema]
+    try:
+        done = subprocess.run([*command, "--database-url-file", str(dsn_file)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"schema {schema}: applied 0001" in done.stdout
+        again = subprocess.run(command, env={**env, "NOETL_DATABASE_URL_FILE": str(dsn_file)},
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and f"schema {schema}: up to date" in again.stdout, again.stderr
+    finally:
+        async def drop() -> None:
+            conn = await asyncpg.connect(pg_dsn)
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        asyncio.run(drop())
+    dsn_file.write_text("postgresql://u:hunter2@h/db\n\0")
+    bad = subprocess.run([*command, "--database-url-file", str(dsn_file)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "NUL bytes" in bad.stderr and "hunter2" not in bad.stderr, bad.stderr
+    both = subprocess.run([*command, "--database-url-file", str(dsn_file), "--database-url", pg_dsn], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "give the DSN once" in both.stderr, both.stderr
 
 
 async def test_a_quarantined_execution_shows_as_such(pg):

@@ -62,13 +62,21 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Server:
+        # The DSN as operators are told to give it (docs/security.md): from a 0600 file, never on argv, and
+        # not exported to the server either, so the file is what it connects with.
+        dsn_file = self.log.parent / "database-url"
+        dsn_file.touch(mode=0o600)
+        dsn_file.write_text(self.env["NOETL_DATABASE_URL"] + "\n")
+        env = {k: v for k, v in self.env.items() if k != "NOETL_DATABASE_URL"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [NOETL, "server", "--port", str(self.port), "--kafka", self.env["NOETL_KAFKA_BOOTSTRAP"],
-                 "--database-url", self.env["NOETL_DATABASE_URL"]],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                 "--database-url-file", str(dsn_file)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 cwd=self.log.parent)
         _wait(self._ready, READY_TIMEOUT, f"the server's /ready (log: {self.log})")
+        cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().decode()
+        assert self.env["NOETL_DATABASE_URL"] not in cmdline     # what `ps` shows every local user
         return self
 
     def _ready(self) -> bool:
@@ -371,10 +379,11 @@ def _marks(marker: Path) -> Counter[str]:
     return Counter(marker.read_text().split()) if marker.exists() else Counter()
 
 
-def _restart_mid_step(server: Server, tmp_path: Path, interrupt: Any) -> tuple[dict[str, Any], Counter[str]]:
+def _restart_mid_step(server: Server, tmp_path: Path, step_dir: Path,
+                      interrupt: Any) -> tuple[dict[str, Any], Counter[str]]:
     """Start the slow playbook with `noetl run --server` in the background, interrupt the server while
     `slow` runs, start it again on the same port: the same client sees the execution finish."""
-    marker = tmp_path / "marks.txt"
+    marker = step_dir / "marks.txt"
     server.start()
     client = subprocess.Popen([NOETL, "run", "--server", server.url, str(_slow_playbook(tmp_path)), "--json",
                                "--payload", json.dumps({"marker": str(marker)})],
@@ -392,15 +401,16 @@ def _restart_mid_step(server: Server, tmp_path: Path, interrupt: Any) -> tuple[d
     return json.loads(out), _marks(marker)
 
 
-def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, tmp_path: Path) -> None:
+def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, tmp_path: Path,
+                                                               step_dir: Path) -> None:
     def graceful(s: Server) -> None:
         started = time.monotonic()
         assert s.terminate() == 0
         # the worker's grace let the running step finish before the process ended
-        assert _marks(tmp_path / "marks.txt")["slow-end"] == 1
+        assert _marks(step_dir / "marks.txt")["slow-end"] == 1
         assert time.monotonic() - started < 30
 
-    report, marks = _restart_mid_step(server, tmp_path, graceful)
+    report, marks = _restart_mid_step(server, tmp_path, step_dir, graceful)
     assert report["status"] == "COMPLETED" and report["result"] == 3, report
     assert marks == Counter({"first": 1, "slow-begin": 1, "slow-end": 1, "after": 1})
     assert {s: v["status"] for s, v in report["steps"].items()} == dict.fromkeys(
@@ -408,8 +418,9 @@ def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, t
     assert server.get(f"/api/executions/{report['execution_id']}")["status"] == "COMPLETED"
 
 
-def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(server: Server, tmp_path: Path) -> None:
-    report, marks = _restart_mid_step(server, tmp_path, Server.crash)
+def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(server: Server, tmp_path: Path,
+                                                                           step_dir: Path) -> None:
+    report, marks = _restart_mid_step(server, tmp_path, step_dir, Server.crash)
     assert report["status"] == "COMPLETED" and report["result"] == 3, report
     # `slow` was killed halfway and run again from the start; nothing else ran twice, nothing was skipped
     assert marks == Counter({"first": 1, "slow-begin": 2, "slow-end": 1, "after": 1})
@@ -452,6 +463,35 @@ def test_half_a_kafka_configuration_is_a_usage_error(tmp_path: Path) -> None:
     with_store = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url", "postgresql://x@127.0.0.1/x",
                               "--store", str(tmp_path / "x.db"))
     assert with_store.returncode == 2 and "--store is for embedded mode" in with_store.stderr
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text("postgresql://x:hunter2@127.0.0.1/x\n")
+    file_no_kafka = _start_fails(env, "--database-url-file", str(dsn_file))
+    assert file_no_kafka.returncode == 2 and "--database-url-file needs --kafka" in file_no_kafka.stderr
+    both = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url-file", str(dsn_file),
+                        "--database-url", "postgresql://x@127.0.0.1/x")
+    assert both.returncode == 2 and "give the DSN once" in both.stderr
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "cannot read the database URL file"),
+    (b"", "is empty"),
+    (b"postgresql://a:hunter2@h/db\npostgresql://b:hunter2@h/db\n", "2 non-empty lines"),
+    (b"postgresql://a:hunter2@h/db\0", "NUL bytes"),
+    (b"hunter2" * 2000, "larger than 8192 bytes"),
+    (b"\xffhunter2", "not UTF-8"),
+])
+def test_a_bad_database_url_file_is_a_clear_usage_error_that_does_not_echo_it(
+        tmp_path: Path, content: bytes | None, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
+    path = tmp_path / "dsn"
+    if content is not None:
+        path.write_bytes(content)
+    done = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url-file", str(path))
+    said = " ".join(done.stderr.split())      # rich wraps long lines at spaces
+    assert done.returncode == 2 and expected in said and str(path) in done.stderr.replace("\n", ""), said
+    assert "hunter2" not in done.stdout + done.stderr
+    from_env = _start_fails({**env, "NOETL_DATABASE_URL_FILE": str(path)}, "--kafka", "127.0.0.1:9092")
+    assert from_env.returncode == 2 and expected in " ".join(from_env.stderr.split()), from_env.stderr
 
 
 def test_exported_kafka_and_database_variables_do_not_switch_a_plain_server_to_kafka(tmp_path: Path) -> None:

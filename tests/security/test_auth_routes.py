@@ -176,7 +176,7 @@ async def test_a_path_outside_the_table_is_refused_and_a_wrong_method_is_405(sto
         return {"secret": "served"}
 
     answer = await call(app, "GET", "/api/undeclared", role_tokens[ADMIN])
-    assert answer.status_code == 404 and "secret" not in answer.text
+    assert answer.status_code == 403 and "secret" not in answer.text
     assert (await call(app, "GET", "/api/undeclared")).status_code == 401
     # /api/executions/run also matches /api/executions/{execution_id}: a GET there is a viewer's read, and
     # a worker (no read rights) is refused, not let through by the overlap

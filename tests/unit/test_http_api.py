@@ -221,7 +221,7 @@ def test_register_run_and_read_hello_world(api: httpx.Client) -> None:
     assert finished(api, alias.json()["execution_id"])["result"] == {"greeting": "Hello, Bo!"}
 
     # the catalog, read side
-    entries = api.get("/api/catalog/list").json()["entries"]
+    entries = api.get("/api/catalog/list", params={"include_content": "true"}).json()["entries"]
     assert any(e["path"] == "tests/api_hello" and e["payload"]["metadata"]["name"] == "api_hello" for e in entries)
     one = api.get("/api/catalog/playbook", params={"playbook_id": "tests/api_hello"}).json()
     assert one["version"] == max(e["version"] for e in entries if e["path"] == "tests/api_hello")

@@ -8,7 +8,7 @@ HTTP app of every service (docs/security.md "Roles", "Tokens", "OIDC").
 
 Roles are hierarchical, viewer < operator < author < admin: each holds the rights of those below it.
 `worker` stands apart: it may post facts (POST /api/events) and nothing else; admin may post facts too.
-A path that the table does not name is answered 404 to every authenticated caller (never served): a new route must be
+A path that the table does not name is refused (403) to every authenticated caller: a new route must be
 given a role here, and tests/security enumerates every app's routes against this table.
 """
 from __future__ import annotations
@@ -284,7 +284,7 @@ class AuthMiddleware:
                 raise AuthError(401, "send one Authorization header")
             principal = await self.authenticator.authenticate((headers.get("authorization") or [None])[0])
             if template is None:   # fail closed: a path the table does not name is served to nobody
-                raise AuthError(404, "Not Found (no route with a role in noetl_runtime.auth.ROUTE_ROLES)")
+                raise AuthError(403, "no role is declared for this path (noetl_runtime.auth.ROUTE_ROLES)")
             if needed is None:
                 raise AuthError(405, f"{method} is not allowed on {template}", path=template)
             if not allows(principal.role, needed):

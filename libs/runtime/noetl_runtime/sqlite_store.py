@@ -11,6 +11,7 @@ guarded by a lock (sqlite3 releases the GIL, and WAL lets other processes read m
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -100,6 +101,20 @@ CREATE TABLE IF NOT EXISTS idempotency (   -- submissions with an Idempotency-Ke
 """
 
 
+def _private_file(path: Path) -> None:
+    """The store readable by its owner only (0600; its folder 0700 when we create it), so step code running
+    as another user (docs/security.md) cannot read the catalog, the events or the encrypted credentials.
+    SQLite gives its -wal and -shm files the database file's mode; older ones are narrowed too."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if each.stat().st_mode & 0o077:
+                each.chmod(0o600)
+        except FileNotFoundError:
+            pass
+
+
 class ExecutionSummary(BaseModel):
     execution_id: str
     parent_execution_id: str | None = None
@@ -119,7 +134,7 @@ class SqliteStore:
 
     def __init__(self, path: str | Path | None = None, *, key: bytes | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else DEFAULT_PATH.expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(self.path)
         self._key = key
         self._fernet: Fernet | None = None
         self._lock = threading.RLock()

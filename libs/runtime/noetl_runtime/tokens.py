@@ -8,7 +8,7 @@ that a slow hash would protect. The public `id` of a token is the first 12 hex d
 a token in `noetl token list` and in logs without revealing anything about the token itself.
 
 Two stores with the same behaviour: `SqliteTokens` (embedded mode, a table in the SQLite store) and
-`PostgresTokens` (a cluster: the `api_token` table of migration 0003).
+`PostgresTokens` (a cluster: the `api_token` table of migration 0005).
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ class SqliteTokens:
 
 # --------------------------------------------------------------------------------------------------- Postgres
 class PostgresTokens:
-    """The `api_token` table of a cluster's schema (migration 0003)."""
+    """The `api_token` table of a cluster's schema (migration 0005)."""
 
     def __init__(self, pool: Any, schema: str = "noetl", clock: Any = time.time) -> None:
         from noetl_runtime.postgres_schema import qualify

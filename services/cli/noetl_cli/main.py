@@ -67,12 +67,17 @@ def server_command(ctx: typer.Context,
                    kafka: Optional[str] = typer.Option(
                        None, "--kafka", metavar="BOOTSTRAP",
                        help="Run on Kafka (host:port[,host:port]) + Postgres instead of SQLite; needs "
-                            "--database-url (or NOETL_DATABASE_URL). Only this flag selects Kafka mode: an "
+                            "NOETL_DATABASE_URL or --database-url-file. Only this flag selects Kafka mode: an "
                             "exported NOETL_KAFKA_BOOTSTRAP does not. Other settings come from NOETL_* "
                             "(docs/cluster.md)."),
                    database_url: Optional[str] = typer.Option(
                        None, "--database-url", metavar="DSN", envvar="NOETL_DATABASE_URL",
-                       help="Postgres for the catalog, credentials and read model (with --kafka only)."),
+                       help="Postgres for the catalog, credentials and read model (with --kafka only). "
+                            "Prefer NOETL_DATABASE_URL or --database-url-file: a command line is readable "
+                            "by every local user."),
+                   database_url_file: Optional[Path] = typer.Option(
+                       None, "--database-url-file", metavar="PATH", envvar="NOETL_DATABASE_URL_FILE",
+                       help="A file (mode 0600, or a mounted secret) holding the Postgres DSN (with --kafka)."),
                    log_level: str = typer.Option("INFO", "--log-level", envvar="NOETL_LOG_LEVEL",
                                                  help="DEBUG, INFO, WARNING or ERROR."),
                    max_in_flight: Optional[int] = typer.Option(
@@ -87,14 +92,31 @@ def server_command(ctx: typer.Context,
         source = ctx.get_parameter_source(name)   # typer's vendored click: compare by name, not by class
         return source is not None and source.name == "COMMANDLINE"
 
+    if database_url_file is not None:
+        if database_url and given("database_url"):
+            err.print("[red]error:[/] give the DSN once: --database-url or --database-url-file, not both")
+            raise typer.Exit(2)
+        if kafka:    # the file wins over an exported NOETL_DATABASE_URL
+            from noetl_runtime.dsn_file import read_dsn_file
+            try:
+                database_url = read_dsn_file(database_url_file)
+            except ValueError as exc:
+                err.print(f"[red]error:[/] {escape(str(exc))}")
+                raise typer.Exit(2)
+        elif given("database_url_file"):
+            err.print("[red]error:[/] --database-url-file needs --kafka (embedded mode keeps its data in SQLite)")
+            raise typer.Exit(2)
     if kafka:
         if store is not None and given("store"):
             err.print("[red]error:[/] --store is for embedded mode; with --kafka the data lives in Postgres")
             raise typer.Exit(2)
         if not database_url:
-            err.print("[red]error:[/] --kafka needs --database-url (or NOETL_DATABASE_URL): the catalog, "
-                      "credentials and read model live in Postgres")
+            err.print("[red]error:[/] --kafka needs --database-url (or NOETL_DATABASE_URL, or "
+                      "--database-url-file): the catalog, credentials and read model live in Postgres")
             raise typer.Exit(2)
+        if given("database_url"):
+            err.print("[yellow]warning:[/] the DSN on the command line is readable by every local user "
+                      "(ps); prefer NOETL_DATABASE_URL or --database-url-file")
         from noetl_cli.server_kafka import serve_kafka   # faust, aiokafka and asyncpg only for this mode
         raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level, max_in_flight))
     if database_url and given("database_url"):

@@ -50,8 +50,9 @@ def router(ports: IngestPorts) -> APIRouter:
         return await answer(h.put_credential(ports, body))
 
     @api.get("/credentials")
-    async def list_credentials(type: str | None = None, q: str | None = None) -> Any:
-        return await answer(h.list_credentials(ports, type, q))
+    async def list_credentials(type: str | None = None, q: str | None = None, limit: int = 100,
+                               offset: int = 0) -> Any:
+        return await answer(h.list_credentials(ports, type, q, limit, offset))
 
     @api.get("/credentials/{name}")
     async def get_credential(name: str, include_data: bool = False) -> Any:

@@ -293,11 +293,19 @@ async def put_credential(ports: IngestPorts, req: CredentialRequest) -> dict[str
     return _public(await ports.credentials.put(req.name, req.type, req.data, req.description))
 
 
-async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None) -> dict[str, Any]:
+MAX_PAGE = 1000      # the largest page any list route answers (docs/security.md, Limits)
+
+
+async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None,
+                           limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    """One page of the matching credentials (no secret data); `total` counts every match."""
+    if not 1 <= limit <= MAX_PAGE or offset < 0:
+        raise ValueError(f"limit must be 1..{MAX_PAGE} and offset at least 0")
     items = [c for c in await ports.credentials.list()
              if (type is None or c.type == type)
              and (not q or q.lower() in c.name.lower() or q.lower() in (c.description or "").lower())]
-    return {"items": [_public(c) for c in items], "filter": {"type": type, "q": q}}
+    return {"items": [_public(c) for c in items[offset:offset + limit]], "filter": {"type": type, "q": q},
+            "total": len(items), "limit": limit, "offset": offset}
 
 
 async def get_credential(ports: IngestPorts, name: str, include_data: bool = False) -> dict[str, Any]:

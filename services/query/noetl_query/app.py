@@ -91,8 +91,16 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
         return await answer(h.execution_data(read, execution_id))
 
     @api.get("/catalog/list")
-    async def catalog_list(resource_type: str | None = None) -> Any:
-        return await answer(h.catalog_list(read, resource_type))
+    async def catalog_list(response: Response, resource_type: str | None = None, limit: int = 50, offset: int = 0,
+                           include_content: bool = False) -> Any:
+        """A page of registered versions, newest first, without content unless include_content=true; the
+        total is in X-Total-Count and `total`."""
+        async def listing() -> Any:
+            body = await h.catalog_list(read, resource_type, Page.model_validate({"limit": limit, "offset": offset}),
+                                        include_content)
+            response.headers["X-Total-Count"] = str(body["total"])
+            return body
+        return await answer(listing())
 
     @api.get("/catalog/playbook")
     async def catalog_playbook(playbook_id: str, version: str | None = None) -> Any:

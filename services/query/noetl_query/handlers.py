@@ -187,12 +187,26 @@ def _entry_out(entry: CatalogEntry, *, with_payload: bool = True) -> dict[str, A
     return out
 
 
-async def catalog_list(read: ReadModel, resource_type: str | None = None) -> dict[str, Any]:
-    """Every registered version, newest first (NoETL's order)."""
+# A page with every version's content can be megabytes per entry: a smaller page size when content is asked for.
+MAX_CATALOG_PAGE_WITH_CONTENT = 100
+
+
+async def catalog_list(read: ReadModel, resource_type: str | None = None, page: Page | None = None,
+                       include_content: bool = False) -> dict[str, Any]:
+    """Registered versions, newest first (NoETL's order), one page at a time (`total` counts them all).
+    Without include_content an entry has no `content`/`payload`: GET /api/catalog/playbook gives those."""
+    page = page or Page()
+    if include_content and page.limit > MAX_CATALOG_PAGE_WITH_CONTENT:
+        raise ValueError(f"limit must be at most {MAX_CATALOG_PAGE_WITH_CONTENT} with include_content=true")
     if resource_type not in (None, "", "Playbook", "playbook"):
-        return {"entries": []}
+        return {"entries": [], "total": 0, "limit": page.limit, "offset": page.offset}
     entries = sorted(await read.catalog(), key=lambda e: (e.created_at, e.version), reverse=True)
-    return {"entries": [_entry_out(e) for e in entries]}
+    window = entries[page.offset:page.offset + page.limit]
+    out = [_entry_out(e) for e in window]
+    if not include_content:
+        for entry in out:
+            del entry["content"], entry["payload"]
+    return {"entries": out, "total": len(entries), "limit": page.limit, "offset": page.offset}
 
 
 async def catalog_playbook(read: ReadModel, playbook_id: str, version: int | None = None) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 Templates that use action-side names (`secret`, `uuid`) stay raw and are listed in `deferred`; the worker
 renders them with the shipped `context`. `save` blocks are rendered on the worker too (they need the
-result), so the values their templates reference travel along. Only referenced names are shipped.
+result), so the values their templates reference travel along. Only referenced names are shipped, except
+for python code that reads NoETL's `context` global (issue 11): it gets the whole render context.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from noetl_common.dsl.models import Step
@@ -19,6 +21,9 @@ from noetl_common.state import ExecutionState, Work
 
 ACTION_SIDE = frozenset({"secret", "uuid"})
 WORKER_BOUND = frozenset({"secret", "uuid", "now", "result", "this"})   # the worker binds these itself
+# python code naming `context` reads NoETL's read-only context (execution_id, workload, step results...);
+# a word match is cheap and errs towards shipping (a comment that says "context" ships it too).
+_READS_CONTEXT = re.compile(r"\bcontext\b")
 
 
 def command_id(execution_id: str, step: str, visit: int, attempt: int, index: int | None = None,
@@ -98,6 +103,8 @@ def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], defe
         names |= referenced_names(lookup({"data": data, "config": config, "auth": auth}, path))
     if save:
         names |= referenced_names({k: v for k, v in save.items() if k != "code"})
+    if _reads_context(step.config.get("code")) or (save and _reads_context(save.get("code"))):
+        names |= set(scope) - {"data"}   # the data arrives as main()'s arguments already
     shipped = {name: scope[name] for name in names - WORKER_BOUND if name in scope and not callable(scope[name])}
     return ActionSpec(type=step.type or "save", data=data, config=config, auth=auth, timeout=step.timeout,
                       assert_returns=step.assert_returns, save=save, deferred=deferred, context=shipped)
@@ -113,6 +120,10 @@ def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *,
         command_id=cid, execution_id=s.execution_id, parent_execution_id=s.parent_execution_id, step=step,
         visit=visit, attempt=attempt, index=index, phase=phase, result=result, action=action, time=tick.time,
         lease_seconds=s.lease_seconds))
+
+
+def _reads_context(code: Any) -> bool:
+    return isinstance(code, str) and _READS_CONTEXT.search(code) is not None
 
 
 def _render_deferring(value: Any, context: dict[str, Any], path: list[Key], deferred: list[list[Key]]) -> Any:
