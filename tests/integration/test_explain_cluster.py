@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import bearer, free_port
+from support import free_port
 from test_explain_kafka import CHILD, PARENT, slow_url  # noqa: F401 - fixture
 from test_services_kafka import ROOT, _exports, _info, _ready, _wait, schema  # noqa: F401 - fixture
 
@@ -38,8 +38,9 @@ SLOW = textwrap.dedent("""\
     """)
 
 
-def _explained(url: str, execution_id: str, headers: dict[str, str]) -> dict[str, Any] | None:
-    response = httpx.get(f"{url}/api/executions/{execution_id}/explain", timeout=15, headers=headers)
+def _explained(url: str, execution_id: str, token: str) -> dict[str, Any] | None:
+    response = httpx.get(f"{url}/api/executions/{execution_id}/explain", timeout=15,
+                         headers={"Authorization": f"Bearer {token}"})
     return response.json() if response.status_code == 200 else None
 
 
@@ -57,11 +58,12 @@ def test_cluster_roles_explain_through_the_brokers(kafka_endpoint: Any, topics: 
     assert started.returncode == 0, started.stderr[-3000:]
     exports = _exports(started.stdout)
     info_file, url = exports["NOETL_CLUSTER_INFO"], exports["NOETL_SERVER_URL"]
+    token = exports["NOETL_API_TOKEN"]   # the admin token cluster-start.sh created (docs/security.md)
     second: subprocess.Popen[bytes] | None = None
     try:
         info = _info(info_file)
         query_url = f"http://127.0.0.1:{info['PORT_query']}"
-        with httpx.Client(base_url=url, timeout=30, headers=bearer(exports["NOETL_API_TOKEN"])) as api:
+        with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as api:
             for text in (CHILD, PARENT, SLOW):
                 assert api.post("/api/catalog/register", json={"content": text}).status_code == 200
             run = api.post("/api/executions/run", json={"path": "tests/kexplain_parent", "parameters": {
@@ -69,7 +71,7 @@ def test_cluster_roles_explain_through_the_brokers(kafka_endpoint: Any, topics: 
             parent = run.json()["execution_id"]
 
             def settled() -> dict[str, Any] | None:
-                body = _explained(url, parent, api.headers)
+                body = _explained(url, parent, token)
                 kinds = {(i["kind"], i["step"]) for i in (body or {}).get("items", [])}
                 return body if {("attempt", "nap"), ("retry", "flaky"), ("child", "call"),
                                 ("pending", "merge")} <= kinds else None
@@ -79,7 +81,7 @@ def test_cluster_roles_explain_through_the_brokers(kafka_endpoint: Any, topics: 
             assert body is not None
             assert {i["text"] for i in body["items"] if i["kind"] == "pending"} == {
                 "join `merge` waits for `nap` (running) (1 arrival so far)"}
-            from_query = _explained(query_url, parent, api.headers)   # the query role asks the broker too
+            from_query = _explained(query_url, parent, token)   # the query role asks the broker too
             assert from_query is not None and [i["kind"] for i in from_query["items"]] == \
                 [i["kind"] for i in body["items"]]
 
@@ -106,7 +108,7 @@ def test_cluster_roles_explain_through_the_brokers(kafka_endpoint: Any, topics: 
                     for _ in range(8)]
 
             def running(eid: str) -> bool:
-                b = _explained(url, eid, api.headers)
+                b = _explained(url, eid, token)
                 return b is not None and any(i["kind"] == "attempt" and i["step"] == "nap" for i in b["items"])
 
             _wait(lambda: all(running(eid) for eid in runs + [parent]), 90,

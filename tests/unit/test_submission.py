@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -279,7 +280,7 @@ def test_run_server_retries_a_lost_answer_with_the_same_key(tmp_path: Path, serv
         playbook.write_text(HELLO.replace("tests/api_hello", "tests/api_hello_retry"))
         proc = subprocess.run([str(NOETL), "run", str(playbook), "--json", "--server",
                                f"http://127.0.0.1:{proxy.port}"], capture_output=True, text=True, timeout=120,
-                              env={**server_env(), "NOETL_STORE": str(server.store)})   # its admin.token
+                              env={**server_env(), "NOETL_API_TOKEN": local_admin_token(server.store)})
     finally:
         proxy.close()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -314,7 +315,7 @@ def test_above_the_bound_429_with_retry_after(tmp_path: Path) -> None:
             playbook.write_text(HELLO)
             proc = subprocess.run([str(NOETL), "run", str(playbook), "--json", "--server", srv.url],
                                   capture_output=True, text=True, timeout=120,
-                                  env={**server_env(), "NOETL_STORE": str(srv.store)})
+                                  env={**server_env(), "NOETL_STORE": str(srv.store)})   # its admin.token
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "HTTP 429" in proc.stderr and json.loads(proc.stdout)["status"] == "COMPLETED"
             for eid in (first.json()["id"], second.json()["id"]):
@@ -351,8 +352,7 @@ def test_a_dead_runtime_is_not_healthy_refuses_runs_and_exits_1(tmp_path: Path) 
     try:
         url = f"http://127.0.0.1:{port}"
         until(lambda: _up(url), 30, "the fragile server")
-        with httpx.Client(base_url=url, timeout=10,
-                          headers=bearer(local_admin_token(tmp_path / "f.db"))) as api:
+        with httpx.Client(base_url=url, timeout=10, headers=bearer(local_admin_token(tmp_path / "f.db"))) as api:
             assert api.get("/health").status_code == 200
             register(api, HELLO)
             assert api.post(RUN, json={"path": "tests/api_hello"}).status_code == 200   # its command kills it
@@ -391,12 +391,16 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
             await self.bus.take(self.topics.commands("default"), 1)
             raise RuntimeError("injected: the worker loop died")
 
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.tokens import SqliteTokens
+
     store = SqliteStore(tmp_path / "inproc.db")
     runtime = Fragile(store)
-    token, _ = asyncio.run(SqliteTokens(store).create("test", "admin", None))
-    auth = Authenticator(SqliteTokens(store))
+    tokens = SqliteTokens(store)
+    admin, _ = asyncio.run(tokens.create("admin", "admin", None))
     try:
-        with TestClient(build_app(store, runtime, auth=auth), headers=bearer(token)) as api:
+        with TestClient(build_app(store, runtime, auth=Authenticator(tokens)),
+                        headers={"Authorization": f"Bearer {admin}"}) as api:
             assert api.get("/health").status_code == 200
             assert api.post("/api/catalog/register", json={"content": HELLO}).status_code == 200
             assert api.post(RUN, json={"path": "tests/api_hello"}).status_code == 200
@@ -409,7 +413,8 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
             assert api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
                             headers={"Idempotency-Key": "while-dead"}).status_code == 503
         # restarted on the same store (what the supervisor does): the retry of the refused start runs it
-        with TestClient(build_app(store, EmbeddedRuntime(store), auth=auth), headers=bearer(token)) as api:
+        with TestClient(build_app(store, EmbeddedRuntime(store), auth=Authenticator(tokens)),
+                        headers={"Authorization": f"Bearer {admin}"}) as api:
             retry = api.post(RUN, json={"path": "tests/api_hello", "parameters": {"name": "Again"}},
                              headers={"Idempotency-Key": "while-dead"})
             assert retry.status_code == 200, retry.text
