@@ -378,7 +378,6 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
     worker loop dies and before the process stops, /health and /ready are 503 and a run is refused."""
     from fastapi.testclient import TestClient
 
-    import asyncio
 
     from noetl_cli.server import build_app
     from noetl_embedded.runtime import EmbeddedRuntime
@@ -391,8 +390,6 @@ def test_dead_runtime_answers_503_on_health_and_run(tmp_path: Path) -> None:
             await self.bus.take(self.topics.commands("default"), 1)
             raise RuntimeError("injected: the worker loop died")
 
-    from noetl_runtime.auth import Authenticator
-    from noetl_runtime.tokens import SqliteTokens
 
     store = SqliteStore(tmp_path / "inproc.db")
     runtime = Fragile(store)
