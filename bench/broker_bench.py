@@ -39,7 +39,8 @@ from noetl_runtime import kafka_io  # noqa: E402
 from noetl_runtime.settings import load_settings  # noqa: E402
 from noetl_runtime.tuning import tune_gc  # noqa: E402
 
-from noetl_common.batch import Record, StateCache, TableStates, fold_batch  # noqa: E402
+from noetl_common.batch import Record, fold_batch  # noqa: E402
+from noetl_common.state_access import StateCache, TableStates  # noqa: E402
 
 from common import chain, describe  # noqa: E402
 

@@ -49,7 +49,8 @@ BROKER_SRC = ROOT / "services" / "broker"
 if importlib.util.find_spec("noetl_broker") is None:   # until pyproject lists services/broker
     sys.path.insert(0, str(BROKER_SRC))
 
-from noetl_common.batch import Record, StateCache, TableStates, fold_batch  # noqa: E402
+from noetl_common.batch import Record, fold_batch  # noqa: E402
+from noetl_common.state_access import StateCache, TableStates  # noqa: E402
 
 pytestmark = pytest.mark.kafka
 
@@ -749,7 +750,7 @@ async def test_an_unreadable_snapshot_quarantines_its_execution_and_nothing_else
             alive = broker.proc is not None and broker.proc.poll() is None
     finally:
         broker.close()
-    (event,) = worker.events[broken]
+    (event,) = {e.event_id: e for e in worker.events[broken]}.values()
     assert event.event_type == "execution_failed" and event.seq == 7 and event.meta == {"quarantined": True}
     assert event.error.startswith("quarantined: its state cannot be read: ValidationError")
     assert letters[0].reason.startswith(f"execution {broken} quarantined: its state cannot be read")
@@ -757,8 +758,9 @@ async def test_an_unreadable_snapshot_quarantines_its_execution_and_nothing_else
     finished = json.loads(told[0].value)
     assert finished["kind"] == "child_finished" and finished["status"] == "FAILED"
     assert finished["command_id"] == f"{parent}:call:1:1"
-    assert worker.events[good] == sim.events
-    assert alive and m["noetl_broker_quarantined_total"] == 1 and m["noetl_broker_ready"] == 1
+    # a rebalance after the restart may replay uncommitted records: repeats carry the same ids (at-least-once)
+    assert list({e.event_id: e for e in worker.events[good]}.values()) == sim.events
+    assert alive and m["noetl_broker_quarantined_total"] >= 1 and m["noetl_broker_ready"] == 1
 
 
 PARENT = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "parent", "path": "tests/parent"},

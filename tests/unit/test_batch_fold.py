@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 import noetl_common.batch as batch
-from noetl_common.batch import Record, StateCache, TableStates, fold_batch
+from noetl_common.batch import Record, fold_batch
+from noetl_common.state_access import StateCache, TableStates
 from noetl_common.codec import decode_inbound, encode
 from noetl_common.engine import Transition, advance
 from noetl_common.messages import (ActionCompleted, ActionStarted, ChildStarted, DeadLetter, Event,

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from hostile import CANARY, RESULTS, playbooks
 
-from noetl_common.batch import BatchOutput, Record, StateCache, TableStates, fold_batch
+from noetl_common.batch import BatchOutput, Record, fold_batch
+from noetl_common.state_access import StateCache, TableStates
 from noetl_common.codec import decode_inbound, encode
 from noetl_common.messages import (TERMINAL_EVENTS, ActionCompleted, ActionFailed, ActionStarted, CancelExecution,
                                    ChildStarted, StartExecution, TimerFired)

@@ -1,6 +1,6 @@
 """The batch fold, one function for both runtimes: inbound records → advance() per message → everything the
 batch produced, already encoded. The broker (a faust Table of snapshots, Kafka) and the embedded runtime
-(parsed states in memory, SQLite) call the same `fold_batch`; only their `States` differ.
+(parsed states in memory, SQLite) call the same `fold_batch`; only their `States` (state_access.py) differ.
 
 Failure model (docs/broker.md and docs/embedded.md, "Failure model"): one execution's message can never stop
 the batch, nor harm another execution.
@@ -22,32 +22,17 @@ from __future__ import annotations
 
 import base64
 import traceback
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 from noetl_common.codec import DecodeError, decode_inbound, encode
 from noetl_common.engine import Transition, advance, fail_on_error
 from noetl_common.engine.quarantine import clean_text, quarantine
 from noetl_common.messages import Command, DeadLetter, Event, StartExecution
 from noetl_common.state import ExecutionState
-
-
-class States(Protocol):
-    """How the batch fold reaches a runtime's execution states."""
-
-    def take(self, execution_id: str) -> ExecutionState | None:
-        """The execution's current state, parsed (None: unknown). The batch owns it, and may mutate it,
-        until it gives it back. Raises when the stored state cannot be read."""
-
-    def snapshot(self, execution_id: str) -> bytes | None:
-        """The execution's last durable snapshot: where a replay starts after a failure."""
-
-    def give_back(self, execution_id: str, raw: bytes | None, state: ExecutionState | None) -> None:
-        """The state after the batch, with its new snapshot (None: unchanged by the batch). `state` None: the
-        batch has no usable state for it (forget any parsed copy; the durable snapshot stays as it was)."""
+from noetl_common.state_access import States
 
 
 @dataclass(frozen=True)
@@ -89,60 +74,6 @@ class BatchOutput:
     failures: list[Failure] = field(default_factory=list)
     folded: int = 0                                            # messages that reached advance()
     stale: int = 0                                             # of those, duplicates / out of date
-
-
-class StateCache:
-    """Parsed states kept between batches, so a busy execution is not re-parsed on every batch.
-
-    An entry is used only while the table still holds the very bytes it was parsed from (identity, then
-    equality): after a rebalance, a recovery or a batch that failed before its states were written, the
-    table's bytes differ and the state is parsed again. Entries are taken out while a batch folds them, so
-    a state half-mutated by a failing advance() is never served again.
-    """
-
-    def __init__(self, size: int = 20_000) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, tuple[bytes, ExecutionState]] = OrderedDict()
-
-    def take(self, execution_id: str, raw: bytes | None) -> ExecutionState | None:
-        if raw is None:
-            self._entries.pop(execution_id, None)
-            return None
-        entry = self._entries.pop(execution_id, None)
-        if entry is not None and (entry[0] is raw or entry[0] == raw):
-            return entry[1]
-        return ExecutionState.from_bytes(raw)
-
-    def put(self, execution_id: str, raw: bytes, state: ExecutionState) -> None:
-        self._entries[execution_id] = (raw, state)
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-class TableStates:
-    """`States` over a table of snapshots (execution id -> bytes: the broker's faust Table, a dict in tests),
-    parsed through a StateCache."""
-
-    def __init__(self, table: Any, cache: StateCache | None = None) -> None:
-        self.table = table
-        self.cache = cache if cache is not None else StateCache(0)
-
-    def take(self, execution_id: str) -> ExecutionState | None:
-        return self.cache.take(execution_id, self.table.get(execution_id))
-
-    def snapshot(self, execution_id: str) -> bytes | None:
-        return self.table.get(execution_id)
-
-    def give_back(self, execution_id: str, raw: bytes | None, state: ExecutionState | None) -> None:
-        raw = raw if raw is not None else self.table.get(execution_id)
-        if raw is not None and state is not None:
-            self.cache.put(execution_id, raw, state)
 
 
 @dataclass
@@ -346,15 +277,16 @@ def _unsaveable(eid: str, work: _Working, states: States, why: str, now: float, 
         clean = None if good is None else ExecutionState.from_bytes(good)
     except Exception as exc:
         msg = work.done[culprit] if work.done else None
-        _quarantine(work, eid, msg, Record(value=None), f"its state could not be saved ({why}) nor rebuilt "
-                    f"({_why(exc)})", now, out, raw=snapshot, trace=trace)
+        record = Record(value=encode(msg) if msg is not None else None, key=eid.encode())
+        _quarantine(work, eid, msg, record, f"its state could not be saved ({why}) nor rebuilt ({_why(exc)})",
+                    now, out, raw=snapshot, trace=trace)
         return
     msg = work.done[culprit]
     work.truncate(work.marks[culprit])
     del work.done[culprit:], work.marks[culprit:]
     work.raw = None
-    _fail(work, eid, msg, Record(value=encode(msg)), f"its state could not be saved after {_what(msg)}: {why}",
-          now, out, states, trace, clean=clean)
+    _fail(work, eid, msg, Record(value=encode(msg), key=eid.encode()),
+          f"its state could not be saved after {_what(msg)}: {why}", now, out, states, trace, clean=clean)
 
 
 def _snapshot(states: States, eid: str) -> bytes | None:

@@ -49,7 +49,10 @@ class TemplateError(Exception):
             reason = f"{type(cause).__name__}: {cause}"
         else:
             reason = cause
-        super().__init__(f"{reason} in template {template!r}")
+        message = f"{reason} in template {template!r}"
+        if not message.isascii():   # the message travels in events: never a lone surrogate
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(message)
 
 
 class _Undefined(StrictUndefined):

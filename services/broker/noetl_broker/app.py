@@ -32,7 +32,8 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from noetl_common.batch import BatchOutput, Record, StateCache, TableStates, fold_batch
+from noetl_common.batch import BatchOutput, Record, fold_batch
+from noetl_common.state_access import StateCache, TableStates
 from noetl_common.codec import encode
 from noetl_common.explain import explain
 from noetl_common.messages import TimerFired

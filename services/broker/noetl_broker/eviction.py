@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from noetl_common.batch import StateCache
+from noetl_common.state_access import StateCache
 
 from noetl_broker.timers import schedule_of
 
