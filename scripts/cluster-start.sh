@@ -3,6 +3,7 @@
 # on Kafka + Postgres (docs/cluster.md).
 #
 #   eval "$(scripts/cluster-start.sh)"          # prints: export NOETL_SERVER_URL=... NOETL_CLUSTER_INFO=...
+#                                               #   NOETL_API_TOKEN=... (an admin token, unless one was set)
 #   noetl run --server "$NOETL_SERVER_URL" examples/hello_world.yaml
 #   scripts/cluster-stop.sh                     # uses $NOETL_CLUSTER_INFO (or: cluster-stop.sh INFO_FILE)
 #
@@ -111,6 +112,17 @@ print(f"created topics: {created or 'none (all existed)'}")
 PY
 "$PYTHON" -m noetl_runtime.postgres_schema >&2
 
+# -------------------------------------------------------------------------------------------- API token
+# Every route but /health and /ready needs a token (docs/security.md): an admin token for the caller of
+# this script, unless NOETL_API_TOKEN is set already. Only its hash is stored (the api_token table); the
+# token itself is kept in the cluster dir (mode 600) and exported.
+if [[ -z "${NOETL_API_TOKEN:-}" ]]; then
+  NOETL_API_TOKEN="$("$PYTHON" -m noetl_cli token create --postgres --role admin --expires 30d \
+                     --name "cluster-admin-$(date +%s)-$$")"
+  (umask 077; echo "$NOETL_API_TOKEN" >"$BASE/admin.token")
+  log "created an admin API token (in $BASE/admin.token)"
+fi
+
 # ------------------------------------------------------------------------------------------------ roles
 ROLES=()
 start_role() {  # start_role NAME PORT MODULE
@@ -177,3 +189,4 @@ trap - EXIT
 log "cluster ready: API $URL (info: $INFO)"
 echo "export NOETL_SERVER_URL=$URL"
 echo "export NOETL_CLUSTER_INFO=$INFO"
+echo "export NOETL_API_TOKEN=$NOETL_API_TOKEN"

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,8 +142,9 @@ def role_app(role: str) -> Any:
     import importlib
     if role == "ingest":
         from noetl_frontend.app import build_api
-        return build_api(None, None, None, service="ingest", description="")   # type: ignore[arg-type]
-    return importlib.import_module(f"{MODULES[role]}.app").create_app(None)
+        return build_api(None, None, None, service="ingest", description="",   # type: ignore[arg-type]
+                         auth=Authenticator(None))
+    return importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
 
 
 def api_routes(app_or_router: Any) -> set[tuple[str, str]]:
@@ -712,6 +714,9 @@ def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     assert scraped == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    # the API roles' /metrics takes a token: Prometheus sends the one in the Secret production names
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": {"name": "noetl-metrics-token", "key": "token"}}
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
     assert not helm_chart.named("default").of_kind("ServiceMonitor")
 

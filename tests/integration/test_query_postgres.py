@@ -25,6 +25,7 @@ from noetl_query.handlers import ExecutionFilters, Page  # noqa: E402
 from noetl_query.postgres_reads import PostgresReadModel  # noqa: E402
 from noetl_runtime.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
+from support import bearer, new_pg_token  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -462,7 +463,8 @@ async def test_render_service_reads_the_projected_log(pg):
         await read_events(pool, 'x"; DROP TABLE event; --', "lin-0")
 
     app = create_service_app(pool, schema)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render") as api:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render",
+                                 headers=bearer(await new_pg_token(pool, schema, "viewer"))) as api:
         async def render(body: Any) -> httpx.Response:
             return await api.post("/api/context/render", json=body)
 

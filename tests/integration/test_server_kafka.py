@@ -32,7 +32,7 @@ pytest.importorskip("faust")
 import httpx  # noqa: E402
 
 from noetl_common.topics import Topics  # noqa: E402
-from support import free_port  # noqa: E402
+from support import bearer, free_port, local_admin_token, pg_token  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -99,8 +99,12 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return bearer(self.env["NOETL_API_TOKEN"])
+
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.url}{path}", timeout=10)
+        response = httpx.get(f"{self.url}{path}", timeout=10, headers=self.auth)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -132,7 +136,9 @@ def server_env(kafka_endpoint: Any, topics: Topics, pg_dsn: str, schema: str, tm
                NOETL_WORKER_PYTHON_PROCESSES="1", PYTHONUNBUFFERED="1",
                # A restart that outlasts the lease (30 s) makes the broker count the running attempt as lost
                # (docs/cluster.md); on a busy machine a crash + restart on Tansu can come close to that.
-               NOETL_LEASE_SECONDS="120")
+               NOETL_LEASE_SECONDS="120",
+               # the cluster's tokens are in Postgres: `noetl run --server` and the test's calls use this one
+               NOETL_API_TOKEN=pg_token(pg_dsn, schema, "admin"))
     if kafka_endpoint.kind == "tansu":   # Tansu answers a group join after half the session timeout
         env["NOETL_KAFKA_SESSION_TIMEOUT_MS"] = os.environ.get("NOETL_KAFKA_SESSION_TIMEOUT_MS", "3000")
     return env
@@ -178,14 +184,14 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     registered = {e["path"] for e in server.get("/api/catalog/list")["entries"]}
     assert {"examples/hello_world", "examples/fan_out_join"} <= registered
     # ... and the render route over the projected events
-    rendered = httpx.post(f"{server.url}/api/context/render", timeout=10,
+    rendered = httpx.post(f"{server.url}/api/context/render", timeout=10, headers=server.auth,
                           json={"execution_id": hello["execution_id"], "template": "{{ greet.greeting }}"})
     assert rendered.json()["rendered"] == "Hello, Kafka!", rendered.text
 
     # Without NOETL_SECRET_KEY, credentials use the local key embedded mode uses (secret.key beside the
     # store): stored encrypted in Postgres, resolved by the worker, redacted in the result.
     token = f"tok-{uuid.uuid4().hex}"
-    put = httpx.post(f"{server.url}/api/credentials", timeout=10,
+    put = httpx.post(f"{server.url}/api/credentials", timeout=10, headers=server.auth,
                      json={"name": "demo", "type": "bearer", "data": {"token": token}})
     assert put.status_code == 200 and token not in put.text, put.text
     key_file = Path(server.env["NOETL_STORE"]).parent / "secret.key"
@@ -212,8 +218,9 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     assert used["steps"]["echo"]["result"] == {"token": "***", "length": len(token)}
 
     # one /metrics for every role of the process: the API's, the worker's counters, the broker's
-    metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{server.url}/metrics", timeout=5)
-               .text.splitlines() if line and not line.startswith("#")}
+    scraped = httpx.get(f"{server.url}/metrics", timeout=5, headers=server.auth).text
+    metrics = {line.split()[0]: float(line.split()[1]) for line in scraped.splitlines()
+               if line and not line.startswith("#")}
     assert metrics["noetl_worker_commands_completed_total"] >= 3        # greet, total/extremes/..., echo
     assert metrics["noetl_broker_executions_finished_total"] == 3
     assert metrics["noetl_broker_ready"] == 1 and metrics["noetl_ingest_messages_produced"] >= 3
@@ -464,7 +471,8 @@ def test_exported_kafka_and_database_variables_do_not_switch_a_plain_server_to_k
             except httpx.HTTPError:
                 return False
         _wait(ready, 60, "the embedded server")
-        assert httpx.get(f"{url}/api/executions", timeout=5).json() == []
+        admin = bearer(local_admin_token(tmp_path / "noetl.db"))   # written by the embedded server only
+        assert httpx.get(f"{url}/api/executions", timeout=5, headers=admin).json() == []
     finally:
         proc.terminate()
         proc.wait(timeout=30)

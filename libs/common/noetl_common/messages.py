@@ -122,6 +122,7 @@ class StartExecution(_Msg):
     parent_step: str | None = None
     return_step: str | None = None
     lease_seconds: float = 30.0
+    principal: str | None = None           # who started it (set by the API from the caller, never the body)
     # A lease lost to an infrastructure fault (the worker went silent) re-sends the same attempt this many
     # times, after lease_retry_delay × 2^(n-1) s, before the step's own `retry` policy counts it as a failure.
     lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
@@ -133,6 +134,7 @@ class CancelExecution(_Msg):
     execution_id: str
     time: float
     reason: str = "cancelled"
+    principal: str | None = None           # who cancelled it (set by the API from the caller)
 
 
 class ActionStarted(_Msg):

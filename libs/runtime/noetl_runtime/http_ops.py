@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from noetl_common.codec import DecodeError
 from noetl_common.refusals import Overloaded, Refusal
+from noetl_runtime.auth import Authenticator, install_auth
 
 if TYPE_CHECKING:
     import uvicorn
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from noetl_runtime.settings import Settings
 
 T = TypeVar("T")
+_OPS_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 ReadyCheck = Callable[[], "str | None"]        # None when ready (or alive), else why not
 GaugeFn = tuple[str, Callable[[], float]]     # (help text, current value)
 
@@ -78,12 +80,22 @@ def _reason(exc: BaseException) -> str:
     return str(exc.args[0]) if exc.args else type(exc).__name__
 
 
-def install_ops(app: FastAPI, *, service: str, ready: ReadyCheck | None = None, live: ReadyCheck | None = None,
-                gauges: Mapping[str, GaugeFn] | None = None, max_body_bytes: int | None = None) -> CollectorRegistry:
-    """Add /health, /ready, /metrics, per-request metrics and the request body limit (max_body_bytes, else
-    NOETL_MAX_BODY_BYTES) to `app`. One registry per app (not the global one), so several apps can live in
-    one process (tests, `noetl server`)."""
-    limit_request_body(app, max_body_bytes)
+def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready: ReadyCheck | None = None,
+                live: ReadyCheck | None = None, gauges: Mapping[str, GaugeFn] | None = None,
+                max_body_bytes: int | None = None) -> CollectorRegistry:
+    """Add /health, /ready, /metrics, per-request metrics, authorization (noetl_runtime.auth) and the request
+    body limit (max_body_bytes, else NOETL_MAX_BODY_BYTES) to `app`. One registry per app (not the global
+    one), so several apps can live in one process (tests, `noetl server`).
+
+    `auth` is required: every app enforces the route table. None only for a listener that serves nothing
+    but ops (a worker's, whose /metrics is then open: "its own listener"); an app with any other route
+    refuses to be built with None."""
+    if auth is None:
+        extra = sorted({getattr(r, "path", "") for r in app.router.routes} - _OPS_PATHS)
+        if extra:
+            raise ValueError(f"the {service} app has API routes {extra}: it needs an Authenticator")
+    install_auth(app, auth)
+    limit_request_body(app, max_body_bytes)   # added last: outermost, so an oversized body is 413 first
     registry = CollectorRegistry()
     requests = Counter("noetl_http_requests", "HTTP requests answered", ["service", "method", "route", "status"],
                        registry=registry)
@@ -253,8 +265,13 @@ def http_server(app: Any, settings: Settings, *, handle_signals: bool = True) ->
     requests are answered, so the caller's cleanup runs; stock uvicorn re-raises the signal after `serve()`,
     which would end the process before the consumer commits and the producer flushes.
     handle_signals=False (a host of several roles, `noetl server --kafka`): the host owns the signals and
-    sets `should_exit` itself."""
+    sets `should_exit` itself.
+    Refuses (ValueError) to serve with NOETL_AUTH=off on anything but a loopback address."""
     import uvicorn
+
+    from noetl_runtime.auth import AuthSettings, check_bind
+
+    check_bind(settings.http_host, AuthSettings())
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager

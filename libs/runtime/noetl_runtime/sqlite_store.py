@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS catalog (
     content     TEXT NOT NULL,
     document    TEXT NOT NULL,
     created_at  REAL NOT NULL,
+    registered_by TEXT,                 -- the principal that registered it (docs/security.md)
     PRIMARY KEY (path, version)
 );
 CREATE TABLE IF NOT EXISTS credentials (
@@ -128,6 +129,9 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:   # executescript commits first, so the script brings its own transaction
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
+            if "registered_by" not in columns:   # a store from before authentication
+                self._db.execute("ALTER TABLE catalog ADD COLUMN registered_by TEXT")
         self.catalog = SqliteCatalog(self)
         self.credentials = SqliteCredentials(self)
         self.idempotency = SqliteIdempotency(self)
@@ -282,9 +286,9 @@ def _project(db: sqlite3.Connection, ev: Event) -> None:
 
 
 def _entry(row: tuple[Any, ...]) -> CatalogEntry:
-    path, version, content, document, created_at = row
+    path, version, content, document, created_at, registered_by = row
     return CatalogEntry(path=path, version=version, content=content, document=json.loads(document),
-                        created_at=created_at)
+                        created_at=created_at, registered_by=registered_by)
 
 
 class SqliteCatalog:
@@ -293,18 +297,20 @@ class SqliteCatalog:
     def __init__(self, store: SqliteStore) -> None:
         self._s = store
 
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry:
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry:
         now = time.time()
         with self._s._tx() as db:
             (current,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM catalog WHERE path = ?", (path,)).fetchone()
             version = current + 1
-            db.execute("INSERT INTO catalog (path, version, content, document, created_at) VALUES (?, ?, ?, ?, ?)",
-                       (path, version, content, json.dumps(document), now))
-        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now)
+            db.execute("INSERT INTO catalog (path, version, content, document, created_at, registered_by)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (path, version, content, json.dumps(document), now, registered_by))
+        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now,
+                            registered_by=registered_by)
 
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None:
         """The given version, or the latest when `version` is None."""
-        sql = "SELECT path, version, content, document, created_at FROM catalog WHERE path = ?"
+        sql = "SELECT path, version, content, document, created_at, registered_by FROM catalog WHERE path = ?"
         if version is None:
             rows = self._s._query(sql + " ORDER BY version DESC LIMIT 1", (path,))
         else:
@@ -313,7 +319,7 @@ class SqliteCatalog:
 
     async def list(self) -> list[CatalogEntry]:
         """Every registered version, by path then version."""
-        rows = self._s._query("SELECT path, version, content, document, created_at FROM catalog"
+        rows = self._s._query("SELECT path, version, content, document, created_at, registered_by FROM catalog"
                               " ORDER BY path, version")
         return [_entry(r) for r in rows]
 

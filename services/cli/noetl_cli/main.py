@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
+from noetl_cli.tokens import token_app
 from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, run_command)
 from noetl_runtime.sqlite_store import SqliteStore
 
@@ -23,6 +24,7 @@ catalog_app = typer.Typer(help="The playbook catalog of the local store.", no_ar
 credential_app = typer.Typer(help="Credentials in the local store (encrypted at rest).", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(credential_app, name="credential")
+app.add_typer(token_app, name="token")
 # soft_wrap: messages are never broken at 80 columns when stderr is not a terminal (paths stay whole).
 # Everything user-supplied that is printed through it is escaped: `[x]` in a message is text, not markup.
 err = Console(stderr=True, highlight=False, soft_wrap=True)

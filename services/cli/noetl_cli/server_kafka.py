@@ -317,6 +317,13 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
         log.error("invalid settings: %s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                       for e in exc.errors()))
         return 1
+    try:
+        from noetl_runtime.auth import AuthSettings, check_bind
+
+        check_bind(host, AuthSettings())
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
+        return 1
     try:   # bound before anything starts, so that a taken port fails at once
         sock = _listen(host, port)
     except OSError as exc:

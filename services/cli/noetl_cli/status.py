@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 from urllib.parse import quote
@@ -36,7 +37,11 @@ def status_command(server: str, execution_id: str, as_json: bool) -> int:
 
 async def _ask(server: str, execution_id: str) -> dict[str, Any]:
     path = f"/api/executions/{quote(execution_id, safe='').replace('.', '%2E')}"   # '..' stays an id
-    async with httpx.AsyncClient(base_url=server, timeout=30.0) as client:
+    from noetl_cli.remote import api_token
+
+    token = api_token(server, os.environ)   # NOETL_API_TOKEN, or the local admin.token for loopback URLs
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=server, timeout=30.0, headers=headers) as client:
         api = _Api(client, server)
         response = await api.call("GET", path, params={"events": "false"})
         if response.status_code == 404:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops
 from noetl_query import handlers as h
 from noetl_query.handlers import ExecutionFilters, Explainer, NoLiveState, Page, ReadModel
@@ -108,9 +109,9 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
     return api
 
 
-def create_app(read: ReadModel, *, ready: ReadyCheck | None = None,
+def create_app(read: ReadModel, *, auth: Authenticator, ready: ReadyCheck | None = None,
                gauges: Mapping[str, GaugeFn] | None = None, explainer: Explainer | None = None) -> FastAPI:
     app = FastAPI(title="noetl query", version="1")
     app.include_router(router(read, explainer))
-    install_ops(app, service="query", ready=ready, gauges=gauges)
+    install_ops(app, service="query", auth=auth, ready=ready, gauges=gauges)
     return app

@@ -112,8 +112,15 @@ async def get_execution(read: ReadModel, execution_id: str, include_events: bool
             raise LookupError(f"no execution {execution_id!r}")
         return execution_out(summary)
     events = await _events_or_404(read, execution_id)
-    return {**execution_out(projection.summary(events)), "steps": projection.steps(events),
-            "events": [event_out(e) for e in events]}
+    return {**execution_out(projection.summary(events)), "started_by": _started_by(events),
+            "steps": projection.steps(events), "events": [event_out(e) for e in events]}
+
+
+def _started_by(events: list[Event]) -> str | None:
+    """The principal that started the execution (execution_start's meta; docs/security.md); None for a
+    child execution (its parent's start names the principal) and for executions from before authentication."""
+    start = next((e for e in events if e.event_type == "execution_start"), None)
+    return (start.meta or {}).get("principal") if start is not None else None
 
 
 async def execution_events(read: ReadModel, execution_id: str, after_seq: int = -1) -> dict[str, Any]:
@@ -173,7 +180,8 @@ async def explain_execution(read: ReadModel, explainer: Explainer | None, execut
 def _entry_out(entry: CatalogEntry, *, with_payload: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"path": entry.path, "kind": "Playbook", "version": entry.version,
                            "catalog_id": f"{entry.path}:{entry.version}", "content": entry.content,
-                           "meta": None, "created_at": iso(datetime.fromtimestamp(entry.created_at, timezone.utc))}
+                           "meta": None, "created_at": iso(datetime.fromtimestamp(entry.created_at, timezone.utc)),
+                           "registered_by": entry.registered_by}
     if with_payload:
         out["payload"] = entry.document
     return out

@@ -91,7 +91,8 @@ def _start(msg: StartExecution) -> Tick:
     name = playbook.name if playbook else document_name(msg.playbook, msg.path)
     tick.emit("execution_start", name, "playbook", "STARTED", meta={
         "path": msg.path, "version": msg.version, "workload": state.workload,
-        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step})
+        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step,
+        **({"principal": msg.principal} if msg.principal is not None else {})})
     if playbook is None:
         errors = "; ".join(f"{p.path}: {p.message}" for p in problems if p.severity == "error")
         fail_execution(tick, f"invalid playbook: {errors}")
@@ -101,7 +102,7 @@ def _start(msg: StartExecution) -> Tick:
 
 
 def _cancel(tick: Tick, msg: CancelExecution) -> None:
-    cancel_execution(tick, msg.reason)
+    cancel_execution(tick, msg.reason, principal=msg.principal)
 
 
 def _action_started(tick: Tick, msg: ActionStarted) -> None:
