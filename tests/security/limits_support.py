@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from support import free_port
+from support import bearer, free_port, local_admin_token
 
 NOETL = Path(sys.executable).with_name("noetl")
 BODY_LIMIT = 256 * 1024      # NOETL_MAX_BODY_BYTES for the limits server: small, so tests send little
@@ -19,6 +19,7 @@ BODY_LIMIT = 256 * 1024      # NOETL_MAX_BODY_BYTES for the limits server: small
 
 class LimitsServer:
     def __init__(self, store: Path) -> None:
+        self.store = store
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = store.with_suffix(".log")
@@ -37,6 +38,18 @@ class LimitsServer:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"noetl server not ready:\n{self.log.read_text()}")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admin token the server wrote beside its store on first start."""
+        return bearer(local_admin_token(self.store))
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, headers={**self.headers, **kwargs.pop("headers", {})},
+                          timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.get(self.url + path, headers=self.headers, timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def stop(self) -> None:
         if self.popen.poll() is None:

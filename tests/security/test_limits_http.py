@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 
-import httpx
 
 from limits_support import BODY_LIMIT, health_latency
 from test_limits_yaml import laughs
@@ -49,7 +48,9 @@ def test_a_chunked_body_over_the_limit_is_cut_off_with_413(limits_server):
     chunk = b"x" * 65536
     body = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(BODY_LIMIT // len(chunk) + 4)] + [b"0\r\n\r\n"]
     for route in ROUTES:
-        answer = raw_post(limits_server.port, route, "Transfer-Encoding: chunked\r\n", body)
+        # with the admin token: an anonymous one is refused 401 before any byte of its body is read
+        auth = limits_server.headers["Authorization"]
+        answer = raw_post(limits_server.port, route, f"Authorization: {auth}\r\nTransfer-Encoding: chunked\r\n", body)
         assert answer.startswith(b"HTTP/1.1 413"), (route, answer[:200])
 
 
@@ -63,23 +64,24 @@ def test_a_100_mb_body_is_refused_while_health_keeps_answering(limits_server):
             time.sleep(0.02)
 
     big = b'{"content": "' + b"a" * (100 * 1024 * 1024) + b'"}'   # built before probing: it holds the GIL
+    slack = max(health_latency(limits_server.url) for _ in range(3))  # what /health costs on this loaded machine
     prober = threading.Thread(target=probe)
     prober.start()
     try:
         # (how long the client takes to push 100 MB is its own business: the server answers at the limit)
-        response = httpx.post(limits_server.url + "/api/catalog/register", content=big,
+        response = limits_server.post("/api/catalog/register", content=big,
                               headers={"Content-Type": "application/json"}, timeout=30)
         assert response.status_code == 413 and "NOETL_MAX_BODY_BYTES" in response.json()["detail"]
     finally:
         stop.set()
         prober.join()
-    assert len(latencies) >= 1 and max(latencies) < 1.0, latencies
+    assert len(latencies) >= 1 and max(latencies) < 1.0 + slack, (latencies, slack)
 
 
 def test_a_body_under_the_limit_is_taken(limits_server):
     text = "apiVersion: noetl.io/v1\nkind: Playbook\nmetadata: {name: ok, path: limits/ok}\n" \
            "workflow:\n  - step: start\n    next: [{step: end}]\n  - step: end\n"
-    response = httpx.post(limits_server.url + "/api/catalog/register", json={"content": text}, timeout=30)
+    response = limits_server.post("/api/catalog/register", json={"content": text}, timeout=30)
     assert response.status_code == 200, response.text
 
 
@@ -87,7 +89,7 @@ def test_the_alias_bomb_is_a_400_within_a_second_and_health_answers(limits_serve
     text = "apiVersion: noetl.io/v1\nkind: Playbook\nmetadata: {name: bomb, path: limits/bomb}\n" + laughs() + \
         "workflow:\n  - step: start\n    next: [{step: end}]\n  - step: end\n"
     started = time.monotonic()
-    response = httpx.post(limits_server.url + "/api/catalog/register", json={"content": text}, timeout=30)
+    response = limits_server.post("/api/catalog/register", json={"content": text}, timeout=30)
     assert time.monotonic() - started < 1.0
     assert response.status_code == 400, response.text
     assert "nodes" in response.text

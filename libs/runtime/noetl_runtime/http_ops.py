@@ -84,8 +84,8 @@ def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready
                 live: ReadyCheck | None = None, gauges: Mapping[str, GaugeFn] | None = None,
                 max_body_bytes: int | None = None) -> CollectorRegistry:
     """Add /health, /ready, /metrics, per-request metrics, authorization (noetl_runtime.auth) and the request
-    body limit (max_body_bytes, else NOETL_MAX_BODY_BYTES) to `app`. One registry per app (not the global one),
-    so several apps can live in one process (tests, `noetl server`).
+    body limit (max_body_bytes, else NOETL_MAX_BODY_BYTES) to `app`. One registry per app (not the global
+    one), so several apps can live in one process (tests, `noetl server`).
 
     `auth` is required: every app enforces the route table. None only for a listener that serves nothing
     but ops (a worker's, whose /metrics is then open: "its own listener"); an app with any other route
@@ -94,8 +94,8 @@ def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready
         extra = sorted({getattr(r, "path", "") for r in app.router.routes} - _OPS_PATHS)
         if extra:
             raise ValueError(f"the {service} app has API routes {extra}: it needs an Authenticator")
-    limit_request_body(app, max_body_bytes)
     install_auth(app, auth)
+    limit_request_body(app, max_body_bytes)   # added last: outermost, so an oversized body is 413 first
     registry = CollectorRegistry()
     requests = Counter("noetl_http_requests", "HTTP requests answered", ["service", "method", "route", "status"],
                        registry=registry)
