@@ -15,7 +15,7 @@ Each rate starts from idle (the previous one drained). The workload mixes a 3-st
 8-item async iterator of python tasks, a step that sleeps 0.3 s and a control-only playbook.
 
     python bench/load_ramp.py                                    # spawns `noetl server` (embedded, temp store)
-    python bench/load_ramp.py --kafka HOST:PORT --database-url DSN   # spawns `noetl server --kafka`
+    NOETL_DATABASE_URL=DSN python bench/load_ramp.py --kafka HOST:PORT   # spawns `noetl server --kafka`
     python bench/load_ramp.py --url http://127.0.0.1:8080        # a server already running
     options: --rates 2,4,8,12,16,24  --seconds 15  --max-in-flight N (spawned servers)
 """
@@ -75,9 +75,9 @@ def spawn(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[bytes],
     if args.max_in_flight is not None:
         command += ["--max-in-flight", str(args.max_in_flight)]
     if args.kafka:
-        command += ["--kafka", args.kafka, "--database-url", args.database_url]
+        command += ["--kafka", args.kafka]     # the DSN through the environment, never argv
         suffix = uuid.uuid4().hex[:8]
-        env.update(NOETL_TOPIC_PREFIX=f"ramp{suffix}.", NOETL_DATABASE_SCHEMA=f"ramp_{suffix}",
+        env.update(NOETL_DATABASE_URL=args.database_url, NOETL_TOPIC_PREFIX=f"ramp{suffix}.", NOETL_DATABASE_SCHEMA=f"ramp_{suffix}",
                    NOETL_STORE=str(tmp / "home" / "noetl.db"))
     else:
         command += ["--store", str(tmp / "ramp.db")]

@@ -52,6 +52,10 @@ class Cluster:
         return subprocess.Popen([NOETL, "run", "--server", self.url, str(playbook), "--json", *args],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.env['NOETL_API_TOKEN']}"}
+
     def logs(self) -> str:
         base = Path(self.info["BASE"])
         return "".join(p.read_text(errors="replace") for p in sorted(base.glob("*.log")))
@@ -90,6 +94,7 @@ def cluster(kafka_endpoint: Any, pg_dsn: str) -> Iterator[Cluster]:
     assert started.returncode == 0, started.stderr[-3000:]
     exports = _exports(started.stdout)
     info_file = exports["NOETL_CLUSTER_INFO"]
+    env["NOETL_API_TOKEN"] = exports["NOETL_API_TOKEN"]   # the admin token cluster-start.sh created
     try:
         yield Cluster(env, exports["NOETL_SERVER_URL"], info_file, _info(info_file))
     finally:
@@ -108,7 +113,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 
 
 def _events(cluster: Cluster, execution_id: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{cluster.url}/api/executions/{execution_id}/events", timeout=10)
+    answer = httpx.get(f"{cluster.url}/api/executions/{execution_id}/events", timeout=10, headers=cluster.auth)
     assert answer.status_code == 200, answer.text
     return answer.json()["events"]
 
@@ -152,7 +157,8 @@ workflow:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "attempt 1 of the slow step was never reported started"
         time.sleep(0.1)
-        listed = httpx.get(f"{cluster.url}/api/executions", params={"path": "tests/faults/slow_step"}, timeout=5)
+        listed = httpx.get(f"{cluster.url}/api/executions", params={"path": "tests/faults/slow_step"}, timeout=5,
+                           headers=cluster.auth)
         if listed.status_code == 200 and listed.json():
             started = [e for e in _events(cluster, listed.json()[0]["execution_id"])
                        if e["event_type"] == "action_started"]
@@ -252,7 +258,7 @@ def test_no_secret_reaches_any_topic_event_or_log(cluster: Cluster, pg_dsn: str,
     credential = {"name": "pg_secret", "type": "postgres",
                   "data": {"host": dsn.hostname, "port": dsn.port or 5432, "user": dsn.username or "postgres",
                            "database": dsn.path.lstrip("/") or "postgres", "password": DB_PASSWORD}}
-    put = httpx.post(f"{cluster.url}/api/credentials", json=credential, timeout=10)
+    put = httpx.post(f"{cluster.url}/api/credentials", json=credential, timeout=10, headers=cluster.auth)
     assert put.status_code == 200, put.text
     playbook = tmp_path / "secrets.yaml"
     playbook.write_text(_secret_playbook(cluster.url))
@@ -273,7 +279,8 @@ def test_no_secret_reaches_any_topic_event_or_log(cluster: Cluster, pg_dsn: str,
         leaks = [name for name, recs in records.items() if any(secret.encode() in r for r in recs)]
         assert not leaks, f"a secret is on {leaks}"
 
-    served = httpx.get(f"{cluster.url}/api/executions/{report['execution_id']}/events", timeout=10).text
+    served = httpx.get(f"{cluster.url}/api/executions/{report['execution_id']}/events", timeout=10,
+                       headers=cluster.auth).text
     assert "***" in served and API_TOKEN not in served and DB_PASSWORD not in served
     logs = cluster.logs()
     assert API_TOKEN not in logs and DB_PASSWORD not in logs

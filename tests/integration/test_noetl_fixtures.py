@@ -33,8 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT.parent / "shared" / "noetl-fixtures"        # read through ../shared, never copied
 UPSTREAM = FIXTURES / "noetl@963d10a8" / "tests" / "fixtures" / "playbooks"
 ADAPTED = FIXTURES / "adapted@963d10a8" / "tests" / "fixtures" / "playbooks"
-NEEDS_CONTEXT = ("needs NoETL's read-only `context` global in python code (`context.get(\"execution_id\")`), "
-                 "which the worker helper's change adds; until it is merged the step fails with NameError")
 
 pytestmark = [
     pytest.mark.postgres,
@@ -390,9 +388,9 @@ def _check_save_all_storage_types(run, file: Path, pg: Database) -> None:
     _failed_offline(r, "test_http_save", "httpbin.org")
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_CONTEXT)
 def test_save_all_storage_types(run, pg, storage_tables):
-    """As is: `data: "{{ x.data }}"` (one template as the whole data) loads and renders to the mapping."""
+    """As is: `data: "{{ x.data }}"` (one template as the whole data) loads and renders to the mapping, and
+    `initialize_test_data` reads NoETL's read-only `context` global (`context.get("execution_id")`)."""
     _check_save_all_storage_types(run, UPSTREAM / "save_storage_test/save_all_storage_types.yaml", pg)
 
 

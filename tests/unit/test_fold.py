@@ -440,7 +440,7 @@ workflow:
     action = sim.commands[0].action
     assert action.config["endpoint"] == "http://h/x"
     assert action.config["headers"]["X-Key"] == "{{ secret.API_KEY }}-{{ workload.base }}"
-    assert action.deferred == ["config.headers.X-Key"]
+    assert action.deferred == [["config", "headers", "X-Key"]]
     assert action.context == {"workload": {"base": "http://h", "unused": "big"}}
 
 

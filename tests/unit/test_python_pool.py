@@ -148,12 +148,12 @@ async def test_throughput_of_trivial_calls(pool):
     """The engine's benchmark needs >= 1,000 trivial python steps/s end to end; the pool must be far
     faster than that. 32 concurrent callers, `def main(n): return n*n`."""
     code = "def main(n):\n    return n*n\n"
-    await pool.run(code, {"n": 1}, 10)
+    await pool.run(code, {"n": 1}, 10, execution="bench")
     n_calls = 4000
 
     async def caller(k):
         for i in range(k, n_calls, 32):
-            out = await pool.run(code, {"n": i}, 10)
+            out = await pool.run(code, {"n": i}, 10, execution="bench")
             assert out.result == i * i
 
     start = time.perf_counter()
@@ -170,15 +170,16 @@ async def test_closed_pool_refuses_work():
         await pool.run("def main():\n    return 1\n", {}, 1)
 
 
-async def test_children_do_not_see_secret_env_and_keep_stdout_clean(monkeypatch, capfd):
+async def test_children_do_not_see_secret_env_and_subprocess_output_is_the_steps_log(monkeypatch, capfd):
     monkeypatch.setenv("NOETL_SECRET_HIDDEN", "do-not-inherit")
     pool = PythonPool(1)
     try:
-        code = ("import os\ndef main():\n    os.system('echo from-a-subprocess')\n"
+        code = ("import os\ndef main():\n    print('before', flush=True)\n    os.system('echo from-a-subprocess')\n"
                 "    return os.environ.get('NOETL_SECRET_HIDDEN', 'absent')\n")
         out = await pool.run(code, {}, 10)
         assert out.ok and out.result == "absent"
+        assert out.log == "before\nfrom-a-subprocess\n"   # in order, and only in the step's own log
         captured = capfd.readouterr()
-        assert "from-a-subprocess" not in captured.out and "from-a-subprocess" in captured.err
+        assert "from-a-subprocess" not in captured.out and "from-a-subprocess" not in captured.err
     finally:
         pool.close()

@@ -15,6 +15,7 @@ class CatalogEntry(BaseModel):
     content: str                 # the YAML text as registered
     document: dict[str, Any]     # parsed
     created_at: float
+    registered_by: str | None = None   # the principal that registered this version (docs/security.md)
 
 
 class Credential(BaseModel):
@@ -27,7 +28,8 @@ class Credential(BaseModel):
 
 
 class CatalogPort(Protocol):
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry: ...
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry: ...
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None: ...  # None = latest
     async def list(self) -> list[CatalogEntry]: ...
 

@@ -93,7 +93,8 @@ async def read_events(conn_or_pool: Any, schema: str, execution_id: str, after_s
 # ---------------------------------------------------------------------------------------------------------
 def _entry(row: Mapping[str, Any]) -> CatalogEntry:
     return CatalogEntry(path=row["path"], version=row["version"], content=row["content"],
-                        document=json.loads(row["document"]), created_at=row["created_at"])
+                        document=json.loads(row["document"]), created_at=row["created_at"],
+                        registered_by=row.get("registered_by"))
 
 
 class PostgresCatalog:
@@ -105,24 +106,25 @@ class PostgresCatalog:
         self.schema = schema
         q = qualify(schema)
         cols = ("path, version, content, document::text AS document,"
-                " extract(epoch FROM created_at)::float8 AS created_at")
+                " extract(epoch FROM created_at)::float8 AS created_at, registered_by")
         self._sql_lock = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
         # One statement picks the version and inserts; the lock above makes max + 1 safe under concurrency.
         self._sql_register = (
-            f"INSERT INTO {q}.catalog (path, version, content, document, created_at)"
-            f" SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3::jsonb, now() FROM {q}.catalog WHERE path = $1"
+            f"INSERT INTO {q}.catalog (path, version, content, document, created_at, registered_by)"
+            f" SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3::jsonb, now(), $4 FROM {q}.catalog WHERE path = $1"
             f" RETURNING {cols}")
         self._sql_latest = f"SELECT {cols} FROM {q}.catalog WHERE path = $1 ORDER BY version DESC LIMIT 1"
         self._sql_version = f"SELECT {cols} FROM {q}.catalog WHERE path = $1 AND version = $2"
         self._sql_list = f'SELECT {cols} FROM {q}.catalog ORDER BY path COLLATE "C", version'
 
-    async def register(self, content: str, document: dict[str, Any], path: str, *,
-                       before_commit: Callable[[CatalogEntry], Awaitable[None]] | None = None) -> CatalogEntry:
+    async def register(self, content: str, document: dict[str, Any], path: str, registered_by: str | None = None,
+                       *, before_commit: Callable[[CatalogEntry], Awaitable[None]] | None = None) -> CatalogEntry:
         """`before_commit(entry)` runs inside the transaction: if it raises, the version is not registered
         (Kafka mode publishes the registration there, so a refused produce leaves no row behind)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self._sql_lock, f"noetl.catalog:{self.schema}:{path}")
-            entry = _entry(await conn.fetchrow(self._sql_register, path, content, json.dumps(document)))
+            entry = _entry(await conn.fetchrow(self._sql_register, path, content, json.dumps(document),
+                                               registered_by))
             if before_commit is not None:
                 await before_commit(entry)
         return entry

@@ -11,17 +11,18 @@ guarded by a lock (sqlite3 releases the GIL, and WAL lets other processes read m
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 from cryptography.fernet import Fernet
 from pydantic import BaseModel
 
-from noetl_common.messages import TERMINAL_EVENTS, Event
+from noetl_common.messages import TERMINAL_EVENTS, DeadLetter, Event
 from noetl_common.ports import CatalogEntry, Claim, Credential
 from noetl_common.refusals import Conflict
 from noetl_runtime import secret_key
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS catalog (
     content     TEXT NOT NULL,
     document    TEXT NOT NULL,
     created_at  REAL NOT NULL,
+    registered_by TEXT,                 -- the principal that registered it (docs/security.md)
     PRIMARY KEY (path, version)
 );
 CREATE TABLE IF NOT EXISTS credentials (
@@ -71,6 +73,14 @@ CREATE TABLE IF NOT EXISTS states (
     updated_at   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS states_active ON states (terminal);
+CREATE TABLE IF NOT EXISTS dead_letters (   -- messages the fold could not use (embedded mode's noetl.dlq)
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    execution_id TEXT,                    -- the message's key: its execution, when it had one
+    source       TEXT NOT NULL,           -- inbound | commands | states (a snapshot read at resume)
+    value        BLOB NOT NULL,           -- the original bytes
+    reason       TEXT NOT NULL,
+    time         REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS executions (   -- read model, maintained from the events in the same transaction
     execution_id        TEXT PRIMARY KEY,
     parent_execution_id TEXT,
@@ -89,6 +99,20 @@ CREATE TABLE IF NOT EXISTS idempotency (   -- submissions with an Idempotency-Ke
     created_at   REAL NOT NULL          -- the start's `time`
 );
 """
+
+
+def _private_file(path: Path) -> None:
+    """The store readable by its owner only (0600; its folder 0700 when we create it), so step code running
+    as another user (docs/security.md) cannot read the catalog, the events or the encrypted credentials.
+    SQLite gives its -wal and -shm files the database file's mode; older ones are narrowed too."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if each.stat().st_mode & 0o077:
+                each.chmod(0o600)
+        except FileNotFoundError:
+            pass
 
 
 class ExecutionSummary(BaseModel):
@@ -110,7 +134,7 @@ class SqliteStore:
 
     def __init__(self, path: str | Path | None = None, *, key: bytes | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else DEFAULT_PATH.expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(self.path)
         self._key = key
         self._fernet: Fernet | None = None
         self._lock = threading.RLock()
@@ -120,6 +144,9 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:   # executescript commits first, so the script brings its own transaction
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
+            if "registered_by" not in columns:   # a store from before authentication
+                self._db.execute("ALTER TABLE catalog ADD COLUMN registered_by TEXT")
         self.catalog = SqliteCatalog(self)
         self.credentials = SqliteCredentials(self)
         self.idempotency = SqliteIdempotency(self)
@@ -178,12 +205,29 @@ class SqliteStore:
         return self.commit_batch_sync(events, states, terminal)
 
     def commit_batch_sync(self, events: Iterable[Event], states: Mapping[str, bytes],
-                          terminal: Collection[str] = ()) -> int:
-        """commit_batch for callers that run it in a thread of their own (the embedded fold loop)."""
+                          terminal: Collection[str] = (), *, bodies: Sequence[bytes] | None = None,
+                          dead_letters: Iterable[DeadLetter] = ()) -> int:
+        """commit_batch for callers that run it in a thread of their own (the embedded fold loop). `bodies`:
+        the events already encoded (the batch fold encodes every effect), in the same order; `dead_letters`
+        are written in the same transaction."""
         with self._tx() as db:
-            added = self._insert_events(db, events)
+            added = self._insert_events(db, events, bodies)
             self._upsert_states(db, states, terminal)
+            for letter in dead_letters:
+                key = letter.original_key()
+                db.execute("INSERT INTO dead_letters (execution_id, source, value, reason, time) VALUES (?, ?, ?, ?, ?)",
+                           (key.decode("utf-8", "replace") if key is not None else None, letter.source_topic or "inbound",
+                            letter.original_value(), letter.reason, letter.time))
             return added
+
+    def dead_letters(self, limit: int = 1000) -> list[tuple[str | None, bytes, str]]:
+        """The dead letters, oldest first: (execution id or None, the original bytes, the reason)."""
+        rows = self._query("SELECT execution_id, value, reason FROM dead_letters ORDER BY id LIMIT ?", (limit,))
+        return [(eid, bytes(value), reason) for eid, value, reason in rows]
+
+    def load_state_sync(self, execution_id: str) -> bytes | None:
+        rows = self._query("SELECT snapshot FROM states WHERE execution_id = ?", (execution_id,))
+        return bytes(rows[0][0]) if rows else None
 
     async def events(self, execution_id: str, after_seq: int = -1) -> list[Event]:
         """The execution's log in seq order (only events with seq > after_seq)."""
@@ -192,8 +236,7 @@ class SqliteStore:
         return [Event.model_validate_json(body) for (body,) in rows]
 
     async def load_state(self, execution_id: str) -> bytes | None:
-        rows = self._query("SELECT snapshot FROM states WHERE execution_id = ?", (execution_id,))
-        return bytes(rows[0][0]) if rows else None
+        return self.load_state_sync(execution_id)
 
     async def load_states(self, active_only: bool = True) -> dict[str, bytes]:
         sql = "SELECT execution_id, snapshot FROM states" + (" WHERE terminal = 0" if active_only else "")
@@ -214,14 +257,15 @@ class SqliteStore:
         return [ExecutionSummary(**dict(zip(cols, row))) for row in self._query(sql, args)]
 
     @staticmethod
-    def _insert_events(db: sqlite3.Connection, events: Iterable[Event]) -> int:
+    def _insert_events(db: sqlite3.Connection, events: Iterable[Event], bodies: Sequence[bytes] | None = None) -> int:
         added = 0
-        for ev in events:
+        for i, ev in enumerate(events):
+            body = bodies[i].decode() if bodies is not None else ev.model_dump_json()
             cur = db.execute(
                 "INSERT OR IGNORE INTO events (event_id, execution_id, seq, event_type, node_name, status,"
                 " timestamp, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (ev.event_id, ev.execution_id, ev.seq, ev.event_type, ev.node_name, ev.status, ev.timestamp,
-                 ev.model_dump_json()))
+                 body))
             if cur.rowcount:            # a duplicate changes neither the log nor the read model
                 added += 1
                 _project(db, ev)
@@ -257,9 +301,9 @@ def _project(db: sqlite3.Connection, ev: Event) -> None:
 
 
 def _entry(row: tuple[Any, ...]) -> CatalogEntry:
-    path, version, content, document, created_at = row
+    path, version, content, document, created_at, registered_by = row
     return CatalogEntry(path=path, version=version, content=content, document=json.loads(document),
-                        created_at=created_at)
+                        created_at=created_at, registered_by=registered_by)
 
 
 class SqliteCatalog:
@@ -268,18 +312,20 @@ class SqliteCatalog:
     def __init__(self, store: SqliteStore) -> None:
         self._s = store
 
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry:
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry:
         now = time.time()
         with self._s._tx() as db:
             (current,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM catalog WHERE path = ?", (path,)).fetchone()
             version = current + 1
-            db.execute("INSERT INTO catalog (path, version, content, document, created_at) VALUES (?, ?, ?, ?, ?)",
-                       (path, version, content, json.dumps(document), now))
-        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now)
+            db.execute("INSERT INTO catalog (path, version, content, document, created_at, registered_by)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (path, version, content, json.dumps(document), now, registered_by))
+        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now,
+                            registered_by=registered_by)
 
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None:
         """The given version, or the latest when `version` is None."""
-        sql = "SELECT path, version, content, document, created_at FROM catalog WHERE path = ?"
+        sql = "SELECT path, version, content, document, created_at, registered_by FROM catalog WHERE path = ?"
         if version is None:
             rows = self._s._query(sql + " ORDER BY version DESC LIMIT 1", (path,))
         else:
@@ -288,7 +334,7 @@ class SqliteCatalog:
 
     async def list(self) -> list[CatalogEntry]:
         """Every registered version, by path then version."""
-        rows = self._s._query("SELECT path, version, content, document, created_at FROM catalog"
+        rows = self._s._query("SELECT path, version, content, document, created_at, registered_by FROM catalog"
                               " ORDER BY path, version")
         return [_entry(r) for r in rows]
 

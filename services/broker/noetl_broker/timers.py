@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,11 +24,27 @@ from aiokafka.partitioner import murmur2
 from noetl_common.engine.leases import recovered_fire_time
 from noetl_common.messages import TimerFired
 
-from noetl_broker.handlers import schedule_of
-
 log = logging.getLogger("noetl.broker.timers")
 Fire = Callable[[list[TimerFired]], Awaitable[None]]
 RETRY_AFTER = 0.5   # seconds before a deadline whose TimerFired could not be produced is tried again
+
+
+def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None, float]:
+    """A snapshot's live deadlines, when it finished (None while it runs) and its lease: one parse, for a
+    recovery.
+
+    A snapshot that cannot be read here has neither: it stays in the table untouched until a message for
+    its execution arrives, and the batch fold then quarantines the execution (noetl_common.batch)."""
+    try:
+        data = json.loads(raw)
+        lease = float(data.get("lease_seconds") or 0.0)
+        if data.get("status") == "RUNNING":
+            return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None, lease
+        finished = data.get("finished")
+        return {}, float(finished if finished is not None else data.get("started") or 0.0), lease
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        log.error("an execution snapshot cannot be read (%s): no deadline scheduled for it", exc)
+        return {}, None, 0.0
 
 
 def partition_of(execution_id: str, partitions: int) -> int:

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from rich.console import Console
@@ -66,7 +67,11 @@ class _Api:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text[:500]
-            raise RemoteError(f"{what}: HTTP {response.status_code}: {detail}")
+            hint = ""
+            if response.status_code == 401:
+                hint = (" (set NOETL_API_TOKEN to a token of this server: `noetl token create`; a local `noetl "
+                        "server` writes one to admin.token beside its store, which is read for loopback URLs)")
+            raise RemoteError(f"{what}: HTTP {response.status_code}: {detail}{hint}")
         return response.json()
 
 
@@ -121,7 +126,9 @@ def run_remote(server: str, file: Path, payload: dict[str, Any], catalogs: list[
 async def _run(server: str, text: str, file: Path, payload: dict[str, Any], catalogs: list[Path],
                credentials: Path | None, out: Console, err: Console, as_json: bool, timeout: float | None,
                started: float) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server, timeout=30.0) as client:
+    token = api_token(server, os.environ)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=server, timeout=30.0, headers=headers) as client:
         api = _Api(client, server)
         store = _RemoteStore(api, err)
         await register_catalogs(store, catalogs)   # type: ignore[arg-type]  # duck-typed: catalog.register
@@ -150,6 +157,25 @@ async def _run(server: str, text: str, file: Path, payload: dict[str, Any], cata
     return {"execution_id": execution_id, "status": detail["status"], "result": detail.get("result"),
             "error": detail.get("error"), "steps": detail.get("steps", {}), "events": detail.get("events", []),
             "duration_ms": _ms(started)}
+
+
+def api_token(server: str, environ: Mapping[str, str]) -> str | None:
+    """NOETL_API_TOKEN; else, for a server on this machine (a loopback URL), the admin token a local
+    `noetl server` wrote beside the default store (NOETL_STORE's folder, else ~/.noetl)."""
+    token = environ.get("NOETL_API_TOKEN", "").strip()
+    if token:
+        return token
+    from noetl_runtime.auth import is_loopback
+    from noetl_runtime.tokens import ADMIN_TOKEN_FILE
+    from noetl_runtime.sqlite_store import DEFAULT_PATH
+
+    if not is_loopback(urlsplit(server).hostname or ""):
+        return None
+    path = Path(environ.get("NOETL_STORE") or DEFAULT_PATH).expanduser().parent / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 async def _submit(api: _Api, body: dict[str, Any], err: Console) -> httpx.Response:

@@ -29,14 +29,17 @@ from noetl_ingest.admission import DEFAULT_MAX_IN_FLIGHT, InFlight
 from noetl_ingest.handlers import IngestPorts
 from noetl_query.sqlite_reads import SqliteReadModel
 from noetl_render.handlers import RenderPorts
+from noetl_runtime.auth import Authenticator, AuthSettings, check_bind
 from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.sqlite_store import SqliteStore
+from noetl_runtime.tokens import SqliteTokens, ensure_local_admin, local_token_file
 
 log = logging.getLogger("noetl.server")
 WATCH_INTERVAL = 0.5   # seconds between checks that the runtime is alive
 
 
-def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> FastAPI:
+def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, *,
+              auth: Authenticator) -> FastAPI:
     """The one app of embedded mode. The runtime starts and stops with the app (its lifespan)."""
     started = False
 
@@ -82,9 +85,10 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int =
                          in_flight=InFlight(max_in_flight, running, seen))
     return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
                      description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
-                     ready=ready, live=dead, lifespan=lifespan, gauges={
+                     auth=auth, ready=ready, live=dead, lifespan=lifespan, explainer=runtime.explain, gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
-        "noetl_dead_letters": ("inbound messages that could not be decoded", lambda: float(len(runtime.dead_letters))),
+        "noetl_dead_letters": ("messages the fold could not use (the store's dead_letters table), since start",
+                               lambda: float(runtime.dead_lettered)),
     })
 
 
@@ -97,6 +101,12 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
     an exclusive lock on the store (two servers on one store would both resume and run every step twice)
     and the listening socket (uvicorn would otherwise start the app, hence the runtime, before binding)."""
     configure_json_logging(log_level.upper())
+    try:
+        settings = AuthSettings()
+        check_bind(host, settings)
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
+        return 1
     store = SqliteStore(store_path)
     try:
         with _exclusive(store.path.with_name(store.path.name + ".server.lock")) as locked:
@@ -104,7 +114,8 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
                 log.error("another noetl server is using the store %s", store.path)
                 return 1
             runtime = EmbeddedRuntime(store, **runtime_options)
-            config = uvicorn.Config(build_app(store, runtime, max_in_flight), host=host,
+            auth = Authenticator(local_admin(store), settings=settings)
+            config = uvicorn.Config(build_app(store, runtime, max_in_flight, auth=auth), host=host,
                                     port=port, log_config=None, lifespan="on", log_level=log_level.lower(),
                                     timeout_graceful_shutdown=5)
             try:
@@ -120,6 +131,18 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
             return 0 if server.started and runtime.crashed is None else 1
     finally:
         store.close()
+
+
+def local_admin(store: SqliteStore) -> SqliteTokens:
+    """The store's tokens; on first start an admin token in `admin.token` beside the store (0600), which
+    `noetl run --server` on this machine reads (docs/security.md "Tokens")."""
+    tokens = SqliteTokens(store)
+    path = local_token_file(store.path)
+    created = asyncio.run(ensure_local_admin(tokens, path, time.time()))
+    if created is not None:
+        log.info("created the admin token %r in %s (mode 0600): `noetl run --server` on this machine uses it; "
+                 "`noetl token create` makes others", created.name, path)
+    return tokens
 
 
 async def _serve_while_alive(server: uvicorn.Server, sock: Any, runtime: EmbeddedRuntime) -> None:

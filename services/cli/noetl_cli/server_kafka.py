@@ -194,8 +194,9 @@ class KafkaServer:
     def _api(self) -> Any:
         from noetl_frontend.app import cluster_api
 
+        # The broker runs in this process and owns every partition: /explain reads its table (docs/query.md).
         app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, live=self.failure,
-                          max_in_flight=self.max_in_flight, gauges={
+                          max_in_flight=self.max_in_flight, explainer=self.faust_app.noetl_broker.explain, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
@@ -315,6 +316,13 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
     except ValidationError as exc:
         log.error("invalid settings: %s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                       for e in exc.errors()))
+        return 1
+    try:
+        from noetl_runtime.auth import AuthSettings, check_bind
+
+        check_bind(host, AuthSettings())
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
         return 1
     try:   # bound before anything starts, so that a taken port fails at once
         sock = _listen(host, port)

@@ -149,14 +149,14 @@ class CredentialRequest(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- catalog
-async def register(ports: IngestPorts, req: RegisterRequest) -> dict[str, Any]:
+async def register(ports: IngestPorts, req: RegisterRequest, principal: str | None = None) -> dict[str, Any]:
     text = req.text()
     playbook, problems = load_playbook(text)
     if playbook is None:
         errors = _errors(problems)
         raise Rejected(f"invalid playbook: {len(errors)} error(s)", errors)
     document = yaml.safe_load(text)
-    entry = await ports.catalog.register(text, document, playbook.path)
+    entry = await ports.catalog.register(text, document, playbook.path, registered_by=principal)
     return {"status": "success", "message": f"registered {entry.path} version {entry.version}",
             "path": entry.path, "version": entry.version, "catalog_id": f"{entry.path}:{entry.version}",
             "kind": "Playbook",
@@ -168,7 +168,8 @@ def _errors(problems: list[Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- executions
-async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None = None) -> dict[str, Any]:
+async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None = None,
+              principal: str | None = None) -> dict[str, Any]:
     """Resolve the playbook, validate it, submit the start. Returns before any step runs. With an
     Idempotency-Key or an execution_id, a retry gets the first answer (noetl_ingest.admission)."""
     scope = scope_of(check_key(idempotency_key), req.execution_id)
@@ -183,7 +184,7 @@ async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None =
     if ports.in_flight is not None:
         await ports.in_flight.admit()
     try:
-        answer = await _start(ports, req, scope, request, digest)
+        answer = await _start(ports, req, scope, request, digest, principal)
     except BaseException:
         if ports.in_flight is not None:
             ports.in_flight.release()
@@ -194,7 +195,7 @@ async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None =
 
 
 async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request: dict[str, Any],
-                 digest: str) -> dict[str, Any]:
+                 digest: str, principal: str | None = None) -> dict[str, Any]:
     path, version = req.target()
     entry = await ports.catalog.get(path, version)
     if entry is None:
@@ -219,15 +220,17 @@ async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request
                                                     request=request, answer=answer, created_at=now))
         if prior is not None:   # a concurrent request of the same scope recorded first
             return await _again(ports, prior, digest)
-    await ports.submit(_start_message(ports, execution_id, now, entry, req.parameters or {}))
+    await ports.submit(_start_message(ports, execution_id, now, entry, req.parameters or {}, principal))
     return answer
 
 
 def _start_message(ports: IngestPorts, execution_id: str, now: float, entry: Any,
-                   payload: dict[str, Any]) -> StartExecution:
+                   payload: dict[str, Any], principal: str | None = None) -> StartExecution:
+    # principal: the caller, set by the API from its credential (docs/security.md), never from the body
     return StartExecution(execution_id=execution_id, time=now, playbook=entry.document, path=entry.path,
                           version=entry.version, payload=payload, lease_seconds=ports.lease_seconds,
-                          lease_retries=ports.lease_retries, lease_retry_delay=ports.lease_retry_delay)
+                          lease_retries=ports.lease_retries, lease_retry_delay=ports.lease_retry_delay,
+                          principal=principal)
 
 
 async def _again(ports: IngestPorts, prior: Claim, digest: str) -> dict[str, Any]:
@@ -254,21 +257,26 @@ async def _again(ports: IngestPorts, prior: Claim, digest: str) -> dict[str, Any
     return prior.answer
 
 
-async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest) -> dict[str, Any]:
+async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest,
+                 principal: str | None = None) -> dict[str, Any]:
     """Ask the fold to cancel. Asynchronous like everything the fold does: an execution already finished
     (or unknown) is left as it is; GET /api/executions/{id} shows the outcome."""
-    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason))
+    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason,
+                                       principal=principal))
     return {"execution_id": execution_id, "status": "cancel_requested", "reason": req.reason}
 
 
-async def post_event(ports: IngestPorts, body: Any) -> dict[str, Any]:
-    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it."""
+async def post_event(ports: IngestPorts, body: Any, principal: str | None = None) -> dict[str, Any]:
+    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it.
+    A posted cancel records the caller as its principal (never what the body claims)."""
     if not isinstance(body, dict):
         raise DecodeError("the body must be a JSON object (an inbound message with `kind` and `execution_id`)")
     kind = body.get("kind")
     if kind in ("start", "timer_fired"):
         raise ValueError(f"kind {kind!r} cannot be posted here"
                          + (": use POST /api/executions/run" if kind == "start" else " (timers are internal)"))
+    if kind == "cancel":
+        body = {**body, "principal": principal}
     message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
     await ports.submit(message)
     return {"status": "accepted", "kind": message.kind, "execution_id": message.execution_id}
@@ -285,11 +293,19 @@ async def put_credential(ports: IngestPorts, req: CredentialRequest) -> dict[str
     return _public(await ports.credentials.put(req.name, req.type, req.data, req.description))
 
 
-async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None) -> dict[str, Any]:
+MAX_PAGE = 1000      # the largest page any list route answers (docs/security.md, Limits)
+
+
+async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None,
+                           limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    """One page of the matching credentials (no secret data); `total` counts every match."""
+    if not 1 <= limit <= MAX_PAGE or offset < 0:
+        raise ValueError(f"limit must be 1..{MAX_PAGE} and offset at least 0")
     items = [c for c in await ports.credentials.list()
              if (type is None or c.type == type)
              and (not q or q.lower() in c.name.lower() or q.lower() in (c.description or "").lower())]
-    return {"items": [_public(c) for c in items], "filter": {"type": type, "q": q}}
+    return {"items": [_public(c) for c in items[offset:offset + limit]], "filter": {"type": type, "q": q},
+            "total": len(items), "limit": limit, "offset": offset}
 
 
 async def get_credential(ports: IngestPorts, name: str, include_data: bool = False) -> dict[str, Any]:

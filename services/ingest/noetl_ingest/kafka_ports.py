@@ -84,11 +84,12 @@ class PublishingCatalog:
         self.producer = producer
         self.topics = topics
 
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry:
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry:
         async def publish(entry: CatalogEntry) -> None:
             await send(self.producer, self.topics.catalog, entry.model_dump_json().encode(), entry.path.encode(),
                        what=f"playbook {entry.path!r}")
-        return await self.inner.register(content, document, path, before_commit=publish)
+        return await self.inner.register(content, document, path, registered_by, before_commit=publish)
 
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None:
         return await self.inner.get(path, version)

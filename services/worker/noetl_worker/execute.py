@@ -15,17 +15,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from noetl_common import paths
 from noetl_common.messages import (ActionCompleted, ActionFailed, ActionHeartbeat, ActionStarted,
                                    Command)
 from noetl_common.render import TemplateError, missing_paths, unwrap
 from pydantic import BaseModel
 
-from noetl_worker._python_child import first_unserialisable
+from noetl_worker._python_child import CUT_MARKER, first_unserialisable
 from noetl_worker.actions import duckdb as duckdb_action
 from noetl_worker.actions import http as http_action
 from noetl_worker.actions import postgres as postgres_action
@@ -140,13 +143,15 @@ async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionComp
         return _failed(inv, str(exc), exc.status_code, exc.result, exc.log)
     except Exception as exc:
         log.debug("action %s of %s raised", cmd.action.type, cmd.command_id, exc_info=True)
-        return _failed(inv, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        # Not an expected failure: its traceback goes into the attempt's log (redacted like the rest).
+        return _failed(inv, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                       log_text="".join(traceback.format_exception(exc)))
     if isinstance(done, _ChildStarted):
         return None
     return ActionCompleted(
         execution_id=cmd.execution_id, command_id=cmd.command_id, time=time.time(),
         result=secrets.redact(done.result), saved=secrets.redact(done.saved),
-        variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv.notes, secrets))
+        variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv))
 
 
 async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
@@ -196,39 +201,22 @@ async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
 
 # --- deferred templates ----------------------------------------------------------------------------
 async def _render_deferred(inv: Invocation) -> None:
-    """Render the templates the fold could not (they read `secret`, `uuid`, ...), path by path.
+    """Render the templates the fold could not (they read `secret`, `uuid`, ...), path by path, with the
+    fold's own walker (noetl_common.paths: a path is a list of keys, so a key may hold dots).
 
     Containers along each path are copied, never mutated: the Command's own dicts must not end up
     holding secret values (the runtime may log or re-send it)."""
     root: dict[str, Any] = {"data": inv.data, "config": inv.config, "auth": inv.auth}
     context = inv.cmd.action.context
     for path in inv.cmd.action.deferred:
-        segments = str(path).split(".")
         try:
-            root = await _replace_path(root, segments, inv, context, path)
+            template = paths.lookup(root, path)
+            root = paths.replace(root, path, await inv.secrets.render(template, context, inv.cmd.time))
+        except paths.PathError as exc:
+            raise ActionError(f"deferred template: {exc} in the action") from exc
         except TemplateError as exc:
-            raise ActionError(f"cannot render {path}: {exc}") from exc
+            raise ActionError(f"cannot render {paths.text(path)}: {exc}") from exc
     inv.data, inv.config, inv.auth = root["data"], root["config"], root["auth"]
-
-
-async def _replace_path(node: Any, segments: list[str], inv: Invocation, context: dict[str, Any],
-                        path: str) -> Any:
-    if not segments:
-        return await inv.secrets.render(node, context, inv.cmd.time)
-    if isinstance(node, dict):
-        # Keys may contain dots (`headers.X.Y`): the longest key that exists wins.
-        for n in range(len(segments), 0, -1):
-            key = ".".join(segments[:n])
-            if key in node:
-                copy = dict(node)
-                copy[key] = await _replace_path(node[key], segments[n:], inv, context, path)
-                return copy
-    elif isinstance(node, list) and segments[0].isdigit() and int(segments[0]) < len(node):
-        copy = list(node)
-        i = int(segments[0])
-        copy[i] = await _replace_path(node[i], segments[1:], inv, context, path)
-        return copy
-    raise ActionError(f"deferred template path {path!r} does not exist in the action")
 
 
 # --- reporting ---------------------------------------------------------------------------------------
@@ -237,7 +225,7 @@ def _failed(inv: Invocation, error: str, status_code: int | None = None, result:
     s = inv.secrets
     return ActionFailed(execution_id=inv.cmd.execution_id, command_id=inv.cmd.command_id, time=time.time(),
                         error=s.redact(error), status_code=status_code, result=s.redact(result),
-                        log=_join_log(log_text, inv.notes, s))
+                        log=_join_log(log_text, inv))
 
 
 def _concat(*parts: str | None) -> str | None:
@@ -247,8 +235,29 @@ def _concat(*parts: str | None) -> str | None:
     return "\n".join(p.rstrip("\n") for p in present) + "\n"
 
 
-def _join_log(action_log: str | None, notes: list[str], secrets: Secrets) -> str | None:
-    return secrets.redact(_concat(action_log, *notes))
+_CUT = re.compile(re.escape(CUT_MARKER).replace(re.escape("{}"), r"\d+"))
+
+
+def _join_log(action_log: str | None, inv: Invocation) -> str | None:
+    """The attempt's log (the action's output, then worker notes): redacted first, then bounded to
+    NOETL_STEP_LOG_MAX_BYTES (its start and its end), so a cut never splits a secret that then escapes
+    redaction. Output the python pool already cut is redacted around the cut as well."""
+    text = _concat(action_log, *inv.notes)
+    if text is None:
+        return None
+    cut = _CUT.search(text)
+    text = inv.secrets.redact_cut(text, cut.group(0)) if cut else inv.secrets.redact(text)
+    return bounded(text, inv.ports.step_settings.log_max_bytes)
+
+
+def bounded(text: str, limit: int) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit + 128:   # the pool's own cut (limit + its marker) is not cut again
+        return text
+    half = limit // 2
+    dropped = len(raw) - 2 * half
+    return (raw[:half].decode("utf-8", "ignore") + CUT_MARKER.format(dropped)
+            + raw[-half:].decode("utf-8", "ignore"))
 
 
 class _Heartbeat:

@@ -13,8 +13,8 @@ from noetl_common.engine import iterator
 from noetl_common.engine.actions import send
 from noetl_common.engine.dispatch import schedule
 from noetl_common.engine.leases import LEASE, LEASE_GRACE, RESEND, infra_retry_delay
-from noetl_common.engine.lifecycle import (cancel_execution, complete_execution, complete_step, fail_execution,
-                                           fail_step, finished)
+from noetl_common.engine.lifecycle import (cancel_execution, complete_execution, complete_step, document_name,
+                                           fail_execution, fail_step, finished)
 from noetl_common.engine.retry import decide
 from noetl_common.engine.tick import Tick, compile_state
 from noetl_common.merge import deep_merge
@@ -53,6 +53,31 @@ def advance(state: ExecutionState | None, msg: Any) -> Transition:
     return Transition(tick.state, tick.events, tick.commands, tick.requests, tick.timers, tick.stale)
 
 
+def fail_on_error(state: ExecutionState | None, msg: Any, error: str) -> Transition:
+    """Fail an execution because folding `msg` went wrong in a way the fold did not foresee (an exception,
+    a value that cannot be saved). `state` is a clean state (as it was before `msg`), None when `msg` is the
+    start itself. The failure goes through the normal lifecycle: children are cancelled, the parent is told.
+    Raises when even that cannot be done (the caller then quarantines the execution)."""
+    if state is None:
+        if not isinstance(msg, StartExecution):
+            return Transition(None, stale=True)   # nothing exists to fail (advance(None, fact) is stale anyway)
+        state = ExecutionState(
+            execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
+            workload=dict(msg.payload), parent_execution_id=msg.parent_execution_id,
+            parent_command_id=msg.parent_command_id, parent_step=msg.parent_step, return_step=msg.return_step,
+            lease_seconds=msg.lease_seconds, started=msg.time)
+        tick = Tick(state, None, msg.time)
+        tick.emit("execution_start", document_name(state.playbook, state.path), "playbook", "STARTED", meta={
+            "path": msg.path, "version": msg.version, "workload": state.workload,
+            "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step})
+    elif state.terminal:
+        return Transition(state, stale=True)
+    else:
+        tick = Tick(state, compile_state(state), msg.time)
+    fail_execution(tick, error)
+    return Transition(tick.state, tick.events, tick.commands, tick.requests, tick.timers)
+
+
 def _start(msg: StartExecution) -> Tick:
     playbook, problems = load_playbook(msg.playbook)
     base = playbook.workload if playbook else {}
@@ -63,10 +88,11 @@ def _start(msg: StartExecution) -> Tick:
         lease_seconds=msg.lease_seconds, lease_retries=msg.lease_retries, lease_retry_delay=msg.lease_retry_delay,
         started=msg.time)
     tick = Tick(state, compile_state(state, playbook), msg.time)
-    name = playbook.name if playbook else str(msg.playbook.get("metadata", {}).get("name", msg.path))
+    name = playbook.name if playbook else document_name(msg.playbook, msg.path)
     tick.emit("execution_start", name, "playbook", "STARTED", meta={
         "path": msg.path, "version": msg.version, "workload": state.workload,
-        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step})
+        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step,
+        **({"principal": msg.principal} if msg.principal is not None else {})})
     if playbook is None:
         errors = "; ".join(f"{p.path}: {p.message}" for p in problems if p.severity == "error")
         fail_execution(tick, f"invalid playbook: {errors}")
@@ -76,7 +102,7 @@ def _start(msg: StartExecution) -> Tick:
 
 
 def _cancel(tick: Tick, msg: CancelExecution) -> None:
-    cancel_execution(tick, msg.reason)
+    cancel_execution(tick, msg.reason, principal=msg.principal)
 
 
 def _action_started(tick: Tick, msg: ActionStarted) -> None:
@@ -92,7 +118,7 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
 
 def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None) -> None:
     """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
-    work.started = started
+    work.started, work.worker_id = started, worker_id
     if _is_attempt(tick, work):
         tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id,
                   worker_id=worker_id)
@@ -100,6 +126,8 @@ def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None)
 
 def _heartbeat(tick: Tick, msg: ActionHeartbeat) -> None:
     work = tick.state.work.get(msg.command_id)
+    if work is not None and work.started is not None:
+        work.heartbeat = max(work.heartbeat or 0.0, msg.time)   # what the explainer reports as "last heartbeat"
     if work is None or work.started is None or _timeout(tick, work) is not None or work.child_execution_id:
         tick.stale = work is None
         return
