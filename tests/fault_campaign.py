@@ -192,7 +192,11 @@ class Campaign:
         self.rng = random.Random(self.seed)
         self.out = self.workdir / "side_effects.jsonl"
         self.marks = self.workdir / "marks"
+        # A worker started as root runs steps as NOETL_STEP_USER (nobody): the steps must be able to write here.
         self.marks.mkdir(parents=True, exist_ok=True)
+        self.out.touch()
+        for path, mode in ((self.workdir, 0o777), (self.marks, 0o777), (self.out, 0o666)):
+            path.chmod(mode)
         self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=10)
         self.started, self.wall = time.monotonic(), time.time()
 

@@ -18,8 +18,10 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,15 @@ LEASE_SECONDS = "3"     # a killed worker's attempt is noticed in seconds, not t
 
 def _seed() -> int:
     return int(os.environ.get("NOETL_FAULT_SEED") or random.SystemRandom().randrange(1, 10**6))
+
+
+@pytest.fixture
+def campaign_dir() -> Iterator[Path]:
+    """Outside pytest's tmp dirs (mode 700): step processes run as another user when the tests run as root."""
+    path = Path(tempfile.mkdtemp(prefix="noetl-campaign."))
+    path.chmod(0o755)
+    yield path / "campaign"
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _check(report: dict[str, Any], victims: list[str]) -> None:
@@ -88,7 +99,7 @@ class ServerProcess:
         return http_ready(self.url + "/ready")
 
 
-def test_fault_campaign_embedded_server(tmp_path: Path) -> None:
+def test_fault_campaign_embedded_server(tmp_path: Path, campaign_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
     # loopback only, so no token is needed (docs/security.md); the lease as in the cluster
     env.update(NOETL_AUTH="off", NOETL_LEASE_SECONDS=LEASE_SECONDS, NOETL_LOG_LEVEL="INFO")
@@ -97,7 +108,7 @@ def test_fault_campaign_embedded_server(tmp_path: Path) -> None:
     try:
         wait_for(server.ready, 60, "noetl server ready")
         victim = Victim("noetl server", server.kill, server.start, server.ready)
-        campaign = Campaign(server.url, {}, [victim], tmp_path / "campaign", _seed(), kill_every=(3.0, 5.0),
+        campaign = Campaign(server.url, {}, [victim], campaign_dir, _seed(), kill_every=(3.0, 5.0),
                             max_kills=6)
         report = campaign.run()
     finally:
@@ -188,7 +199,7 @@ def cluster(kafka_endpoint: Any, pg_dsn: str) -> Iterator[tuple[str, dict[str, s
 @pytest.mark.postgres
 @pytest.mark.kafka
 def test_fault_campaign_cluster_of_separate_processes(cluster: tuple[str, dict[str, str], Path],
-                                                      tmp_path: Path) -> None:
+                                                      campaign_dir: Path) -> None:
     url, exports, info_file = cluster
     info = _info(info_file)
     roles = {name: ClusterRole(name, info, info_file) for name in info["ROLES"].split()}
@@ -197,7 +208,7 @@ def test_fault_campaign_cluster_of_separate_processes(cluster: tuple[str, dict[s
     victims = [Victim(n, roles[n].kill, roles[n].restart, roles[n].ready, w) for n, w in weights.items()]
     token = exports.get("NOETL_API_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    campaign = Campaign(url, headers, victims, tmp_path / "campaign", _seed(), kill_every=(2.0, 4.0))
+    campaign = Campaign(url, headers, victims, campaign_dir, _seed(), kill_every=(2.0, 4.0))
     report = campaign.run()
     if report["failed"] or report["hung"]:
         for role in roles.values():
