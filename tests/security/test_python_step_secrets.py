@@ -59,7 +59,9 @@ workflow:
           return found
 
       def main(store, key_file):
-          found = {"uid": os.getuid(), "cwd": os.getcwd(), "env": dict(os.environ)}
+          import subprocess
+          found = {"uid": os.getuid(), "cwd": os.getcwd(), "env": dict(os.environ),
+                   "left_running": subprocess.Popen(["sleep", "60"], start_new_session=True).pid}
           for d in glob.glob("/proc/[0-9]*"):
               found[d + "/environ"] = read(d + "/environ")
               found[d + "/cmdline"] = read(d + "/cmdline")
@@ -88,6 +90,17 @@ workflow:
               return True
           except Exception:
               return False
+    next: [{step: check}]
+  - step: check
+    type: python
+    data: {pid: "{{ steal.left_running }}"}
+    code: |
+      def main(pid):
+          try:
+              with open(f"/proc/{pid}/stat") as f:
+                  return {"still_running": f.read().rsplit(")", 1)[1].split()[0] != "Z"}
+          except FileNotFoundError:
+              return {"still_running": False}
     next: [{step: end}]
   - step: end
 """
@@ -127,6 +140,7 @@ def test_a_python_step_cannot_read_the_key_file_or_the_store(home):
 def test_python_steps_run_as_the_step_user_in_a_fresh_private_folder(home):
     run = _steal(home)
     found = run.step("steal")["result"]
+    assert run.step("check")["result"] == {"still_running": False}
     assert found["uid"] == pwd.getpwnam("nobody").pw_uid
     workdir = found["cwd"]
     assert found["env"]["HOME"] == workdir == found["env"]["TMPDIR"]
@@ -151,4 +165,5 @@ def test_an_unprivileged_engine_is_not_readable_by_its_own_steps(home):
                                                               else os.geteuid())
     assert found[f"/proc/{run.pid}/environ"].startswith("refused"), found[f"/proc/{run.pid}/environ"][:200]
     assert found["memory"][str(run.pid)][0].startswith("refused")
+    assert run.step("check")["result"] == {"still_running": False}   # what the step started ended with it
     assert_no_engine_secret(run)

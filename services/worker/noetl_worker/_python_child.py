@@ -100,6 +100,9 @@ def step_main(call_fd: int, reply_fd: int, base_env: dict[str, str]) -> None:
     module) only the same execution's later steps can meet, so per call only what differs is set again."""
     out = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
                            line_buffering=True)
+    # A process the step forks must not hold the call and answer pipes: the engine reads the end of the
+    # answer pipe as "the step process died", and later calls are not its business.
+    os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (call_fd, reply_fd)])
     codes: dict[str, Any] = {}
     plans: dict[Any, tuple] = {}
     entered: list[Any] = [None, None, None]   # the folder, limits and CPU soft limit the last call set

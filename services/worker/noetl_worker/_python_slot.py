@@ -1,38 +1,37 @@
-"""The supervisor of one slot of the python pool: it never runs step code, it runs step processes.
+"""The supervisor of one slot of the python pool: it never runs step code, it makes and ends step processes.
 
-Started by python_pool.py as a fresh interpreter (`python -P _python_slot.py REQ_FD REPLY_FD`, standard
-library only) with the scrubbed environment steps get, then sent its configuration as the first frame.
-For each call it:
+Started by python_pool.py as a fresh interpreter (`python -P _python_slot.py CONTROL_FD`, standard library
+only) with the scrubbed environment steps get; its configuration comes as the first message on the control
+socket (AF_UNIX, SOCK_SEQPACKET: one message per request). It:
 
-- hands the step to a *step process*: a fork of itself in its own session, with hard resource limits, no
-  core dumps, not dumpable, running as the step user when the engine runs as root. A step process serves
-  one execution only: a call for another execution (or for none) gets a fresh one, so nothing a
-  playbook's code leaves in memory (patched modules, threads) meets another execution's data. A fresh
-  one is forked and warmed up ahead of need (the spare), so changing executions costs no fork on the way;
-- gives the attempt a private working directory that no earlier attempt touched;
-- reads the step's output (fd 1 and 2: print, C code, subprocesses), keeping its start and its end;
-- enforces the timeout, and when the step ends kills whatever it started: a step process that has child
-  processes is killed with its whole process group, and processes that escaped into their own session
-  come back to this supervisor (a child subreaper) and are killed too, before the answer goes out.
+- forks *step processes* from itself: each in its own session, with hard resource limits, no core dumps,
+  not dumpable, running as the step user when the engine runs as root, and a private working folder. A
+  warmed-up spare is kept ready, so binding a step process to an execution costs no fork on the way;
+- hands a bound step process's pipes (call, answer, output) to the engine, which then talks to it directly:
+  a call costs no hop through this process;
+- ends step processes when asked (a step that left processes, a timeout, another execution), killing their
+  whole process group and every process that escaped into its own session: those come back to this
+  process, a child subreaper, and are killed on every request and at least once a second.
 
-Calls are `(execution, timeout, limits)` + the pickled step; replies are `(status, detail, log)` (status:
-ok | timeout | died | error) + the step process's JSON answer. Work that need not delay an answer
-(reaping killed step processes, removing their folders, forking the next spare) is done after it.
+Requests (marshal tuples) and replies:
+  ("bind", execution)      -> ("bound", pid, workdir) + the step's three pipe ends; the slot's previous step
+                              process is ended first
+  ("end", pid)             -> ("ended", how it ended): killed with everything it started, reaped
+  ("workdir", pid)         -> ("workdir", path): a fresh folder for the next attempt, the old one removed
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
+import marshal
 import os
 import pathlib
 import secrets
 import select
 import shutil
 import signal
-import struct
+import socket
 import sys
-import time
 from typing import Any
 
 _spec = importlib.util.spec_from_file_location("_noetl_step_runner",
@@ -41,8 +40,8 @@ runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
 
 _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 4, 36
-_MAX_ANSWER = 256 << 20   # a step's JSON answer larger than this is refused (the bus could not carry it)
 _WARM_UP = "def main():\n    return None\n"
+_SWEEP_MS = 1000       # orphans that escaped a step are looked for at least this often
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -50,41 +49,11 @@ def prctl(option: int, value: int) -> None:
     _libc.prctl(option, value, 0, 0, 0)
 
 
-class Capture:
-    """The step's output, bounded: its first and its last `limit / 2` bytes, with a marker between."""
-
-    def __init__(self, limit: int) -> None:
-        self.half = max(1, limit // 2)
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.half - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        self.tail += chunk
-        if len(self.tail) > 2 * self.half:
-            del self.tail[:-self.half]
-
-    def text(self) -> str:
-        if self.total == len(self.head) + len(self.tail):
-            return (self.head + self.tail).decode("utf-8", "replace")
-        tail = self.tail[-self.half:]
-        dropped = self.total - len(self.head) - len(tail)
-        return (self.head.decode("utf-8", "replace") + runner.CUT_MARKER.format(dropped)
-                + tail.decode("utf-8", "replace"))
-
-
 class StepProcess:
-    """A forked step process (bound to one execution once used) and the supervisor's ends of its pipes."""
+    """A forked step process and, until they are handed to the engine, the supervisor's ends of its pipes."""
 
     def __init__(self, slot: Slot) -> None:
-        self.key: str | None = None
-        self.cpu = 0.0
-        self.workdir, self.stamp = slot.make_workdir()   # the attempts' folder, reused only while untouched
+        self.workdir = slot.make_workdir()
         call_r, self.call_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         self.out_r, out_w = os.pipe()
@@ -102,44 +71,39 @@ class StepProcess:
                 os._exit(code)
         for fd in (call_r, reply_w, out_w):
             os.close(fd)
-        for fd in (self.call_w, self.reply_r, self.out_r):
-            os.set_blocking(fd, False)
-        self.pidfd = os.pidfd_open(self.pid)
+        # Warm it up now (imports, compile, JSON): its first real call then runs at full speed.
+        warm_up = runner.pack((self.workdir, {}), runner.pickle.dumps((_WARM_UP, {}, None)))
+        runner.write_all(self.call_w, runner.frame(warm_up))
         self.status: int | None = None
-        self.tasks = f"/proc/{self.pid}/task"
-        self.poller = select.poll()       # registered once: a call then costs no setup
-        for fd in (self.reply_r, self.out_r, self.pidfd, slot.req_fd):
-            self.poller.register(fd, select.POLLIN)
-        self.warming = False
 
-    def children(self) -> list[int]:
-        """Processes this step process started that are still its children (any thread's)."""
-        found: list[int] = []
+    def ready(self) -> bool:
+        """Read the warm-up's answer (waiting a little for it); False if the process did not answer."""
+        poller = select.poll()
+        poller.register(self.reply_r, select.POLLIN)
+        if not poller.poll(10_000):
+            return False
         try:
-            for tid in os.listdir(self.tasks):
-                found += _read_pids(f"{self.tasks}/{tid}/children")
+            payload = runner.read_frame(self.reply_r)
         except OSError:
-            pass
-        return found
-
-    def signal_kill(self) -> None:
-        for target in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
-            try:
-                target()
-            except OSError:
+            return False
+        os.set_blocking(self.out_r, False)
+        try:
+            while os.read(self.out_r, 1 << 16):
                 pass
+        except BlockingIOError:
+            pass
+        return payload is not None
 
-    def reap(self, block: bool = True) -> int | None:
-        if self.status is None:
-            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
-            if pid:
-                self.status = status
-        return self.status
+    def hand_over(self) -> list[int]:
+        fds = [self.call_w, self.reply_r, self.out_r]
+        self.call_w = self.reply_r = self.out_r = -1
+        return fds
 
-    def close(self) -> None:
-        for fd in (self.call_w, self.reply_r, self.out_r, self.pidfd):
-            os.close(fd)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+    def close_pipes(self) -> None:
+        for fd in (self.call_w, self.reply_r, self.out_r):
+            if fd >= 0:
+                os.close(fd)
+        self.call_w = self.reply_r = self.out_r = -1
 
 
 def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> None:
@@ -170,6 +134,9 @@ def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> N
             raise RuntimeError("could not switch to the step user")
         _reach_import_paths(held)
     prctl(_PR_SET_DUMPABLE, 0)
+    # Its own descendants that lose their parent come back to it, so the engine sees them as its children
+    # (code that undoes this only moves them to the supervisor, which kills them within a second).
+    prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _hold_import_paths() -> dict[str, int]:
@@ -201,146 +168,98 @@ def _reach_import_paths(held: dict[str, int]) -> None:
 
 
 class Slot:
-    def __init__(self, config: dict[str, Any], req_fd: int, reply_fd: int) -> None:
+    def __init__(self, config: dict[str, Any], control: socket.socket) -> None:
         self.uid, self.gid = config.get("uid"), config.get("gid")
         self.base: str = config["base"]
         self.hard: dict[str, int] = config["hard"]
-        self.log_max: int = config["log_max"]
         self.base_env = dict(os.environ)
-        self.req_fd, self.reply_fd = req_fd, reply_fd
-        self.step: StepProcess | None = None    # bound to the execution of the last call
-        self.spare: StepProcess | None = None   # forked and warmed up, bound to nothing yet
-        self.dying: list[StepProcess] = []      # killed, not yet reaped
+        self.control = control
+        self.step: StepProcess | None = None    # bound to an execution; its pipes are the engine's
+        self.spare: StepProcess | None = None   # forked and warming up, bound to nothing yet
+        self.dying: dict[int, StepProcess] = {}  # killed, not yet reaped
         self.own_children = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
 
-    # --- one call --------------------------------------------------------------------------------
-    def serve(self, header: tuple, blob: bytes) -> bytes:
-        key, timeout, limits = header
-        step = self.step
-        if step is not None and (step.key != key or key is None
-                                 or step.cpu + limits["cpu_seconds"] + 1 >= self.hard["cpu_seconds"]):
-            self.end(step)   # another execution (or its CPU time nearly spent): a fresh step process
-            step = None
+    def handle(self, request: tuple) -> tuple[tuple, list[int]]:
+        op = request[0]
+        if op == "bind":
+            return self.bind(), []
+        if op == "end":
+            return ("ended", self.end(request[1])), []
+        if op == "workdir":
+            return ("workdir", self.new_workdir(request[1])), []
+        return ("error", f"unknown request {op!r}"), []
+
+    def bind(self) -> tuple:
+        if self.step is not None:
+            # It left no process after its last call (the engine checks); if it has one now, wait for it
+            # all to be gone, else reap it later, off the way.
+            old, self.step = self.step, None
+            self._kill(old, thorough=bool(_children(old.pid)))
+        step, self.spare = self.spare, None
+        if step is None or not step.ready():
+            if step is not None:
+                self._kill(step, thorough=True)
+            step = StepProcess(self)
+            if not step.ready():
+                self._kill(step, thorough=True)
+                return ("error", "a new step process did not start")
+        self.step = step
+        return ("bound", step.pid, step.workdir)
+
+    def end(self, pid: int) -> str:
+        """Kill a step process with everything it started; reap it; say how it had ended."""
+        step = self.step if self.step is not None and self.step.pid == pid else self.dying.get(pid)
         if step is None:
-            step = self.step = self.take_spare()
-            step.key = key
-        if step.workdir is None:
-            step.workdir, step.stamp = self.make_workdir()
-        status, detail, answer, log = self._exchange(step, timeout, runner.pack((step.workdir, limits), blob))
-        if status != "ok" or key is None or step.children():
-            self.end(step)
-        elif _stamp(step.workdir) != step.stamp:
-            # An attempt's folder is fresh for the next one only while nothing in it changed (a file made
-            # or removed, a chmod, an ACL: each moves its mtime or ctime).
-            shutil.rmtree(step.workdir, ignore_errors=True)
-            step.workdir = None
-        self.kill_orphans()
-        return runner.pack((status, detail, log), answer)
+            return "was already gone"
+        if step is self.step:
+            self.step = None
+        self._kill(step, thorough=True)
+        return describe_exit(step.status)
 
-    def take_spare(self) -> StepProcess:
-        spare, self.spare = self.spare, None
-        if spare is not None and spare.warming:
-            status, *_ = self._exchange(spare, 30, None)
-            spare.warming = False
-            if status != "ok" or _stamp(spare.workdir) != spare.stamp:
-                self.end(spare)
-                spare = None
-        return spare if spare is not None else StepProcess(self)
+    def new_workdir(self, pid: int) -> str:
+        step = self.step
+        if step is None or step.pid != pid:
+            return ""
+        shutil.rmtree(step.workdir, ignore_errors=True)
+        step.workdir = self.make_workdir()
+        return step.workdir
 
-    def tidy(self) -> None:
-        """After an answer went out: reap what was killed, and have a warm spare ready."""
-        for step in list(self.dying):
-            if step.reap(block=False) is not None:
-                self.dying.remove(step)
-                step.close()
-        if self.spare is None:
-            self.spare = StepProcess(self)
-            self.spare.warming = True
-            warm_up = runner.pack((self.spare.workdir, {}), runner.pickle.dumps((_WARM_UP, {}, None)))
-            os.write(self.spare.call_w, runner.frame(warm_up))   # small: the pipe takes it at once
-
-    def make_workdir(self) -> tuple[str, tuple | None]:
+    def make_workdir(self) -> str:
         path = os.path.join(self.base, secrets.token_hex(12))
         os.mkdir(path, 0o700)
         if self.uid is not None:
             os.chown(path, self.uid, self.gid)
-        return path, _stamp(path)
+        return path
 
-    def _exchange(self, step: StepProcess, timeout: float | None,
-                  request: bytes | None) -> tuple[str, str, bytes, str]:
-        """Send `request` (None: only read the answer of one sent earlier) and collect answer and output."""
-        _drain(step.out_r, None)   # output written between calls (a leftover thread's) belongs to none
-        capture = Capture(self.log_max)
-        pending = memoryview(runner.frame(request) if request is not None else b"")
-        if pending:
-            try:                   # most calls fit in the pipe at once: no need to wait for room
-                pending = pending[os.write(step.call_w, pending):]
-            except BlockingIOError:
+    def _kill(self, step: StepProcess, thorough: bool) -> None:
+        for target in (lambda: os.killpg(step.pid, signal.SIGKILL), lambda: os.kill(step.pid, signal.SIGKILL)):
+            try:
+                target()
+            except OSError:
                 pass
-            except OSError:        # the step process is gone: its pidfd says how
-                pending = pending[:0]
-        answer = bytearray()
-        deadline = time.monotonic() + timeout if timeout else None
-        poller = step.poller
-        if pending:
-            poller.register(step.call_w, select.POLLOUT)
-        try:
-            while True:
-                wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-                events = poller.poll(wait)
-                if not events and deadline is not None and time.monotonic() >= deadline:
-                    return "timeout", "", b"", capture.text()
-                for fd, event in events:
-                    if fd == step.call_w:
-                        try:
-                            pending = pending[os.write(fd, pending):]
-                        except BlockingIOError:
-                            continue
-                        except OSError:      # the step process is gone: its pidfd says how
-                            pending = pending[:0]
-                        if not pending:
-                            poller.unregister(fd)
-                    elif fd == step.out_r:
-                        if not _drain(fd, capture):
-                            poller.unregister(fd)   # the step closed its stdout: no more output this life
-                    elif fd == step.reply_r or fd == step.pidfd:
-                        done = _read_answer(step.reply_r, answer)
-                        if done is None and fd == step.pidfd:
-                            _drain(step.out_r, capture)
-                            return "died", describe_exit(step.reap(), self.hard), b"", capture.text()
-                        if done is None:
-                            if not answer and event & select.POLLHUP:
-                                poller.unregister(fd)
-                            continue
-                        _drain(step.out_r, capture)
-                        if isinstance(done, str):
-                            return "error", done, b"", capture.text()
-                        step.cpu = struct.unpack_from(">d", done)[0]
-                        return "ok", "", done[8:], capture.text()
-                    elif fd == self.req_fd:     # the engine closed our pipe (it stopped or died): stop now
-                        self.shutdown()
-        finally:
-            if pending:
-                poller.unregister(step.call_w)
-
-    # --- ending step processes -------------------------------------------------------------------
-    def end(self, step: StepProcess) -> None:
-        """Kill a step process. If it has children, wait until it and everything it started is gone
-        (they must not outlive the step); otherwise reap it later, off the answer's path."""
-        if self.step is step:
-            self.step = None
-        thorough = bool(step.children())
-        step.signal_kill()
+        step.close_pipes()
         if thorough:
-            step.reap()
-            step.close()
+            if step.status is None:
+                step.status = os.waitpid(step.pid, 0)[1]
+            self.dying.pop(step.pid, None)
+            shutil.rmtree(step.workdir, ignore_errors=True)
             self.kill_orphans()
         else:
-            self.dying.append(step)
+            self.dying[step.pid] = step
+
+    # --- housekeeping (after each request, and at least once a second) -----------------------------
+    def tidy(self) -> None:
+        for pid, step in list(self.dying.items()):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                del self.dying[pid]
+                shutil.rmtree(step.workdir, ignore_errors=True)
+        self.kill_orphans()
+        if self.spare is None:
+            self.spare = StepProcess(self)
 
     def kill_orphans(self) -> None:
         """Kill processes a step left behind that became our children (we are their subreaper)."""
-        known = {s.pid for s in (self.step, self.spare, *self.dying) if s is not None}
+        known = {s.pid for s in (self.step, self.spare) if s is not None} | set(self.dying)
         for _ in range(10_000):
             orphans = [p for p in _read_pids(self.own_children) if p not in known]
             if not orphans:
@@ -358,23 +277,22 @@ class Slot:
                     pass
 
     def shutdown(self, *_: Any) -> None:
-        for step in (self.step, self.spare, *self.dying):
+        for step in (self.step, self.spare, *self.dying.values()):
             if step is not None:
-                step.signal_kill()
-                step.reap()
-                step.close()
-        self.step = self.spare = None
-        self.dying = []
+                self._kill(step, thorough=True)
         self.kill_orphans()
         os._exit(0)
 
 
-def _stamp(path: str) -> tuple | None:
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started that are still its children (any thread's)."""
+    found: list[int] = []
     try:
-        info = os.lstat(path)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            found += _read_pids(f"/proc/{pid}/task/{tid}/children")
     except OSError:
-        return None
-    return info.st_mtime_ns, info.st_ctime_ns, info.st_mode, info.st_uid, info.st_ino
+        pass
+    return found
 
 
 def _read_pids(path: str) -> list[int]:
@@ -390,44 +308,9 @@ def _read_pids(path: str) -> list[int]:
         os.close(fd)
 
 
-def _drain(fd: int, capture: Capture | None) -> bool:
-    """Read what is available; False at end of file."""
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        if not chunk:
-            return False
-        if capture is not None:
-            capture.add(chunk)
-
-
-def _read_answer(fd: int, buffer: bytearray) -> bytes | str | None:
-    """A complete answer frame, an error text for a malformed one, or None for 'not yet'."""
-    while len(buffer) <= _MAX_ANSWER + 8:
-        try:
-            chunk = os.read(fd, 1 << 20)
-        except (BlockingIOError, OSError):
-            break
-        if not chunk:
-            break
-        buffer += chunk
-    if len(buffer) < 4:
-        return None
-    size = struct.unpack_from(">I", buffer)[0]
-    if size > _MAX_ANSWER:
-        return f"the step's answer is larger than {_MAX_ANSWER >> 20} MiB"
-    if len(buffer) < 4 + size:
-        return None
-    if size < 8:
-        return "the step process sent a malformed answer"
-    return bytes(buffer[4:4 + size])
-
-
-def describe_exit(status: int, hard: dict[str, int]) -> str:
+def describe_exit(status: int | None) -> str:
+    if status is None:
+        return "was already gone"
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:
         return f"exited with code {code}"
@@ -438,34 +321,42 @@ def describe_exit(status: int, hard: dict[str, int]) -> str:
     return f"was killed by signal {signum} ({name})"
 
 
-def main(req_fd: int, reply_fd: int) -> None:
+def main(control_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group; the engine decides
     prctl(_PR_SET_DUMPABLE, 0)          # no other process of our user may read our memory
     prctl(_PR_SET_CHILD_SUBREAPER, 1)   # orphans of a step come back to us, to be killed
-    payload = runner.read_frame(req_fd)
-    if payload is None:
+    control = socket.socket(fileno=control_fd)
+    config = marshal.loads(control.recv(1 << 16) or marshal.dumps(None))
+    if config is None:
         return
-    config = json.loads(payload)
     for name in config.get("preload", []):
         try:
             __import__(name)
         except Exception as exc:
             print(f"noetl python pool: cannot preload module {name!r}: {exc}", file=sys.stderr)
-    slot = Slot(config, req_fd, reply_fd)
+    slot = Slot(config, control)
     signal.signal(signal.SIGTERM, slot.shutdown)
     slot.tidy()
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
     while True:
-        payload = runner.read_frame(req_fd)
-        if not payload:
+        if not poller.poll(_SWEEP_MS):
+            slot.tidy()
+            continue
+        message = control.recv(1 << 16)
+        if not message:          # the engine closed the socket (it stopped or died)
             slot.shutdown()
-        header, blob = runner.unpack(payload)
-        reply = slot.serve(header, blob)
-        runner.write_all(reply_fd, struct.pack(">I", len(reply)) + reply)
+        reply, fds = slot.handle(marshal.loads(message))
+        if reply[0] == "bound":
+            fds = slot.step.hand_over()
+        socket.send_fds(control, [marshal.dumps(reply)], fds)
+        for fd in fds:
+            os.close(fd)
         slot.tidy()
 
 
 if __name__ == "__main__":
     try:
-        main(int(sys.argv[1]), int(sys.argv[2]))
+        main(int(sys.argv[1]))
     except (BrokenPipeError, ConnectionResetError):
         pass   # the engine is gone: nobody is waiting for this answer

@@ -2,34 +2,36 @@
 
 Why processes: a thread cannot be stopped, so `timeout` could not "stop the code for real", and code in the
 engine's process could read everything the engine holds. Each of the pool's `size` slots is a supervisor
-process (`_python_slot.py`) that never runs step code: it forks *step processes* from itself, one per
-execution (a call for another execution gets a fresh fork, about a millisecond, instead of a new
-interpreter, about 30), each in its own session and working directory, with resource limits, as the step
-user when the engine runs as root. docs/security.md ("How step code is isolated") has the whole picture;
-this module is the engine's side:
+process (`_python_slot.py`, driven through `python_slots.Slot`) that never runs step code: it forks *step
+processes* from itself, one per execution (a call for another execution gets a fresh, pre-warmed fork
+instead of a new interpreter), each in its own session and working folder, with resource limits, as the
+step user when the engine runs as root. A call then goes straight to the step process and back.
+docs/security.md ("How step code is isolated") has the whole picture; this module is the engine's side:
 
-- the slots start from a fresh interpreter (not multiprocessing: spawn/forkserver re-import the parent's
-  `__main__`) with a scrubbed environment: an allow-list (PATH, locale, TZ, a few PYTHON*/SSL names and
-  NOETL_STEP_ENV_ALLOW), never a NOETL_* variable, so neither the master key nor the database URL is
+- the supervisors start from a fresh interpreter (not multiprocessing: spawn/forkserver re-import the
+  parent's `__main__`) with a scrubbed environment: an allow-list (PATH, locale, TZ, a few PYTHON*/SSL names
+  and NOETL_STEP_ENV_ALLOW), never a NOETL_* variable, so neither the master key nor the database URL is
   there; no file descriptor of the engine is inherited;
 - the engine process is made non-dumpable, so no process of its user can read its memory or its
   /proc/<pid>/environ;
-- the reply pipe is non-blocking and watched with `loop.add_reader`, registered per call so one pool
-  serves any event loop (tests open one loop per test).
+- after each call the step process is looked at: if it left processes behind, it is ended with them
+  before the answer is given; a timeout, a crash or a cancelled call end it too;
+- the pipes are non-blocking and watched with `loop.add_reader`, registered per call so one pool serves any
+  event loop (tests open one loop per test).
 """
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import logging
+import marshal
 import os
 import pickle
 import pwd
-import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 from collections import deque
@@ -40,7 +42,8 @@ from typing import Any
 
 from noetl_runtime.settings import StepSettings, load_step_settings
 
-from noetl_worker._python_child import frame, pack, unpack
+from noetl_worker._python_child import frame, pack
+from noetl_worker.python_slots import Capture, Slot, SlotGone, Step, stamp
 
 log = logging.getLogger("noetl.worker.python")
 
@@ -50,7 +53,6 @@ LIMITS = ("memory_mb", "cpu_seconds", "processes", "open_files", "file_size_mb")
 # speak the locale and verify TLS, nothing that configures the engine.
 _ENV_ALLOWED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "PYTHONPATH", "PYTHONHOME", "PYTHONIOENCODING",
                           "PYTHONUTF8", "SSL_CERT_FILE", "SSL_CERT_DIR"})
-_SAFETY_MARGIN = 10.0   # the supervisor enforces the timeout; the engine gives up on it this much later
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,9 @@ def format_seconds(seconds: float) -> str:
 def step_limits(settings: StepSettings, requested: Any) -> dict[str, int]:
     """The limits of one call: the settings' defaults, overridden by the step's `limits` within the
     maximums. Unknown names, non-integers and values above a maximum are refused, never clamped."""
-    limits = {name: getattr(settings, name) for name in LIMITS}
-    if requested in (None, {}):
-        return limits
+    if requested is None or requested == {}:
+        return _defaults(settings)
+    limits = dict(_defaults(settings))
     if not isinstance(requested, Mapping):
         raise LimitError(f"limits must be a mapping of {', '.join(LIMITS)}, got {type(requested).__name__}")
     for name, value in requested.items():
@@ -89,6 +91,11 @@ def step_limits(settings: StepSettings, requested: Any) -> dict[str, int]:
                              f"(NOETL_STEP_MAX_{name.upper()})")
         limits[name] = value
     return limits
+
+
+@functools.lru_cache(maxsize=16)
+def _defaults(settings: StepSettings) -> dict[str, int]:
+    return {name: getattr(settings, name) for name in LIMITS}
 
 
 def step_environment(environ: Mapping[str, str], extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -124,87 +131,14 @@ def make_non_dumpable() -> None:
         pass
 
 
-class _Slot:
-    """One supervisor process and the engine's ends of its two pipes."""
-
-    def __init__(self, config: bytes, env: dict[str, str], cwd: str) -> None:
-        req_r, req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        try:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-P", _SLOT, str(req_r), str(rep_w)],
-                pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=_stdout_target(),
-                env=env, cwd=cwd, close_fds=True)
-        except BaseException:
-            for fd in (req_r, req_w, rep_r, rep_w):
-                os.close(fd)
-            raise
-        os.close(req_r)
-        os.close(rep_w)
-        os.set_blocking(rep_r, False)
-        self.req_fd, self.rep_fd = req_w, rep_r
-        self.buffer = bytearray()
-        self.key: str | None = None     # the execution whose step process it holds
-        self.send(config)
-
-    def send(self, payload: bytes) -> None:
-        view = memoryview(frame(payload))
-        while view:
-            view = view[os.write(self.req_fd, view):]
-
-    def read_available(self) -> bytes | None:
-        """Drain the reply pipe; a complete reply frame, b'' on EOF (the slot died), or None for 'not yet'."""
-        while True:
-            try:
-                chunk = os.read(self.rep_fd, 1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:
-                return b""
-            self.buffer += chunk
-        if len(self.buffer) >= 4:
-            size = struct.unpack_from(">I", self.buffer)[0]
-            if len(self.buffer) >= 4 + size:
-                payload = bytes(self.buffer[4:4 + size])
-                del self.buffer[:4 + size]
-                return payload
-        return None
-
-    def kill(self) -> None:
-        """SIGTERM first: the supervisor then kills its step processes (it is their subreaper)."""
-        try:
-            self.popen.send_signal(signal.SIGTERM)
-            self.popen.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(timeout=5)
-        except Exception:  # already gone: nothing left to stop
-            pass
-        for fd in (self.req_fd, self.rep_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def exit_description(self) -> str:
-        try:
-            code = self.popen.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            return "stopped answering"
-        return f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
-
-
 def _stdout_target() -> int:
-    """The supervisor's own messages (never step output, which it captures) go to our stderr: stdout may
-    be the CLI's machine-readable JSON report and must stay clean."""
+    """The supervisors' own messages (never step output, which the engine captures) go to our stderr:
+    stdout may be the CLI's machine-readable JSON report and must stay clean."""
     try:
         os.fstat(2)
         return 2
     except OSError:
         return subprocess.DEVNULL
-
-
-_TIMED_OUT = object()
 
 
 class PythonPool:
@@ -221,14 +155,15 @@ class PythonPool:
         self.base = tempfile.mkdtemp(prefix="noetl-steps-", dir=self.settings.work_dir)
         os.chmod(self.base, 0o711)
         hard = {name: getattr(self.settings, f"max_{name}") for name in LIMITS}
-        self._config = json.dumps({"uid": user[0] if user else None, "gid": user[1] if user else None,
-                                   "base": self.base, "hard": hard, "log_max": self.settings.log_max_bytes,
-                                   "preload": list(self.settings.preload_modules)}).encode()
+        self._hard_cpu = hard["cpu_seconds"]
+        self._config = marshal.dumps({"uid": user[0] if user else None, "gid": user[1] if user else None,
+                                      "base": self.base, "hard": hard,
+                                      "preload": list(self.settings.preload_modules)})
         self._env = step_environment(os.environ, self.settings.env_allow_names)
         self._lock = threading.Lock()   # the pool may be shared by event loops in several threads
-        self._idle: deque[_Slot] = deque()
+        self._idle: deque[Slot] = deque()
         self._waiters: deque[asyncio.Future] = deque()
-        self._all: set[_Slot] = set()   # idle and busy: close() stops them all
+        self._all: set[Slot] = set()   # idle and busy: close() stops them all
         self._closed = False
         for _ in range(self.size):
             self._idle.append(self._start())
@@ -247,61 +182,75 @@ class PythonPool:
                                 protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             return PythonOutcome(False, error=f"step data cannot be sent to python: {type(exc).__name__}: {exc}")
-        payload = pack((execution, timeout if timeout and timeout > 0 else None, granted), blob)
+        timeout = timeout if timeout and timeout > 0 else None
         slot = await self._acquire(execution)
-        slot.key = execution
         try:
-            slot.send(payload)
-        except OSError:
-            # The idle slot died (e.g. the OOM killer): replace it and try once on a fresh one.
+            outcome = await self._call(slot, execution, granted, blob, timeout)
+        except SlotGone as exc:
             self._replace(slot)
-            slot = await self._acquire(execution)
-            try:
-                slot.send(payload)
-            except OSError as exc:
-                self._replace(slot)
-                return PythonOutcome(False, error=f"python worker process unavailable: {exc}")
-
-        answer = await self._answer(slot, timeout)
-        if answer is _TIMED_OUT:   # the supervisor did not enforce the timeout: stop it all
-            self._replace(slot)
-            return PythonOutcome(False, error=f"timed out after {format_seconds(timeout or 0)}s")
-        if answer == b"":
-            why = slot.exit_description()
-            self._replace(slot)
-            return PythonOutcome(False, error=f"python worker process {why} while running the step")
-        self._release(slot)
-        return _outcome(answer, timeout)
-
-    async def _answer(self, slot: _Slot, timeout: float | None) -> Any:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-
-        def readable() -> None:
-            if fut.done():
-                return
-            payload = slot.read_available()
-            if payload is not None:
-                loop.remove_reader(slot.rep_fd)
-                fut.set_result(payload)
-
-        def expired() -> None:
-            if not fut.done():
-                loop.remove_reader(slot.rep_fd)
-                fut.set_result(_TIMED_OUT)
-
-        loop.add_reader(slot.rep_fd, readable)
-        timer = loop.call_later(timeout + _SAFETY_MARGIN, expired) if timeout and timeout > 0 else None
-        try:
-            return await fut
+            return PythonOutcome(False, error=str(exc))
         except BaseException:
-            # Cancelled mid-call: the step still runs code nobody waits for; stop it for real.
-            loop.remove_reader(slot.rep_fd)
+            # Cancelled mid-call (or a bug): the step may still run code nobody waits for; stop it for real.
             self._replace(slot)
             raise
+        self._release(slot)
+        return outcome
+
+    async def _call(self, slot: Slot, execution: str | None, limits: dict[str, int], blob: bytes,
+                    timeout: float | None) -> PythonOutcome:
+        step = slot.step
+        if (step is None or step.key != execution or execution is None
+                or step.cpu + limits["cpu_seconds"] + 1 >= self._hard_cpu):
+            step = await slot.bind(execution)       # a fresh step process, for this execution only
+        elif step.stale:
+            await slot.refresh_workdir(step)
+        status, body, log_text = await self._exchange(step, frame(pack((step.workdir, limits), blob)), timeout)
+        if status == "ok":
+            if execution is None or step.children():
+                await slot.end(step)                 # it left processes: they end with the step
+            elif stamp(step.workdir) != step.stamp:
+                step.stale = True
+            return _outcome(step, body, log_text)
+        how = await slot.end(step)                   # kills what is left, says how a dead one ended
+        if status == "timeout":
+            return PythonOutcome(False, error=f"timed out after {format_seconds(timeout or 0)}s", log=log_text)
+        if status == "died":
+            return PythonOutcome(False, error=f"python worker process {how} while running the step", log=log_text)
+        return PythonOutcome(False, error=f"python step failed: {body.decode()}", log=log_text)
+
+    async def _exchange(self, step: Step, request: bytes, timeout: float | None) -> tuple[str, bytes, str]:
+        """Send one call to the step process and collect its answer and output."""
+        loop = asyncio.get_running_loop()
+        capture = Capture(self.settings.log_max_bytes)
+        done = step.begin(loop, capture)
+        pending = memoryview(request)
+
+        def writable() -> None:
+            nonlocal pending
+            try:
+                pending = pending[os.write(step.call_w, pending):]
+            except BlockingIOError:
+                return
+            except OSError:
+                pending = pending[:0]    # it is gone: the end of its answer pipe says so
+            if not pending:
+                loop.remove_writer(step.call_w)
+
+        writable()
+        waiting_to_write = bool(pending)     # most calls fit in the pipe at once
+        if waiting_to_write:
+            loop.add_writer(step.call_w, writable)
+        timer = loop.call_later(timeout, _expire, done) if timeout is not None else None
+        try:
+            status, body = await done
         finally:
+            step.finish()
+            if waiting_to_write:
+                loop.remove_writer(step.call_w)
             if timer is not None:
                 timer.cancel()
+        step.drain(capture)
+        return status, body, capture.text()
 
     def close(self) -> None:
         """Stop every slot (a busy call then returns an error outcome) and fail waiting callers."""
@@ -322,7 +271,7 @@ class PythonPool:
         self.close()
 
     # --- bookkeeping -------------------------------------------------------------------------------
-    async def _acquire(self, key: str | None) -> _Slot:
+    async def _acquire(self, key: str | None) -> Slot:
         with self._lock:
             if self._closed:
                 raise RuntimeError("python pool is closed")
@@ -349,7 +298,7 @@ class PythonPool:
                 self._release(fut.result())  # handed a slot just as we were cancelled: pass it on
             raise
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         with self._lock:
             closed = self._closed
             if not closed:
@@ -363,19 +312,19 @@ class PythonPool:
             self._all.discard(slot)
         slot.kill()
 
-    def _hand(self, waiter: asyncio.Future, slot: _Slot) -> None:
+    def _hand(self, waiter: asyncio.Future, slot: Slot) -> None:
         if waiter.done():         # cancelled between release and this callback
             self._release(slot)
         else:
             waiter.set_result(slot)
 
-    def _start(self) -> _Slot:
-        slot = _Slot(self._config, self._env, self.base)
+    def _start(self) -> Slot:
+        slot = Slot(self._config, self._env, self.base, _stdout_target())
         with self._lock:
             self._all.add(slot)
         return slot
 
-    def _replace(self, slot: _Slot) -> None:
+    def _replace(self, slot: Slot) -> None:
         with self._lock:
             self._all.discard(slot)
         slot.kill()
@@ -388,18 +337,18 @@ class PythonPool:
         self._release(fresh)
 
 
-def _outcome(payload: bytes, timeout: float | None) -> PythonOutcome:
+def _expire(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(("timeout", b""))
+
+
+def _outcome(step: Step, answer: bytes, log_text: str) -> PythonOutcome:
     try:
-        (status, detail, log_text), body = unpack(payload)
-        if status == "timeout":
-            return PythonOutcome(False, error=f"timed out after {format_seconds(timeout or 0)}s", log=log_text)
-        if status == "died":
-            return PythonOutcome(False, error=f"python worker process {detail} while running the step", log=log_text)
-        if status != "ok":
-            return PythonOutcome(False, error=f"python step failed: {detail}", log=log_text)
-        ok, result, error = json.loads(body)
+        step.cpu = struct.unpack_from(">d", answer)[0]
+        ok, result, error = json.loads(answer[8:])
     except Exception as exc:   # a step process may write anything on its pipe: never trust the shape
-        return PythonOutcome(False, error=f"python step sent an answer that cannot be read: {type(exc).__name__}")
+        return PythonOutcome(False, error=f"python step sent an answer that cannot be read: {type(exc).__name__}",
+                             log=log_text)
     return PythonOutcome(bool(ok), result, error, log_text)
 
 
