@@ -20,7 +20,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # Time budgets (seconds) keep the whole run well under CI's 90 minutes.
-PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-1500}"
+PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-2400}"
 CONFORMANCE_TIMEOUT="${NOETL_CONFORMANCE_TIMEOUT:-2100}"
 BENCH_TIMEOUT="${NOETL_BENCH_TIMEOUT:-600}"
 
