@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,8 +122,10 @@ def _events(cluster: Cluster, execution_id: str) -> list[dict[str, Any]]:
 # -------------------------------------------------------------------------- SIGKILL → lease → infrastructure retry
 def test_a_killed_workers_step_without_retry_is_sent_again_to_the_other_worker_after_its_lease_expires(
         cluster: Cluster, tmp_path: Path) -> None:
-    marks = tmp_path / "marks"
-    marks.mkdir()
+    # Outside pytest's 0700 tree and writable by all: step code runs as the unprivileged step user when the
+    # engine runs as root (docs/security.md, "How step code is isolated").
+    marks = Path(tempfile.mkdtemp(prefix="noetl-marks-"))
+    marks.chmod(0o1777)
     playbook = tmp_path / "slow.yaml"
     playbook.write_text(f"""\
 apiVersion: noetl.io/v1
@@ -136,11 +139,13 @@ workflow:
     code: |
       import os, pathlib, time
       def main():
-          # A python step runs in a subprocess of the worker: the parent pid names the worker.
-          mark = pathlib.Path({str(marks)!r}) / f"{{os.getppid()}}-{{time.time_ns()}}"
+          # A step process is forked by a supervisor in the worker's process group (the worker leads it): that
+          # group names the worker.
+          worker = os.getpgid(os.getppid())
+          mark = pathlib.Path({str(marks)!r}) / f"{{worker}}-{{time.time_ns()}}"
           mark.write_text("")
           time.sleep(4)
-          return {{"worker_pid": os.getppid()}}
+          return {{"worker_pid": worker}}
     next: [{{step: end}}]
   - step: end
     result: {{worker_pid: "{{{{ slow.worker_pid }}}}"}}

@@ -39,7 +39,7 @@ _spec = importlib.util.spec_from_file_location("_noetl_step_runner",
 runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
 
-_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 4, 36
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 1, 4, 36
 _WARM_UP = "def main():\n    return None\n"
 _SWEEP_MS = 1000       # orphans that escaped a step are looked for at least this often
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -57,11 +57,12 @@ class StepProcess:
         call_r, self.call_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         self.out_r, out_w = os.pipe()
+        supervisor = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:   # the step process
             code = 70
             try:
-                _become_step_process(slot, call_r, reply_w, out_w)
+                _become_step_process(slot, supervisor, call_r, reply_w, out_w)
                 runner.step_main(call_r, reply_w, slot.base_env)
                 code = 0
             except BaseException:
@@ -106,7 +107,7 @@ class StepProcess:
         self.call_w = self.reply_r = self.out_r = -1
 
 
-def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> None:
+def _become_step_process(slot: Slot, supervisor: int, call_r: int, reply_w: int, out_w: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)    # the supervisor's handlers are not the step's
     os.setsid()
@@ -134,6 +135,12 @@ def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> N
             raise RuntimeError("could not switch to the step user")
         _reach_import_paths(held)
     prctl(_PR_SET_DUMPABLE, 0)
+    # In its own session, a step process would outlive a supervisor killed with the engine (SIGKILL of the
+    # worker's process group) and run on with nobody to report to: it dies with its supervisor instead. Set
+    # after the user switch, which clears it; a supervisor gone already means there is nobody to serve.
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:
+        os._exit(1)
     # Its own descendants that lose their parent come back to it, so the engine sees them as its children
     # (code that undoes this only moves them to the supervisor, which kills them within a second).
     prctl(_PR_SET_CHILD_SUBREAPER, 1)
