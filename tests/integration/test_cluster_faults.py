@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,11 +120,8 @@ def _events(cluster: Cluster, execution_id: str) -> list[dict[str, Any]]:
 
 # -------------------------------------------------------------------------- SIGKILL → lease → infrastructure retry
 def test_a_killed_workers_step_without_retry_is_sent_again_to_the_other_worker_after_its_lease_expires(
-        cluster: Cluster, tmp_path: Path) -> None:
-    # Outside pytest's 0700 tree and writable by all: step code runs as the unprivileged step user when the
-    # engine runs as root (docs/security.md, "How step code is isolated").
-    marks = Path(tempfile.mkdtemp(prefix="noetl-marks-"))
-    marks.chmod(0o1777)
+        cluster: Cluster, tmp_path: Path, step_dir: Path) -> None:
+    marks = step_dir   # step code runs as the step user when the engine runs as root (tests/conftest.py)
     playbook = tmp_path / "slow.yaml"
     playbook.write_text(f"""\
 apiVersion: noetl.io/v1
