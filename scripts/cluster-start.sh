@@ -3,6 +3,7 @@
 # on Kafka + Postgres (docs/cluster.md).
 #
 #   eval "$(scripts/cluster-start.sh)"          # prints: export NOETL_SERVER_URL=... NOETL_CLUSTER_INFO=...
+#                                               #   NOETL_API_TOKEN=... (an admin token, unless one was set)
 #   noetl run --server "$NOETL_SERVER_URL" examples/hello_world.yaml
 #   scripts/cluster-stop.sh                     # uses $NOETL_CLUSTER_INFO (or: cluster-stop.sh INFO_FILE)
 #
@@ -111,6 +112,17 @@ print(f"created topics: {created or 'none (all existed)'}")
 PY
 "$PYTHON" -m noetl_runtime.postgres_schema >&2
 
+# -------------------------------------------------------------------------------------------- API token
+# Every route but /health and /ready needs a token (docs/security.md): an admin token for the caller of
+# this script, unless NOETL_API_TOKEN is set already. Only its hash is stored (the api_token table); the
+# token itself is kept in the cluster dir (mode 600) and exported.
+if [[ -z "${NOETL_API_TOKEN:-}" ]]; then
+  NOETL_API_TOKEN="$("$PYTHON" -m noetl_cli token create --postgres --role admin --expires 30d \
+                     --name "cluster-admin-$(date +%s)-$$")"
+  (umask 077; echo "$NOETL_API_TOKEN" >"$BASE/admin.token")
+  log "created an admin API token (in $BASE/admin.token)"
+fi
+
 # ------------------------------------------------------------------------------------------------ roles
 ROLES=()
 start_role() {  # start_role NAME PORT MODULE
@@ -133,8 +145,11 @@ else
   port_busy "$INGEST_PORT" && die "no free port for ingest"
 fi
 
+# The API and query roles ask the broker what a running execution waits for (GET /api/executions/{id}/explain)
+BROKER_PORT="$(free_port)"
+export NOETL_BROKER_URL="http://127.0.0.1:$BROKER_PORT"
 start_role query "$(free_port)" noetl_query
-start_role broker "$(free_port)" noetl_broker
+start_role broker "$BROKER_PORT" noetl_broker
 for i in $(seq 1 "${NOETL_CLUSTER_WORKERS:-1}"); do
   start_role "worker$i" "$(free_port)" noetl_worker
 done
@@ -174,3 +189,4 @@ trap - EXIT
 log "cluster ready: API $URL (info: $INFO)"
 echo "export NOETL_SERVER_URL=$URL"
 echo "export NOETL_CLUSTER_INFO=$INFO"
+echo "export NOETL_API_TOKEN=$NOETL_API_TOKEN"

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +85,7 @@ API_ROUTES = [
     ("GET", "/api/executions", "query"),
     ("GET", "/api/executions/{execution_id}", "query"),
     ("GET", "/api/executions/{execution_id}/events", "query"),
+    ("GET", "/api/executions/{execution_id}/explain", "query"),
     ("GET", "/api/execution/data/{execution_id}", "query"),
     ("GET", "/api/events/summary/{execution_id}", "query"),
     ("GET", "/api/events/by-execution/{execution_id}", "query"),
@@ -140,8 +142,9 @@ def role_app(role: str) -> Any:
     import importlib
     if role == "ingest":
         from noetl_frontend.app import build_api
-        return build_api(None, None, None, service="ingest", description="")   # type: ignore[arg-type]
-    return importlib.import_module(f"{MODULES[role]}.app").create_app(None)
+        return build_api(None, None, None, service="ingest", description="",   # type: ignore[arg-type]
+                         auth=Authenticator(None))
+    return importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
 
 
 def api_routes(app_or_router: Any) -> set[tuple[str, str]]:
@@ -400,6 +403,10 @@ def test_env_values_parse_with_the_roles_settings(rendered: Any, monkeypatch: py
             options = WorkerOptions.from_env()
             grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             assert grace > options.shutdown_grace, "the kubelet must wait longer than the worker drains"
+        if role in ("ingest", "query"):   # /explain asks the brokers' Service
+            broker_service = next(w for k, w in rendered.workloads().items() if role_of(k) == "broker")
+            assert settings.broker_url is not None
+            assert settings.broker_url.startswith(f"http://{broker_service['metadata']['name']}:")
         if role == "broker":
             assert settings.topic_partitions == partitions
             assert workload["spec"]["replicas"] <= settings.topic_partitions
@@ -651,8 +658,20 @@ def test_route_list_is_the_services_routes() -> None:
     assert served["ingest"] == {(method, path) for method, path, _ in API_ROUTES}
 
 
+# An Ingress the chart accepts: a named host with TLS for it (the default renders none).
+HOST = "noetl.example.com"
+EXPOSED = {"enabled": True, "host": HOST, "tls": [{"secretName": "noetl-tls", "hosts": [HOST]}]}
+
+
+def exposed(rendered: Any, helm_chart: Any) -> Any:
+    """The value set with its Ingress on: production turns it on itself; the defaults get EXPOSED."""
+    return rendered if rendered.values is not None else helm_chart.render({"ingress": EXPOSED})
+
+
 @pytest.mark.parametrize("nginx_exact_is_regex", [False, True])
-def test_ingress_routes_every_api_path_to_its_service(rendered: Any, nginx_exact_is_regex: bool) -> None:
+def test_ingress_routes_every_api_path_to_its_service(rendered: Any, helm_chart: Any,
+                                                      nginx_exact_is_regex: bool) -> None:
+    rendered = exposed(rendered, helm_chart)
     (ingress,) = rendered.of_kind("Ingress")
     wrong = []
     for method, template, role in API_ROUTES:
@@ -670,7 +689,7 @@ def test_ingress_without_regex_routes_everything_but_cancel(helm_chart: Any) -> 
     """On a controller without regex paths (ingress.regex: false, the regex path dropped), every path but
     POST /api/executions/{id}/cancel still routes: that one needs the regex or the HTTPRoute."""
     paths = [p for p in helm_chart.default_values["ingress"]["paths"] if p["pathType"] != "ImplementationSpecific"]
-    rendered = helm_chart.render({"ingress": {"regex": False, "paths": paths}})
+    rendered = helm_chart.render({"ingress": {**EXPOSED, "regex": False, "paths": paths}})
     (ingress,) = rendered.of_kind("Ingress")
     assert "nginx.ingress.kubernetes.io/use-regex" not in (ingress["metadata"].get("annotations") or {})
     for method, template, role in API_ROUTES:
@@ -696,6 +715,81 @@ def test_httproute_routes_every_api_path_by_method(helm_chart: Any) -> None:
         assert ref["port"] == services[ref["name"]]["spec"]["ports"][0]["port"]
 
 
+# ------------------------------------------------------------------------- exposure, network policies
+def _selects(selector: dict[str, str], workload: dict[str, Any]) -> bool:
+    return selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_default_render_exposes_nothing_outside_the_cluster(helm_chart: Any) -> None:
+    """Issue 9: no Ingress without auth and TLS; by default there is none at all, no HTTPRoute, and every
+    Service stays inside the cluster."""
+    rendered = helm_chart.named("default")
+    assert helm_chart.default_values["ingress"]["enabled"] is False
+    assert not rendered.of_kind("Ingress") and not rendered.of_kind("HTTPRoute")
+    assert {s["spec"]["type"] for s in rendered.of_kind("Service")} == {"ClusterIP"}
+
+
+def test_an_ingress_is_rendered_only_for_a_host_with_tls(rendered: Any, helm_chart: Any) -> None:
+    (ingress,) = exposed(rendered, helm_chart).of_kind("Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"], "an Ingress for every host"
+    assert any(rule["host"] in tls["hosts"] and tls["secretName"] for tls in ingress["spec"]["tls"])
+
+
+def test_every_role_has_a_network_policy_that_admits_only_its_peers(rendered: Any, helm_chart: Any) -> None:
+    """One NetworkPolicy per role (each worker pool, the migration Job too), selecting exactly that role's
+    pods; the API roles admit the ingress controller and Prometheus, the others Prometheus only (nobody by
+    default: metricsFrom is empty), and no rule admits every source."""
+    values = {**helm_chart.default_values["networkPolicy"], **(rendered.values or {}).get("networkPolicy", {})}
+    policies = rendered.of_kind("NetworkPolicy")
+    workloads = rendered.workloads()
+    for key, workload in workloads.items():
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], workload)]
+        assert len(mine) == 1, f"{key}: {[p['metadata']['name'] for p in mine]}"
+        (policy,) = mine
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        others = [k for k, w in workloads.items() if k != key and _selects(selector, w)]
+        assert not others, f"{policy['metadata']['name']} also selects {others}"
+        assert policy["spec"]["policyTypes"] == ["Ingress"], key
+        rules = policy["spec"]["ingress"]
+        peers = values["metricsFrom"] if key != "migrate" else []
+        if role_of(key) in HTTP_ROLES:
+            peers = values["apiFrom"] + peers
+        if key == "broker":     # explain: ingest and query ask a broker, which forwards to the owner
+            callers = [p for p in rules[0]["from"] if "podSelector" in p and "namespaceSelector" not in p]
+            reached = {k for k, w in workloads.items()
+                       if any(_selects(c["podSelector"]["matchLabels"], w) for c in callers)}
+            assert reached == {"ingest", "query", "broker"}, reached
+            for name in ("ingest", "query"):
+                env, _ = rendered.container_env(workloads[name])
+                assert env["NOETL_BROKER_URL"].value.startswith(f"http://{policy['metadata']['name']}:")
+            peers = callers + peers
+        if peers:
+            (rule,) = rules
+            assert rule["from"] == peers, key
+            assert rule["ports"] == [{"protocol": "TCP", "port": helm_chart.default_values["httpPort"]}], key
+        else:
+            assert rules == [], f"{key} admits {rules}"
+        for rule in rules:
+            assert rule.get("from"), f"{key}: a rule without `from` admits every source"
+    assert len(policies) == len(workloads)
+
+
+def test_metrics_peers_reach_every_role_and_api_peers_only_the_api(helm_chart: Any) -> None:
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    gateway = [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
+    rendered = helm_chart.render({"networkPolicy": {"apiFrom": gateway, "metricsFrom": prometheus}})
+    for policy in rendered.of_kind("NetworkPolicy"):
+        role = policy["metadata"]["labels"]["app.kubernetes.io/component"]
+        peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+        expected = {"migrate": [], "ingest": gateway + prometheus, "query": gateway + prometheus,
+                    "render": gateway + prometheus}.get(role, prometheus)
+        if role == "broker":
+            peers = [p for p in peers if "podSelector" not in p or p in gateway]   # its callers: above
+        assert peers == expected, (policy["metadata"]["name"], peers)
+    assert not helm_chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy")
+
+
 def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     rendered = helm_chart.named("production")
     (monitor,) = rendered.of_kind("ServiceMonitor")
@@ -707,6 +801,9 @@ def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     assert scraped == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    # the API roles' /metrics takes a token: Prometheus sends the one in the Secret production names
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": {"name": "noetl-metrics-token", "key": "token"}}
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
     assert not helm_chart.named("default").of_kind("ServiceMonitor")
 
@@ -751,6 +848,14 @@ SCHEMA_REFUSALS = [
     ({"ingress": {"paths": [{"path": "/api", "pathType": "Prefix", "service": "worker"}]}},
      ["/ingress/paths/0/service"]),
     ({"ingest": {"autoscaling": {"enabled": True, "maxReplicas": 0}}}, ["/ingest/autoscaling/maxReplicas"]),
+    # no Ingress for every host or without TLS
+    ({"ingress": {"enabled": True}}, ["/ingress/host", "/ingress/tls"]),
+    ({"ingress": {"enabled": True, "host": HOST}}, ["/ingress/tls", "minItems"]),
+    ({"ingress": {**EXPOSED, "host": ""}}, ["/ingress/host", "minLength"]),
+    ({"ingress": {**EXPOSED, "tls": [{"hosts": [HOST]}]}}, ["/ingress/tls/0", "secretName"]),
+    ({"networkPolicy": {"apiFrom": [{}]}}, ["/networkPolicy/apiFrom/0", "minProperties"]),
+    ({"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}},
+     ["/networkPolicy/metricsFrom/0", "additional properties 'namespace'"]),
 ]
 
 
@@ -785,6 +890,11 @@ TEMPLATE_REFUSALS = [
      "externalKafka.auth.password is required"),
     ({"externalKafka": {"tls": {"caSecret": "kafka-ca"}}},
      "externalKafka.tls.caSecret is set but externalKafka.securityProtocol is PLAINTEXT"),
+    ({"ingress": {**EXPOSED, "tls": [{"secretName": "other", "hosts": ["other.example.com"]}]}},
+     'ingress.enabled needs TLS for ingress.host ("noetl.example.com")'),
+    ({"ingest": {"extraEnv": [{"name": "NOETL_AUTH", "value": "off"}]}}, "ingest.extraEnv sets NOETL_AUTH=off"),
+    ({"workers": [{"name": "default", "extraEnv": [{"name": "NOETL_AUTH", "value": "OFF"}]}]},
+     "workers[0].extraEnv sets NOETL_AUTH=off"),
 ]
 
 
@@ -822,6 +932,17 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
     pod = values["podSecurityContext"]
     (user,) = [i.split()[1] for i in instructions if i.startswith("USER ")]
     assert user == f"{pod['runAsUser']}:{pod['runAsGroup']}"          # numeric: runAsNonRoot can verify it
+    # BuildKit would fetch the dockerfile frontend image for a `# syntax=` line: the build must work offline
+    assert not re.match(r"#\s*syntax\s*=", dockerfile, re.IGNORECASE)
+    # the step user (issue 9): its own uid and group, neither the engine's
+    users = {}
+    for command in " ".join(instructions).split("&&"):
+        words = command.split()
+        if "useradd" in words:
+            users[words[-1]] = (words[words.index("--uid") + 1], words[words.index("--gid") + 1])
+    assert users["noetl"] == (str(pod["runAsUser"]), str(pod["runAsGroup"])), users
+    assert set(users) == {"noetl", "noetl-step"} and users["noetl-step"] == ("10002", "10002"), users
+    assert re.search(r"^ENV .*\bNOETL_STEP_USER=noetl-step\b", "\n".join(instructions), re.MULTILINE)
     (expose,) = [i.split()[1] for i in instructions if i.startswith("EXPOSE ")]
     assert int(expose) == values["httpPort"]
     workdir = [i.split()[1] for i in instructions if i.startswith("WORKDIR ")][-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from noetl_common.messages import (  # noqa: E402
     StartExecution, TimerFired,
 )
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
+from noetl_common.state import ExecutionState  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +49,8 @@ BROKER_SRC = ROOT / "services" / "broker"
 if importlib.util.find_spec("noetl_broker") is None:   # until pyproject lists services/broker
     sys.path.insert(0, str(BROKER_SRC))
 
-from noetl_broker.handlers import Record, StateCache, apply_batch  # noqa: E402
+from noetl_common.batch import Record, fold_batch  # noqa: E402
+from noetl_common.state_access import StateCache, TableStates  # noqa: E402
 
 pytestmark = pytest.mark.kafka
 
@@ -94,8 +97,14 @@ def answer(cmd: Command, outcome: Outcome, now: float) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The pure part: handlers.apply_batch with a dict for the table (no Kafka)
+# The pure part: the batch fold the broker runs (noetl_common.batch), with a dict for the table (no Kafka)
 # ---------------------------------------------------------------------------------------------------------
+def apply_batch(table: dict[str, bytes], records: list[Any], now: float, cache: StateCache | None = None,
+                late_start_after: float | None = None) -> Any:
+    """The broker's call: fold_batch over its table (here a dict) through its StateCache."""
+    return fold_batch(TableStates(table, cache), records, now=now, late_start_after=late_start_after)
+
+
 def test_apply_batch_folds_like_the_simulator_and_dead_letters_garbage() -> None:
     start, sim = simulate(playbook("pure"), "e-pure")
     table: dict[str, bytes] = {}
@@ -121,31 +130,40 @@ def test_apply_batch_folds_like_the_simulator_and_dead_letters_garbage() -> None
     assert again.stale == 1 and not again.states and not again.events and not again.commands
 
 
-def test_apply_batch_without_a_cache_and_a_failing_fold_keeps_the_clean_state(monkeypatch: Any) -> None:
-    import noetl_broker.handlers as handlers
+def test_apply_batch_without_a_cache_fails_only_the_execution_whose_fold_raised(monkeypatch: Any) -> None:
+    import noetl_common.batch as batch
 
     start, _ = simulate(playbook("boom"), "e-boom")
-    real = handlers.advance
+    other, other_sim = simulate(playbook("calm"), "e-calm")
+    real = batch.advance
     calls = {"n": 0}
 
     def flaky(state: Any, msg: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            if state is not None:
-                state.status = "FAILED"     # half-mutate, then blow up
-            raise RuntimeError("boom")
+        if msg.execution_id == "e-boom":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                state.workload["half"] = "mutated"     # half-mutate, then blow up
+                raise RuntimeError("boom")
         return real(state, msg)
 
-    monkeypatch.setattr(handlers, "advance", flaky)
+    monkeypatch.setattr(batch, "advance", flaky)
     table: dict[str, bytes] = {}
-    first = apply_batch(table, [encode(start)], now=T0)
+    first = apply_batch(table, [encode(start), encode(other)], now=T0)
     table.update(first.states)
-    (cmd,) = first.commands
-    facts = answer(cmd, ok(cmd), T0)
+    boom_cmd, calm_cmd = first.commands
+    facts = answer(boom_cmd, ok(boom_cmd), T0) + answer(calm_cmd, ok(calm_cmd), T0)
     out = apply_batch(table, [encode(m) for m in facts], now=T0)
-    assert [d.reason for d in out.dead_letters] == ["fold error: RuntimeError: boom"]
-    state = out.states["e-boom"]
-    assert b'"status":"RUNNING"' in state and b'"steps"' in state
+    assert not out.dead_letters                                   # handled: the execution failed instead
+    (failure,) = out.failures
+    assert failure.execution_id == "e-boom" and not failure.quarantined and "RuntimeError: boom" in failure.trace
+    failed = [e for e in out.events if e.execution_id == "e-boom"]
+    assert [e.event_type for e in failed] == ["execution_failed"]
+    assert failed[0].error == "message 'action_started' of command e-boom:a:1:1 could not be folded: RuntimeError: boom"
+    state = ExecutionState.from_bytes(out.states["e-boom"])
+    assert state.status == "FAILED" and "half" not in state.workload   # rebuilt from the snapshot, then failed
+    calm = [e for e in out.events if e.execution_id == "e-calm"]
+    so_far = [e for e in first.events if e.execution_id == "e-calm"] + calm
+    assert calm and so_far == [e for e in other_sim.events if e.execution_id == "e-calm"][:len(so_far)]
 
 
 def test_apply_batch_refuses_a_late_resend_of_a_start_it_does_not_hold() -> None:
@@ -215,6 +233,40 @@ async def test_timer_loop_fires_live_deadlines_of_owned_partitions_once() -> Non
         loop.update("e3", {"retry:d": time.time()})   # a batch folded during the rebalance: not ours any more
         await asyncio.sleep(0.05)
         assert len(fired) == 3 and loop.fired == 3
+    finally:
+        runner.cancel()
+
+
+async def test_after_a_recovery_an_overdue_lease_waits_one_lease_and_a_moved_one_never_fires() -> None:
+    """The broker was away: a recovered lease deadline fires no sooner than one lease after the recovery
+    (the workers' facts that waited come first); a retry delay fires when due."""
+    from noetl_broker.timers import TimerLoop
+
+    fired: list[tuple[str, str, float]] = []
+
+    async def fire(due: list[TimerFired]) -> None:
+        fired.extend((f.execution_id, f.timer, time.time()) for f in due)
+    loop = TimerLoop(fire, partitions=PARTITIONS)
+    runner = asyncio.create_task(loop.run())
+    try:
+        past = time.time() - 10
+        snapshot = (b'{"status": "RUNNING", "lease_seconds": 0.4, "timers": {"lease:x": %f, "retry:a": %f}}'
+                    % (past, past))
+        recovered = time.time()
+        assert loop.rebuild([("e1", snapshot), ("e2", snapshot)], set(range(PARTITIONS))) == 4
+        end = time.monotonic() + DEADLINE
+        while len(fired) < 2:
+            assert time.monotonic() < end, fired
+            await asyncio.sleep(0.01)
+        assert sorted(f[:2] for f in fired) == [("e1", "retry:a"), ("e2", "retry:a")]   # due: at once
+        assert all(at - recovered < 0.3 for _, _, at in fired)
+        loop.update("e2", {"lease:x": time.time() + 30})   # a heartbeat that waited moved e2's lease later
+        while len(fired) < 3:
+            assert time.monotonic() < end, fired
+            await asyncio.sleep(0.01)
+        assert fired[2][:2] == ("e1", "lease:x") and fired[2][2] - recovered >= 0.4
+        await asyncio.sleep(0.3)
+        assert len(fired) == 3      # e2's held-back entry was for a deadline that moved: skipped
     finally:
         runner.cancel()
 
@@ -553,6 +605,162 @@ async def test_malformed_records_go_to_the_dlq_and_their_partition_keeps_flowing
         by_topic[topics.requests].reason
     assert by_topic[topics.results].reason.startswith("invalid message") and "Field required" in \
         by_topic[topics.results].reason
+
+
+POISON_END = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "poison", "path": "tests/poison"},
+              "workload": {"n": 1},
+              "workflow": [{"step": "start", "next": [{"step": "end"}]},
+                           {"step": "end", "result": {"x": "{{ workload.items }}"}}]}
+POISON_CYCLER = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "cyc", "path": "tests/cyc"},
+                 "workflow": [{"step": "start", "next": [{"step": "s"}]},
+                              {"step": "s", "type": "python", "data": {"x": "{{ cycler }}"},
+                               "code": "def main(x):\n    return x\n", "next": [{"step": "end"}]},
+                              {"step": "end"}]}
+DOTTED = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "dotted", "path": "tests/dotted"},
+          "workflow": [{"step": "start", "next": [{"step": "call"}]},
+                       {"step": "call", "type": "http", "endpoint": "http://127.0.0.1:1/x",
+                        "headers": {"X.Token": "{{ secret.TOKEN }}"}, "next": [{"step": "end"}]},
+                       {"step": "end"}]}
+
+
+async def test_poison_playbooks_fail_naming_the_template_while_others_complete(
+        kafka_bootstrap: str, shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    """Issue 8: these used to crash the broker on the same record at every restart (or raise KeyError in the
+    fold). Now each fails its own execution with a message naming the template, an execution folded in the
+    same batches completes, and the broker stays up and ready."""
+    broker, topics = shared_broker
+    tag, now = uuid.uuid4().hex[:8], time.time()
+    good, poison, cyc, dotted = (f"{name}-{tag}" for name in ("good", "poison", "cyc", "dotted"))
+    starts = [StartExecution(execution_id=eid, time=now, playbook=document, path=document["metadata"]["path"])
+              for eid, document in ((good, playbook("good")), (poison, POISON_END), (cyc, POISON_CYCLER),
+                                    (dotted, DOTTED))]
+    async with Worker(kafka_bootstrap, topics) as worker:
+        before = await broker.metrics()
+        await worker.send(topics.requests, *starts)
+        await worker.drive(good, lambda cmd: answer(cmd, ok(cmd), now))
+        await worker.drive(dotted, lambda cmd: answer(cmd, ok(cmd), now))
+        await worker.until(lambda: worker.finished(poison) and worker.finished(cyc), "the poison executions' end")
+        after = await broker.metrics()
+    assert worker.events[good][-1].event_type == "execution_complete"
+    assert worker.events[poison][-1].event_type == "execution_failed"
+    assert worker.events[poison][-1].error == (
+        "step 'end' failed: result: `workload.items` is a method of the mapping, not a value (the mapping has no "
+        "key 'items') in template '{{ workload.items }}'")
+    assert worker.events[cyc][-1].error == (
+        "step 's' failed: data.x: `cycler` is a class (Cycler), not a value in template '{{ cycler }}'")
+    (call,) = [c for c in worker.commands[dotted] if c.step == "call"]
+    assert call.action.deferred == [["config", "headers", "X.Token"]]
+    assert worker.events[dotted][-1].event_type == "execution_complete"
+    assert after["noetl_broker_dead_letters_total"] == before["noetl_broker_dead_letters_total"]
+    assert after["noetl_broker_fold_errors_total"] == before["noetl_broker_fold_errors_total"]
+    assert broker.proc is not None and broker.proc.poll() is None and after["noetl_broker_ready"] == 1
+
+
+def test_hostile_playbooks_through_the_real_broker(kafka_bootstrap: str,
+                                                  shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    """The property test's playbooks (tests/hostile.py) through the real broker on Kafka: every execution
+    ends (this test answers every command), a canary folded with them gives exactly the simulator's events,
+    the broker never needs its error path (fold_errors), never dies and stays ready."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from hostile import CANARY, playbooks
+
+    broker, topics = shared_broker
+    loop = asyncio.new_event_loop()
+    worker = Worker(kafka_bootstrap, topics)
+    loop.run_until_complete(worker.__aenter__())
+    before = loop.run_until_complete(broker.metrics())
+
+    @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(documents=st.lists(playbooks("h"), min_size=1, max_size=3))
+    def check(documents: list[dict[str, Any]]) -> None:
+        tag, now = uuid.uuid4().hex[:8], time.time()
+        ids = [f"hostile-{tag}-{i}" for i in range(len(documents))]
+        canary_worker = lambda cmd: Outcome(result={"y": 21})   # noqa: E731
+        canary, sim = simulate(CANARY, f"canary-{tag}", canary_worker, now=now)
+
+        async def run() -> None:
+            await worker.send(topics.requests, canary, *(
+                StartExecution(execution_id=eid, time=now, playbook=d, path="t/h") for eid, d in zip(ids, documents)))
+            for eid in ids:
+                await worker.drive(eid, lambda cmd: answer(cmd, ok(cmd), now), deadline=60)
+            await worker.drive(canary.execution_id, lambda cmd: answer(cmd, canary_worker(cmd), now), deadline=60)
+        loop.run_until_complete(run())
+        assert worker.events[canary.execution_id] == sim.events
+        assert sim.events[-1].event_type == "execution_complete" and sim.events[-1].result == {"y": 21}
+        assert broker.proc is not None and broker.proc.poll() is None
+
+    try:
+        check()
+        after = loop.run_until_complete(broker.metrics())
+    finally:
+        loop.run_until_complete(worker.__aexit__(None, None, None))
+        loop.close()
+    assert after["noetl_broker_fold_errors_total"] == before["noetl_broker_fold_errors_total"]
+    assert after["noetl_broker_ready"] == 1
+
+
+async def test_an_unreadable_snapshot_quarantines_its_execution_and_nothing_else(kafka_bootstrap: str) -> None:
+    """A snapshot the broker cannot read (corrupt, or from an incompatible version) used to crash the broker at
+    the first message for its execution, at every restart. Now that execution is quarantined: a FAILED
+    `execution_failed` event with meta.quarantined, its parent told, the message dead-lettered with the
+    reason; the broker goes on folding the other executions."""
+    topics = Topics(prefix=_prefix("quarantine"))
+    broker = BrokerProcess(kafka_bootstrap, topics.prefix, NOETL_BROKER_SESSION_TIMEOUT="3")
+    tag, now = uuid.uuid4().hex[:8], time.time()
+    broken, parent, good = f"broken-{tag}", f"parent-{tag}", f"good-{tag}"
+    snapshot = json.dumps({"execution_id": broken, "status": "RUNNING", "seq": 7, "path": "tests/broken",
+                           "parent_execution_id": parent, "parent_command_id": f"{parent}:call:1:1",
+                           "steps": "not what a state holds"}).encode()
+    broker.start()
+    try:
+        await broker.wait_ready()
+        async with Worker(kafka_bootstrap, topics) as worker:
+            changelog = f"{topics.prefix}noetl-broker-executions-changelog"
+            await worker.send_raw(changelog, snapshot, key=broken.encode())   # what a recovery will read
+            broker.stop()
+            broker.start()
+            await broker.wait_ready()
+            # the facts' times from here: the broker's lease timers run on the wall clock, and a restart on a
+            # loaded machine can take longer than a lease
+            now = time.time()
+            fact = ActionCompleted(execution_id=broken, command_id=f"{broken}:a:1:1", time=now, result=1)
+            start, sim = simulate(playbook("good"), good, now=now)
+            await worker.send(topics.results, fact)
+            await worker.send(topics.requests, start)
+            await worker.drive(good, lambda cmd: answer(cmd, ok(cmd), now))
+            await worker.until(lambda: worker.finished(broken), "the quarantine")
+            letters = await worker.until(
+                lambda: [d for d in worker.dead_letters if d.original_key() == broken.encode()], "a dead letter")
+            parent_told = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, fetch_max_wait_ms=10,
+                                           auto_offset_reset="earliest")
+            await parent_told.start()
+            try:
+                parent_told.assign([TopicPartition(topics.requests, p) for p in range(PARTITIONS)])
+                end, told = time.monotonic() + DEADLINE, []
+                while not told:
+                    assert time.monotonic() < end, "the parent was not told"
+                    for records in (await parent_told.getmany(timeout_ms=100)).values():
+                        told += [r for r in records if r.key == parent.encode()]
+            finally:
+                await parent_told.stop()
+            m = await broker.metrics()
+            alive = broker.proc is not None and broker.proc.poll() is None
+    finally:
+        broker.close()
+    (event,) = {e.event_id: e for e in worker.events[broken]}.values()
+    assert event.event_type == "execution_failed" and event.seq == 7 and event.meta == {"quarantined": True}
+    assert event.error.startswith("quarantined: its state cannot be read: ValidationError")
+    assert letters[0].reason.startswith(f"execution {broken} quarantined: its state cannot be read")
+    assert letters[0].original_value() == encode(fact)
+    finished = json.loads(told[0].value)
+    assert finished["kind"] == "child_finished" and finished["status"] == "FAILED"
+    assert finished["command_id"] == f"{parent}:call:1:1"
+    # a rebalance after the restart may replay uncommitted records: repeats carry the same ids (at-least-once)
+    assert list({e.event_id: e for e in worker.events[good]}.values()) == sim.events
+    assert alive and m["noetl_broker_quarantined_total"] >= 1 and m["noetl_broker_ready"] == 1
 
 
 PARENT = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "parent", "path": "tests/parent"},

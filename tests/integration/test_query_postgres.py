@@ -25,6 +25,7 @@ from noetl_query.handlers import ExecutionFilters, Page  # noqa: E402
 from noetl_query.postgres_reads import PostgresReadModel  # noqa: E402
 from noetl_runtime.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
+from support import bearer, new_pg_token  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -435,7 +436,7 @@ async def test_read_api_handlers_over_postgres(pg):
     assert summary["status"] == "FAILED" and summary["counts"]["action_error"] == 3
     items, total = await h.list_executions(read, ExecutionFilters(status="FAILED"), Page())
     assert total == 1 and items[0]["id"] == "retry-fail" and items[0]["playbook_id"] == "tests/retry"
-    assert (await h.catalog_list(read))["entries"][0]["payload"] == LINEAR
+    assert (await h.catalog_list(read, include_content=True))["entries"][0]["payload"] == LINEAR
     assert (await h.catalog_playbook(read, "tests/linear"))["version"] == 1
     with pytest.raises(LookupError):
         await h.get_execution(read, "nope")
@@ -462,7 +463,8 @@ async def test_render_service_reads_the_projected_log(pg):
         await read_events(pool, 'x"; DROP TABLE event; --', "lin-0")
 
     app = create_service_app(pool, schema)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render") as api:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render",
+                                 headers=bearer(await new_pg_token(pool, schema, "viewer"))) as api:
         async def render(body: Any) -> httpx.Response:
             return await api.post("/api/context/render", json=body)
 
@@ -480,3 +482,60 @@ async def test_render_service_reads_the_projected_log(pg):
         # nothing above harmed the log or the next request
         assert await read_events(pool, schema, "lin-0") == log
         assert (await render({"execution_id": "lin-0", "template": "{{ b.v }}"})).json()["rendered"] == "b"
+
+
+def test_the_migration_command_takes_the_dsn_from_a_file_never_from_argv(pg_dsn, tmp_path):
+    """`python -m noetl_runtime.postgres_schema --database-url-file PATH` (docs/security.md): applies the
+    migrations with the DSN the file holds; a bad file is a usage error (2) that does not echo it."""
+    import os
+    import subprocess
+    import sys
+
+    schema = f"noetl_{uuid.uuid4().hex[:12]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    command = [sys.executable, "-m", "noetl_runtime.postgres_schema", "--schema", schema]
+    try:
+        done = subprocess.run([*command, "--database-url-file", str(dsn_file)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"schema {schema}: applied 0001" in done.stdout
+        again = subprocess.run(command, env={**env, "NOETL_DATABASE_URL_FILE": str(dsn_file)},
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and f"schema {schema}: up to date" in again.stdout, again.stderr
+    finally:
+        async def drop() -> None:
+            conn = await asyncpg.connect(pg_dsn)
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        asyncio.run(drop())
+    dsn_file.write_text("postgresql://u:hunter2@h/db\n\0")
+    bad = subprocess.run([*command, "--database-url-file", str(dsn_file)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "NUL bytes" in bad.stderr and "hunter2" not in bad.stderr, bad.stderr
+    both = subprocess.run([*command, "--database-url-file", str(dsn_file), "--database-url", pg_dsn], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "give the DSN once" in both.stderr, both.stderr
+
+
+async def test_a_quarantined_execution_shows_as_such(pg):
+    """An execution the fold could only quarantine (noetl_common.engine.quarantine) is FAILED with
+    `quarantined: true` in the read model, as projection.summary says; any other one says false."""
+    from noetl_common.engine.quarantine import quarantine
+    from noetl_common.engine.tick import iso
+    pool, schema = pg
+    events = scenario()
+    raw = b'{"execution_id": "q", "seq": 3, "path": "tests/q", "started": 1767225600.0, "steps": 7}'
+    stuck = [Event(event_id=f"q:{i}", execution_id="q", seq=i, event_type="step_started", node_name="a",
+                   node_type="step", status="RUNNING", timestamp=iso(T0), time=T0) for i in range(3)]
+    failed = quarantine("q", "its state cannot be read: ValidationError", T0 + 5, raw=raw).events
+    projector, read = Projector(pool, schema), PostgresReadModel(pool, schema)
+    await projector.apply([*events, *stuck, *failed])
+    summary = await read.execution("q")
+    assert summary == projection.summary([*stuck, *failed])
+    assert summary["status"] == "FAILED" and summary["quarantined"] is True
+    assert summary["error"] == "quarantined: its state cannot be read: ValidationError"
+    assert (await read.execution("lin-0"))["quarantined"] is False
+    listed = (await read.executions(ExecutionFilters(status="FAILED"), Page(limit=100)))[0]
+    assert {s["execution_id"]: s["quarantined"] for s in listed} == {"retry-fail": False, "q": True}

@@ -1,4 +1,5 @@
-"""Fixtures of the security tests; the helpers are in engine_run.py."""
+"""Fixtures of the security tests: the limits server (tests/security/limits_support.py) and a fresh engine
+home for the step-isolation tests (their helpers are in engine_run.py)."""
 from __future__ import annotations
 
 import shutil
@@ -6,6 +7,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from limits_support import LimitsServer
+
+
+@pytest.fixture(scope="module")
+def limits_server(tmp_path_factory: pytest.TempPathFactory):
+    server = LimitsServer(tmp_path_factory.mktemp("limits") / "noetl.db")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

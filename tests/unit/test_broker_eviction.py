@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("faust")   # noetl_broker's package imports faust
 
 from noetl_broker.eviction import Evictions  # noqa: E402
-from noetl_broker.handlers import StateCache  # noqa: E402
+from noetl_common.state_access import StateCache  # noqa: E402
 
 
 def snapshot(status: str, finished: float | None = None, started: float = 1.0) -> bytes:

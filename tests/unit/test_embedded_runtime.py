@@ -58,6 +58,11 @@ def assert_clean_log(events: list[Event]) -> None:
     assert len(terminal) == 1 and events[-1] is terminal[0]
 
 
+def letters(runtime: EmbeddedRuntime) -> list[tuple[bytes, str]]:
+    """The dead letters in the runtime's store: (the original bytes, the reason)."""
+    return [(raw, reason) for _eid, raw, reason in runtime.store.dead_letters()]
+
+
 def kinds(events: list[Event], step: str | None = None) -> list[str]:
     return [e.event_type for e in events if step is None or e.node_name == step]
 
@@ -229,16 +234,16 @@ async def test_c_malformed_messages_are_dead_lettered_and_the_runtime_goes_on(tm
         state = await asyncio.wait_for(rt.wait(execution_id), 10)
         assert state.status == "COMPLETED" and state.steps["work"].result == {"ok": True}
 
-        assert [raw for raw, _ in rt.dead_letters] == [b"garbage", b'{"kind": "action_completed", '
+        assert [raw for raw, _ in letters(rt)] == [b"garbage", b'{"kind": "action_completed", '
                                                        b'"execution_id": "e"}', b"\x00junk command"]
-        reasons = [reason for _, reason in rt.dead_letters]
+        reasons = [reason for _, reason in letters(rt)]
         assert reasons[0].startswith("invalid message") and "Invalid JSON" in reasons[0]
         assert reasons[1].startswith("invalid message") and "Field required at action_completed.command_id" in reasons[1]
         assert reasons[2].startswith("invalid message") and "Invalid JSON" in reasons[2]
 
         second = submit(rt, QUICK)                    # and the one after still completes
         assert (await asyncio.wait_for(rt.wait(second), 10)).status == "COMPLETED"
-        assert rt.crashed is None and len(rt.dead_letters) == 3
+        assert rt.crashed is None and len(letters(rt)) == 3 == rt.dead_lettered
     finally:
         await shut(rt)
 
@@ -297,7 +302,7 @@ async def test_d_a_duplicate_action_completed_changes_nothing(tmp_path: Path) ->
         target = ""
         rt.add_listener(on_event)
         target = submit(rt, TWO_STEPS)
-        await until(lambda: any(raw == b"sentinel" for raw, _ in rt.dead_letters), what="the duplicates")
+        await until(lambda: any(raw == b"sentinel" for raw, _ in letters(rt)), what="the duplicates")
         assert target in rt.states and target not in rt.final   # they reached the fold mid-execution
 
         # the engine's verdict on the same bytes, on a copy of the live state: stale, nothing to do
@@ -312,6 +317,7 @@ async def test_d_a_duplicate_action_completed_changes_nothing(tmp_path: Path) ->
         state = await asyncio.wait_for(rt.wait(target), 10)
         log = await rt.store.events(target)
         clean_log = await rt.store.events(reference)
+        dead = letters(rt)
     finally:
         await shut(rt)
 
@@ -320,7 +326,7 @@ async def test_d_a_duplicate_action_completed_changes_nothing(tmp_path: Path) ->
     assert [(e.event_type, e.node_name) for e in log] == [(e.event_type, e.node_name) for e in clean_log]
     assert kinds(log, "a").count("action_completed") == 1 and kinds(log, "b").count("step_started") == 1
     assert clean.status == "COMPLETED"
-    assert [raw for raw, _ in rt.dead_letters] == [b"sentinel"]   # the duplicates were not poison either
+    assert [raw for raw, _ in dead] == [b"sentinel"]   # the duplicates were not poison either
 
 
 # ------------------------------------------------------------------------------------------ listeners

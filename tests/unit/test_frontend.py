@@ -24,19 +24,34 @@ def embedded_app(tmp_path: Path) -> Any:
     from noetl_embedded.runtime import EmbeddedRuntime
     from noetl_runtime.sqlite_store import SqliteStore
 
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.tokens import SqliteTokens
+
     store = SqliteStore(tmp_path / "noetl.db")
-    yield build_app(store, EmbeddedRuntime(store))
+    yield build_app(store, EmbeddedRuntime(store), auth=Authenticator(SqliteTokens(store)))
     store.close()
 
 
 @pytest.fixture
-def cluster_app() -> Any:
+def tokens(tmp_path: Path) -> Any:
+    from noetl_runtime.sqlite_store import SqliteStore
+    from noetl_runtime.tokens import SqliteTokens
+
+    store = SqliteStore(tmp_path / "tokens.db")
+    yield SqliteTokens(store)
+    store.close()
+
+
+@pytest.fixture
+def cluster_app(tokens: Any) -> Any:
     pytest.importorskip("aiokafka")
     from noetl_frontend.app import cluster_api
+    from noetl_runtime.auth import Authenticator
     from noetl_runtime.settings import Settings
 
-    # No pool and no producer: building the app touches neither (they are used per request).
-    return cluster_api(Settings(), None, None)
+    # No pool and no producer: building the app touches neither (they are used per request). The tokens
+    # are a SQLite store's instead of the cluster's Postgres ones (no pool here).
+    return cluster_api(Settings(), None, None, auth=Authenticator(tokens))
 
 
 def test_both_modes_serve_the_same_routes(embedded_app: Any, cluster_app: Any) -> None:
@@ -57,10 +72,12 @@ def test_both_modes_answer_a_missing_key_with_503_and_only_the_cluster_knows_kaf
     assert KafkaError in cluster_app.exception_handlers and KafkaError not in embedded_app.exception_handlers
 
 
-async def test_the_cluster_app_keeps_the_ingest_roles_metric_names(cluster_app: Any) -> None:
+async def test_the_cluster_app_keeps_the_ingest_roles_metric_names(cluster_app: Any, tokens: Any) -> None:
     import httpx
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cluster_app), base_url="http://api") as api:
+    viewer, _ = await tokens.create("metrics", "viewer", None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cluster_app), base_url="http://api",
+                                 headers={"Authorization": f"Bearer {viewer}"}) as api:
         assert (await api.get("/health")).status_code == 200
         text = (await api.get("/metrics")).text
     assert 'service="ingest"' in text and "noetl_ingest_messages_produced 0.0" in text

@@ -144,21 +144,21 @@ async def test_data_that_cannot_be_sent_is_reported(pool):
     assert not out.ok and "cannot be sent" in out.error
 
 
-async def test_many_concurrent_callers_of_one_execution_all_get_their_answers(pool):
-    """32 concurrent callers, 4,000 calls of one execution over two slots: every answer is the caller's own.
-    (How fast: bench/embedded_bench.py measures the engine end to end; a timed assertion here only
-    measured how busy the machine was.)"""
+async def test_many_concurrent_trivial_calls_all_answer_right(pool):
+    """4,000 calls from 32 concurrent callers each get their own answer (no crossed replies, no lost call).
+    How fast the pool is belongs to the benchmarks (bench/embedded_bench.py), not to a timed unit test."""
     code = "def main(n):\n    return n*n\n"
     n_calls = 4000
+    answered: list[int] = []
 
     async def caller(k):
         for i in range(k, n_calls, 32):
             out = await pool.run(code, {"n": i}, 10, execution="bench")
             assert out.result == i * i
+            answered.append(i)
 
-    start = time.perf_counter()
     await asyncio.gather(*(caller(k) for k in range(32)))
-    print(f"python pool: {n_calls / (time.perf_counter() - start):.0f} calls/s with {pool.size} processes")
+    assert sorted(answered) == list(range(n_calls))
 
 
 async def test_closed_pool_refuses_work():

@@ -358,3 +358,90 @@ def test_missing_paths():
     assert missing_paths([{"a": 1}], ["0.a", "-1.a", "data"]) == ["data"]
     assert missing_paths(None, ["a"]) == ["a"]
     assert missing_paths(v, []) == []
+
+
+# --- values: every rendered value is JSON or a TemplateError naming the template (docs/decisions.md) ------
+
+@pytest.mark.parametrize("template, says", [
+    ("{{ workload.items }}", "`workload.items` is a method of the mapping, not a value (the mapping has no key "
+                             "'items') in template '{{ workload.items }}'"),
+    ("{{ workload['values'] }}", "is a method of the mapping"),   # keys win: this one exists
+    ("{{ cycler }}", "`cycler` is a class (Cycler), not a value"),
+    ("{{ dict }}", "`dict` is a class (dict), not a value"),
+    ("{{ now }}", "`now` is a function, not a value (call it: add `()`)"),
+    ("{{ 'abc'.upper }}", "is a method of str, not a value"),
+    ("{{ namespace(a=1) }}", "is a Namespace object, not a JSON value"),
+    ("{{ joiner() }}", "is a callable Joiner object, not a value"),
+    ("{{ workload.nan | float }}", "is nan, not a JSON number"),
+    ("{{ workload.inf | float }}", "is inf, not a JSON number"),
+    ("{{ {1: 2} }}", "is a key 1 (int): JSON object keys are strings"),
+    ("{{ {'a': [1, workload.keys]} }}", "holds a method of the mapping, not a value (the mapping has no key "
+                                        "'keys') at ['a'][1]"),
+    ("{{ '\\ud800' }}", "is a string with a lone surrogate (not valid Unicode)"),
+    ("{{ 10 ** 5000 }}", "10 ** 5000 has more than 4300 digits"),
+    ("{{ 2 ** 100000000 }}", "has more than 4300 digits"),
+    ("{{ 'x' * 100000000 }}", "a str repeated 100000000 times is longer than 10,000,000"),
+    ("{{ [0] * 100000000 }}", "a list repeated 100000000 times is longer than 10,000,000"),
+    ("n={{ workload.items }}", "an expression in the text is a method of the mapping, not a value"),
+    ("{% for x in [1] %}{{ cycler }}{% endfor %}", "an expression in the text is a class (Cycler)"),
+    ("a{{ '\\ud800' }}", "an expression in the text is a string with a lone surrogate"),
+])
+def test_a_template_that_produces_no_json_value_is_an_error_naming_it(ctx, template, says):
+    ctx = {**ctx, "now": lambda: "t", "workload": {**ctx["workload"], "nan": "nan", "inf": "inf"}}
+    ctx["workload"].pop("items")
+    ctx["workload"].pop("values")
+    ctx["workload"].pop("keys")
+    with pytest.raises(TemplateError) as info:
+        render(template, ctx)
+    assert says in str(info.value) and repr(template) in str(info.value)
+
+
+def test_json_values_still_render_natively(ctx):
+    assert render("{{ 10 ** 4299 > 1 }}", ctx) is True
+    assert render("{{ 2 ** 62 }}", ctx) == 2 ** 62
+    assert render("{{ 'ab' * 3 }}", ctx) == "ababab" and render("{{ [1] * 3 }}", ctx) == [1, 1, 1]
+    # a tuple is a JSON array, handed back as the list it becomes in JSON (a replay sees the same value)
+    assert render("{{ (1, 'a') }}", ctx) == [1, "a"]
+    assert render("{{ {'a': 1} | dictsort }}", ctx) == [["a", 1]]
+    assert render("{{ 'é\\U0001F600' }}", ctx) == "é\U0001F600"
+    assert render("{{ {'k.with.dots': 1, '': 2} }}", ctx) == {"k.with.dots": 1, "": 2}
+    assert render("{{ workload.ratio * 2 }}", ctx) == 1.0
+    assert render("{{ workload.items() | list | length }}", {"workload": {"a": 1}}) == 1   # calling is fine
+
+
+def test_a_value_nested_deeper_than_the_limit_is_refused():
+    from noetl_common.render import value_problem
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    assert value_problem(deep) == ("a value nested deeper than 100 levels", "[0]" * 100)
+    assert value_problem(deep[0]) is None
+    with pytest.raises(TemplateError, match="nested deeper than 100 levels"):
+        render("{{ x | list }}", {"x": deep})
+    # a template nested deeper than Jinja's parser can follow is a syntax error, for the validator too
+    literal = "{{ " + "[" * 300 + "]" * 300 + " }}"
+    with pytest.raises(TemplateError, match="nested too deeply to parse"):
+        render(literal, {})
+    assert syntax_error(literal) and "nested too deeply" in syntax_error(literal)
+    assert referenced_names({"k": "{{ x }}"}) == {"x"}
+    with pytest.raises(TemplateError, match="nested too deeply"):
+        referenced_names({"k": literal})
+
+
+def test_a_pure_path_to_context_data_is_not_walked_again():
+    big = {"rows": [{"i": i} for i in range(50_000)]}
+    assert render("{{ workload.big }}", {"workload": {"big": big}}) is big
+
+
+def test_evaluate_and_truthy_refuse_a_method_too(ctx):
+    with pytest.raises(TemplateError, match="method of the mapping"):
+        evaluate("{{ {'a': 1}.items }}", ctx)
+
+
+def test_value_problem_reports_the_first_problem_and_its_place():
+    from noetl_common.render import value_problem
+    assert value_problem({"a": [1, "x", None, True, 1.5, (2,)]}) is None
+    assert value_problem({"a": [1, {2}]}) == ("a set, not a JSON value (make it a list: `| list | sort`)", "['a'][1]")
+    assert value_problem(b"x") == ("bytes, not a JSON value (decode it to text)", "")
+    assert value_problem(10 ** 4300)[0] == "an integer of more than 4300 digits"
+    assert value_problem(10 ** 4299) is None

@@ -9,9 +9,15 @@ from __future__ import annotations
 from base64 import b64decode
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from noetl_common.paths import PathError, from_dotted
 
 SCHEMA_VERSION = 1
+DEFAULT_LEASE_RETRIES = 3           # infrastructure retries of an attempt whose lease expired (NOETL_LEASE_RETRIES)
+DEFAULT_LEASE_RETRY_DELAY = 1.0     # seconds before the first of them, doubling (NOETL_LEASE_RETRY_DELAY)
+MAX_LEASE_RETRIES = 100
+MAX_LEASE_RETRY_DELAY = 3600.0
 
 EventType = Literal[
     "execution_start", "step_started", "action_started", "action_completed", "action_error", "action_retry",
@@ -63,10 +69,25 @@ class ActionSpec(_Msg):
     timeout: float | None = None
     assert_returns: list[str] = Field(default_factory=list)
     save: dict[str, Any] | None = None   # SaveSpec dump, templates unrendered (needs result/this)
-    # Templates that need action-side names (`secret`, `uuid`): dotted paths into {data, config, auth}
-    # whose string values are still raw templates. The worker renders them with `context` + secrets.
-    deferred: list[str] = Field(default_factory=list)
+    # Templates that need action-side names (`secret`, `uuid`): paths into {data, config, auth} whose
+    # string values are still raw templates, each a list of keys (`noetl_common.paths`: a str is a mapping
+    # key, dots and all; an int a list index). The worker renders them with `context` + secrets.
+    deferred: list[list[str | int]] = Field(default_factory=list)
     context: dict[str, Any] = Field(default_factory=dict)  # the names deferred templates and `save` use
+
+    @model_validator(mode="before")
+    @classmethod
+    def _structured_paths(cls, data: Any) -> Any:
+        """Commands and snapshots written before paths were structured hold dotted text: read it against
+        this spec's own values, the way those versions' worker did (noetl_common.paths.from_dotted)."""
+        if isinstance(data, dict) and any(isinstance(p, str) for p in data.get("deferred") or ()):
+            root = {"data": data.get("data") or {}, "config": data.get("config") or {}, "auth": data.get("auth")}
+            try:
+                paths = [from_dotted(p, root) if isinstance(p, str) else p for p in data["deferred"]]
+            except PathError as exc:   # a ValueError is what pydantic turns into a validation error
+                raise ValueError(f"deferred: {exc}") from None
+            data = {**data, "deferred": paths}
+        return data
 
 
 class Command(_Msg):
@@ -101,6 +122,11 @@ class StartExecution(_Msg):
     parent_step: str | None = None
     return_step: str | None = None
     lease_seconds: float = 30.0
+    principal: str | None = None           # who started it (set by the API from the caller, never the body)
+    # A lease lost to an infrastructure fault (the worker went silent) re-sends the same attempt this many
+    # times, after lease_retry_delay × 2^(n-1) s, before the step's own `retry` policy counts it as a failure.
+    lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
+    lease_retry_delay: float = Field(DEFAULT_LEASE_RETRY_DELAY, ge=0, le=MAX_LEASE_RETRY_DELAY, allow_inf_nan=False)
 
 
 class CancelExecution(_Msg):
@@ -108,6 +134,7 @@ class CancelExecution(_Msg):
     execution_id: str
     time: float
     reason: str = "cancelled"
+    principal: str | None = None           # who cancelled it (set by the API from the caller)
 
 
 class ActionStarted(_Msg):

@@ -64,7 +64,9 @@ def progress(events: list[Event]) -> int:
 
 
 def summary(events: list[Event]) -> dict[str, Any]:
-    """The execution header: ids, playbook, status, times, result, error, progress."""
+    """The execution header: ids, playbook, status, times, result, error, progress, and `quarantined`: true
+    for an execution the fold could not even fail normally (its FAILED event says so in meta.quarantined;
+    see noetl_common.engine.quarantine)."""
     if not events:
         return {}
     first, last = events[0], events[-1]
@@ -78,6 +80,7 @@ def summary(events: list[Event]) -> dict[str, Any]:
         "duration": terminal.duration if terminal else None, "progress": progress(events),
         "result": terminal.result if terminal and status == "COMPLETED" else None,
         "error": terminal.error if terminal else None, "last_event_time": last.timestamp,
+        "quarantined": bool(terminal is not None and status == "FAILED" and (terminal.meta or {}).get("quarantined")),
     }
 
 

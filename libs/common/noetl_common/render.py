@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
+import types
 from collections.abc import Iterator, ItemsView, KeysView, Mapping, ValuesView
 from typing import Any
 
@@ -19,9 +21,11 @@ from jinja2.runtime import Context, missing
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import object_type_repr
 
+from . import render_limits
+
 __all__ = [
     "TemplateError", "render", "evaluate", "truthy", "syntax_error", "referenced_names",
-    "this_view", "unwrap", "missing_paths",
+    "this_view", "unwrap", "missing_paths", "value_problem",
 ]
 
 _LENIENT = ("data", "result")      # NoETL accessors that fall back to the value itself
@@ -45,7 +49,10 @@ class TemplateError(Exception):
             reason = f"{type(cause).__name__}: {cause}"
         else:
             reason = cause
-        super().__init__(f"{reason} in template {template!r}")
+        message = f"{reason} in template {template!r}"
+        if not message.isascii():   # the message travels in events: never a lone surrogate
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(message)
 
 
 class _Undefined(StrictUndefined):
@@ -82,9 +89,32 @@ def _is_mapping(obj: Any) -> bool:
 
 class _Env(ImmutableSandboxedEnvironment):
     """Immutable sandbox (templates cannot mutate engine state) with keys-win and lenient
-    `.data`/`.result` lookups."""
+    `.data`/`.result` lookups, bounded `**` and `*` (see `call_binop`), and bounded `%`-formatting,
+    padding, replace and join (noetl_common.render_limits, docs/security.md)."""
 
     context_class = _Context
+    # Intercepted operators are also never constant-folded at compile time, so `{{ 9 ** 9 ** 9 }}` cannot
+    # hang the compiler either.
+    intercepted_binops = frozenset(("**", "*")) | render_limits.INTERCEPTED
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        """`**` and `*` are the two operators whose result can be huge from a tiny template (`9 ** 9 ** 9`,
+        `'x' * 10 ** 9`): one template would hold the fold (every execution) for minutes or exhaust memory.
+        Refused before computing anything once the result would be beyond what a value may hold."""
+        if operator == "**" and _int(left) and _int(right) and right > 0 and abs(left) > 1 \
+                and right * math.log10(abs(left)) > MAX_DIGITS:
+            raise _NotAValue(f"{left} ** {right} has more than {MAX_DIGITS} digits")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and _int(times) and len(seq) * times > MAX_REPEAT:
+                    raise _NotAValue(f"a {type(seq).__name__} repeated {times} times is longer than "
+                                     f"{MAX_REPEAT:,}")
+        return render_limits.binop(operator, left, right)   # `%` widths, int products, list lengths
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # double underscores like Jinja's own: a template's keyword argument cannot collide with them
+        args = render_limits.check_call(__obj, args, kwargs)
+        return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if _is_mapping(obj):
@@ -109,6 +139,120 @@ class _Env(ImmutableSandboxedEnvironment):
         return super().getitem(obj, argument)
 
 
+# --- values: what a template may produce (docs/decisions.md, "Templates") -------------------------
+
+MAX_DIGITS = 4300        # an int's decimal digits: what Python's and pydantic's JSON readers take back
+MAX_DEPTH = 100          # nesting of one rendered value (a snapshot nests it ~6 deeper; readers stop at 200)
+MAX_REPEAT = 10_000_000  # the longest str/list/tuple `*` may build
+_BIG = 10 ** MAX_DIGITS
+
+
+class _NotAValue(Exception):
+    """Raised while rendering: the template produced something that is not a JSON value."""
+
+
+def _int(value: Any) -> bool:
+    return type(value) is int
+
+
+def value_problem(value: Any) -> tuple[str, str] | _Undefined | None:
+    """None when `value` is a JSON value the engine can store and read back exactly; else (what is wrong,
+    where in the value: "" for the value itself, else a path like `[0].k`), or the Undefined found in it.
+
+    JSON values: None, bool, finite float, int of at most MAX_DIGITS digits, str (valid Unicode), list and
+    tuple (an array; rendering hands it back as a list), dict with str keys; nested at most MAX_DEPTH
+    deep. Everything else (a method, a function, a class, a set, bytes, NaN, an object) is not: stored, it
+    would fail to encode, change on the way back (a set's order, NaN to null, an int key to a string), or
+    stop the snapshot being read."""
+    return _walk(value)[0]
+
+
+def _walk(value: Any) -> tuple[tuple[str, str] | _Undefined | None, bool]:
+    """(value_problem, whether the value holds a tuple)."""
+    tuples = False
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        t = type(v)
+        if t is str:
+            if not v.isascii() and not _utf8(v):
+                return ("a string with a lone surrogate (not valid Unicode)", where), tuples
+        elif t is int:
+            if (v.bit_length() > 14_283 and abs(v) >= _BIG):
+                return (f"an integer of more than {MAX_DIGITS} digits", where), tuples
+        elif t is float:
+            if not math.isfinite(v):
+                return (f"{v!r}, not a JSON number", where), tuples
+        elif v is None or t is bool:
+            pass
+        elif t is dict or t is list or t is tuple or isinstance(v, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                return (f"a value nested deeper than {MAX_DEPTH} levels", where), tuples
+            if isinstance(v, dict):
+                for key, item in v.items():
+                    if type(key) is not str:
+                        return (f"a key {key!r} ({type(key).__name__}): JSON object keys are strings", where), tuples
+                    stack.append((item, f"{where}[{key!r}]", depth + 1))
+            else:
+                tuples = tuples or isinstance(v, tuple)
+                stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
+        elif isinstance(v, _Undefined):
+            return v, tuples
+        elif isinstance(v, str):          # Markup and other str subclasses encode as strings
+            stack.append((str(v), where, depth))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            stack.append((int(v), where, depth))
+        else:
+            return (_describe(v), where), tuples
+    return None, tuples
+
+
+def _lists(value: Any) -> Any:
+    """The value with every tuple made a list: what it becomes once written as JSON and read back, so a
+    replay (or the other runtime) sees exactly the same value (`(1, 2) == [1, 2]` is false)."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _describe(v: Any) -> str:
+    """What a non-value is, in the words a playbook author needs."""
+    if isinstance(v, type):
+        return f"a class ({v.__name__}), not a value"
+    owner = getattr(v, "__self__", None)
+    if callable(v) and owner is not None and not isinstance(owner, types.ModuleType):   # a bound method
+        if isinstance(owner, Mapping):
+            name = getattr(v, "__name__", "?")
+            return f"a method of the mapping, not a value (the mapping has no key {name!r})"
+        return f"a method of {type(owner).__name__}, not a value"
+    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
+        return "a function, not a value (call it: add `()`)"
+    if callable(v):
+        return f"a callable {type(v).__name__} object, not a value"
+    if isinstance(v, (set, frozenset)):
+        return "a set, not a JSON value (make it a list: `| list | sort`)"
+    if isinstance(v, (bytes, bytearray)):
+        return "bytes, not a JSON value (decode it to text)"
+    if isinstance(v, Mapping):
+        return f"a {type(v).__name__} mapping object, not a JSON value (take its keys one by one)"
+    return f"a {type(v).__name__} object, not a JSON value"
+
+
+def _not_a_value(subject: str, problem: tuple[str, str]) -> str:
+    what, where = problem
+    return f"{subject} is {what}" if not where else f"{subject} holds {what} at {where}"
+
+
 def _tojson(value: Any, indent: int | None = None) -> str:
     # Exactly json.dumps: Jinja's builtin HTML-escapes <, >, &, ' which corrupts payloads.
     return json.dumps(value, indent=indent)
@@ -123,7 +267,19 @@ def _b64decode(value: str | bytes) -> str:
     return base64.b64decode(value).decode("utf-8")
 
 
-_ENV = _Env(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
+def _finalize(value: Any) -> Any:
+    """Every `{{ }}` inside text must be a value too: str() of a method or a set would put a memory address
+    or a hash order into the text, which no replay reproduces."""
+    problem = value_problem(value)
+    if problem is None:
+        return value
+    if isinstance(problem, _Undefined):
+        problem._fail_with_undefined_error()
+    raise _NotAValue(_not_a_value("an expression in the text", problem))
+
+
+_ENV = _Env(undefined=_Undefined, autoescape=False, keep_trailing_newline=True, finalize=_finalize)
+_ENV.filters.update(render_limits.bounded_filters(_ENV.filters))
 _ENV.filters.update(tojson=_tojson, fromjson=json.loads, b64encode=_b64encode, b64decode=_b64decode)
 # Non-deterministic helpers would break replaying the fold: drop them.
 _ENV.filters.pop("random", None)
@@ -133,12 +289,13 @@ _ENV.globals.pop("lipsum", None)
 # --- compilation (cached per template string) --------------------------------------------
 
 class _Compiled:
-    __slots__ = ("template", "native", "pure_path")
+    __slots__ = ("template", "native", "pure_path", "expr")
 
-    def __init__(self, template: Any, native: bool, pure_path: bool):
+    def __init__(self, template: Any, native: bool, pure_path: bool, expr: str = ""):
         self.template = template        # jinja Template (for an expression: its `result=` form)
         self.native = native            # lone {{ expr }}: return the value, not text
-        self.pure_path = pure_path      # a.b['c'] only: result is context data, no scan needed
+        self.pure_path = pure_path      # a.b['c'] only: result is context data, no deep scan needed
+        self.expr = expr                # the lone expression's text, for error messages
 
 
 _compiled: dict[str, _Compiled | TemplateError] = {}
@@ -181,22 +338,19 @@ def _compile_uncached(text: str) -> _Compiled | TemplateError:
                 # compile_expression gives a template that stores the value in vars['result'];
                 # we run that template ourselves to avoid TemplateExpression's context copy.
                 expr = _ENV.compile_expression(lone.group(1), undefined_to_none=False)
-                return _Compiled(expr._template, True, _is_pure_path(exprs[0]))
+                return _Compiled(expr._template, True, _is_pure_path(exprs[0]), lone.group(1).strip())
         return _Compiled(_ENV.from_string(ast), False, False)
     except _JinjaSyntaxError as exc:    # includes unknown filters/tests (TemplateAssertionError)
+        return TemplateError(text, exc)
+    except RecursionError:              # Jinja's parser recurses per nesting level: `[[[[...` 90 deep
+        return TemplateError(text, "syntax error: nested too deeply to parse")
+    except Exception as exc:            # whatever else the compiler chokes on is this template's problem
         return TemplateError(text, exc)
 
 
 # --- rendering ------------------------------------------------------------------------------
 
-def _has_undefined(value: Any) -> bool:
-    if isinstance(value, _Undefined):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_undefined(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_undefined(v) for v in value.values())
-    return False
+_TRUSTED = (dict, list)   # containers a pure path reads from the context: decoded JSON, values already
 
 
 def _render_str(text: str, context: Mapping[str, Any]) -> Any:
@@ -205,7 +359,10 @@ def _render_str(text: str, context: Mapping[str, Any]) -> Any:
     try:
         ctx = template.new_context(context, shared=True)    # shared: no copy of the context
         if not entry.native:
-            return "".join(template.root_render_func(ctx))
+            out = "".join(template.root_render_func(ctx))
+            if not out.isascii() and not _utf8(out):
+                raise _NotAValue("the text holds a lone surrogate (not valid Unicode)")
+            return out
         for _ in template.root_render_func(ctx):
             pass
         rv = ctx.vars["result"]
@@ -215,20 +372,22 @@ def _render_str(text: str, context: Mapping[str, Any]) -> Any:
             rv = list(rv)                 # e.g. "{{ xs | map('x') }}": a generator is no value
         elif isinstance(rv, str) and type(rv) is not str:
             rv = str(rv)                  # Markup from e.g. |escape: hand back a plain str
-        if not entry.pure_path and _has_undefined(rv):
-            _find_undefined(rv)._fail_with_undefined_error()
+        # A pure path (a.b['c']) that ends on a dict or a list returns context data, which came from JSON:
+        # only the value itself needs a look. Anything computed is checked all the way down.
+        problem, tuples = (None, False) if entry.pure_path and type(rv) in _TRUSTED else _walk(rv)
+        if tuples and problem is None:
+            rv = _lists(rv)
+        if problem is not None:
+            if isinstance(problem, _Undefined):
+                problem._fail_with_undefined_error()
+            raise TemplateError(text, _not_a_value(f"`{entry.expr}`", problem))
         return rv
     except TemplateError:
         raise
+    except _NotAValue as exc:
+        raise TemplateError(text, str(exc)) from None
     except Exception as exc:              # any failure while rendering, e.g. 1/0, bad fromjson
         raise TemplateError(text, exc) from exc
-
-
-def _find_undefined(value: Any) -> Any:
-    if isinstance(value, _Undefined):
-        return value
-    items = value.values() if isinstance(value, dict) else value
-    return next(_find_undefined(v) for v in items if _has_undefined(v))
 
 
 def _has_markers(text: str) -> bool:
@@ -288,6 +447,8 @@ def _names_of(text: str) -> frozenset[str]:
             names = frozenset(meta.find_undeclared_variables(_ENV.parse(text)))
         except _JinjaSyntaxError as exc:
             raise TemplateError(text, exc) from exc
+        except RecursionError:
+            raise TemplateError(text, "syntax error: nested too deeply to parse") from None
         if len(_names) >= _CACHE_MAX:
             _names.clear()
         _names[text] = names

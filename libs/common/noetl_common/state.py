@@ -5,11 +5,12 @@ thousands of iteration results on every message would make big iterators quadrat
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
-from noetl_common.messages import ActionSpec
+from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, ActionSpec
 
 StepStatus = Literal["running", "retry_wait", "completed", "failed", "cancelled"]
 ExecutionStatus = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
@@ -25,7 +26,10 @@ class Work(BaseModel):
     phase: Literal["action", "save"] = "action"
     dispatched: float
     started: float | None = None       # ActionStarted seen
+    worker_id: str | None = None       # who started it (ActionStarted), for the explainer
+    heartbeat: float | None = None     # the last ActionHeartbeat's time, for the explainer
     child_execution_id: str | None = None
+    infra_retries: int = 0             # times this attempt was re-sent because its lease expired
     result: Any = None                 # phase "save": the result being saved (kept for redelivery)
 
 
@@ -72,6 +76,8 @@ class ExecutionState(BaseModel):
     parent_step: str | None = None
     return_step: str | None = None
     lease_seconds: float = 30.0
+    lease_retries: int = DEFAULT_LEASE_RETRIES          # infrastructure retries per attempt (see fold._lease_lost)
+    lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
     status: ExecutionStatus = "RUNNING"
     started: float
     finished: float | None = None
@@ -108,4 +114,11 @@ class ExecutionState(BaseModel):
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ExecutionState:
-        return cls.model_validate_json(raw)
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            # pydantic's JSON reader stops at 200 levels, its writer at 255: a snapshot holding a value nested
+            # 195+ deep (a worker's result) is written but not read back. Python's reader goes deeper.
+            if "recursion limit" not in str(exc):
+                raise
+            return cls.model_validate(json.loads(raw))

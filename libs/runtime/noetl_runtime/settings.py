@@ -9,7 +9,17 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, MAX_LEASE_RETRIES,
+                                   MAX_LEASE_RETRY_DELAY)
 from noetl_common.topics import Topics
+
+# The bound on executions in flight above which POST /api/executions/run answers 429 (NOETL_MAX_IN_FLIGHT;
+# 0: no bound). Measured with bench/load_ramp.py on a 2-core machine: see docs/decisions.md.
+DEFAULT_MAX_IN_FLIGHT = 64
+
+# The largest request body any HTTP route takes (NOETL_MAX_BODY_BYTES): a playbook is kilobytes, a step's
+# result posted by a worker may be megabytes; above this the answer is 413 (docs/security.md, Limits).
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # Kafka's names (security.protocol, sasl.mechanism); aiokafka and faust take the same strings.
@@ -67,10 +77,18 @@ class Settings(BaseSettings):
     query_group: str | None = None
     secret_key: SecretStr | None = None
     lease_seconds: float = Field(30.0, gt=0)
+    # An attempt whose lease expired (its worker went silent) is sent again this many times, after
+    # lease_retry_delay × 1, 2, 4, ... s, before the step's own `retry` policy counts it (docs/broker.md).
+    lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
+    lease_retry_delay: float = Field(DEFAULT_LEASE_RETRY_DELAY, ge=0, le=MAX_LEASE_RETRY_DELAY, allow_inf_nan=False)
+    max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=0)
     worker_pool: str = "default"
     worker_concurrency: int = Field(64, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8082, gt=0, lt=65536)
+    # NOETL_BROKER_URL: the brokers' web servers (e.g. their Service); the API and query roles ask them what a
+    # running execution waits for (GET /api/executions/{id}/explain). Unset: that route answers 503 for one.
+    broker_url: str | None = None
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")
@@ -93,6 +111,18 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(prefix=self.topic_prefix)
+
+
+class HttpLimits(BaseSettings):
+    """The limits every HTTP app applies, read on their own: the embedded server builds its apps without
+    the Kafka settings."""
+    model_config = SettingsConfigDict(env_prefix="NOETL_", extra="ignore", frozen=True)
+
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+
+
+def load_http_limits(**overrides: Any) -> HttpLimits:
+    return HttpLimits(**overrides)
 
 
 def _names(raw: str) -> tuple[str, ...]:

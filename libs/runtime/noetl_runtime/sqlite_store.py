@@ -17,17 +17,18 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 from cryptography.fernet import Fernet
 from pydantic import BaseModel
 
-from noetl_common.messages import TERMINAL_EVENTS, Event
-from noetl_common.ports import CatalogEntry, Credential
+from noetl_common.messages import TERMINAL_EVENTS, DeadLetter, Event
+from noetl_common.ports import CatalogEntry, Claim, Credential
+from noetl_common.refusals import Conflict
 from noetl_runtime import secret_key
 
 DEFAULT_PATH = Path("~/.noetl/noetl.db")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the idempotency table
 
 _TERMINAL_STATUS = {
     "execution_complete": "COMPLETED",
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS catalog (
     content     TEXT NOT NULL,
     document    TEXT NOT NULL,
     created_at  REAL NOT NULL,
+    registered_by TEXT,                 -- the principal that registered it (docs/security.md)
     PRIMARY KEY (path, version)
 );
 CREATE TABLE IF NOT EXISTS credentials (
@@ -71,6 +73,14 @@ CREATE TABLE IF NOT EXISTS states (
     updated_at   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS states_active ON states (terminal);
+CREATE TABLE IF NOT EXISTS dead_letters (   -- messages the fold could not use (embedded mode's noetl.dlq)
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    execution_id TEXT,                    -- the message's key: its execution, when it had one
+    source       TEXT NOT NULL,           -- inbound | commands | states (a snapshot read at resume)
+    value        BLOB NOT NULL,           -- the original bytes
+    reason       TEXT NOT NULL,
+    time         REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS executions (   -- read model, maintained from the events in the same transaction
     execution_id        TEXT PRIMARY KEY,
     parent_execution_id TEXT,
@@ -79,6 +89,14 @@ CREATE TABLE IF NOT EXISTS executions (   -- read model, maintained from the eve
     start_time          TEXT,
     end_time            TEXT,
     error               TEXT
+);
+CREATE TABLE IF NOT EXISTS idempotency (   -- submissions with an Idempotency-Key or a client-chosen id
+    scope        TEXT PRIMARY KEY,      -- "key:<Idempotency-Key>" or "id:<execution_id>"
+    request_hash TEXT NOT NULL,         -- sha256 of the canonical request: a reuse with another body is a 409
+    execution_id TEXT NOT NULL UNIQUE,  -- one scope per execution: a second one naming it is a 409
+    request      TEXT NOT NULL,         -- JSON: what a re-send of the start is rebuilt from
+    answer       TEXT NOT NULL,         -- JSON: the answer a retry gets again
+    created_at   REAL NOT NULL          -- the start's `time`
 );
 """
 
@@ -126,8 +144,12 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:   # executescript commits first, so the script brings its own transaction
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
+            if "registered_by" not in columns:   # a store from before authentication
+                self._db.execute("ALTER TABLE catalog ADD COLUMN registered_by TEXT")
         self.catalog = SqliteCatalog(self)
         self.credentials = SqliteCredentials(self)
+        self.idempotency = SqliteIdempotency(self)
 
     # ----------------------------------------------------------------------------------------- plumbing
     @contextmanager
@@ -183,12 +205,29 @@ class SqliteStore:
         return self.commit_batch_sync(events, states, terminal)
 
     def commit_batch_sync(self, events: Iterable[Event], states: Mapping[str, bytes],
-                          terminal: Collection[str] = ()) -> int:
-        """commit_batch for callers that run it in a thread of their own (the embedded fold loop)."""
+                          terminal: Collection[str] = (), *, bodies: Sequence[bytes] | None = None,
+                          dead_letters: Iterable[DeadLetter] = ()) -> int:
+        """commit_batch for callers that run it in a thread of their own (the embedded fold loop). `bodies`:
+        the events already encoded (the batch fold encodes every effect), in the same order; `dead_letters`
+        are written in the same transaction."""
         with self._tx() as db:
-            added = self._insert_events(db, events)
+            added = self._insert_events(db, events, bodies)
             self._upsert_states(db, states, terminal)
+            for letter in dead_letters:
+                key = letter.original_key()
+                db.execute("INSERT INTO dead_letters (execution_id, source, value, reason, time) VALUES (?, ?, ?, ?, ?)",
+                           (key.decode("utf-8", "replace") if key is not None else None, letter.source_topic or "inbound",
+                            letter.original_value(), letter.reason, letter.time))
             return added
+
+    def dead_letters(self, limit: int = 1000) -> list[tuple[str | None, bytes, str]]:
+        """The dead letters, oldest first: (execution id or None, the original bytes, the reason)."""
+        rows = self._query("SELECT execution_id, value, reason FROM dead_letters ORDER BY id LIMIT ?", (limit,))
+        return [(eid, bytes(value), reason) for eid, value, reason in rows]
+
+    def load_state_sync(self, execution_id: str) -> bytes | None:
+        rows = self._query("SELECT snapshot FROM states WHERE execution_id = ?", (execution_id,))
+        return bytes(rows[0][0]) if rows else None
 
     async def events(self, execution_id: str, after_seq: int = -1) -> list[Event]:
         """The execution's log in seq order (only events with seq > after_seq)."""
@@ -197,8 +236,7 @@ class SqliteStore:
         return [Event.model_validate_json(body) for (body,) in rows]
 
     async def load_state(self, execution_id: str) -> bytes | None:
-        rows = self._query("SELECT snapshot FROM states WHERE execution_id = ?", (execution_id,))
-        return bytes(rows[0][0]) if rows else None
+        return self.load_state_sync(execution_id)
 
     async def load_states(self, active_only: bool = True) -> dict[str, bytes]:
         sql = "SELECT execution_id, snapshot FROM states" + (" WHERE terminal = 0" if active_only else "")
@@ -219,14 +257,15 @@ class SqliteStore:
         return [ExecutionSummary(**dict(zip(cols, row))) for row in self._query(sql, args)]
 
     @staticmethod
-    def _insert_events(db: sqlite3.Connection, events: Iterable[Event]) -> int:
+    def _insert_events(db: sqlite3.Connection, events: Iterable[Event], bodies: Sequence[bytes] | None = None) -> int:
         added = 0
-        for ev in events:
+        for i, ev in enumerate(events):
+            body = bodies[i].decode() if bodies is not None else ev.model_dump_json()
             cur = db.execute(
                 "INSERT OR IGNORE INTO events (event_id, execution_id, seq, event_type, node_name, status,"
                 " timestamp, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (ev.event_id, ev.execution_id, ev.seq, ev.event_type, ev.node_name, ev.status, ev.timestamp,
-                 ev.model_dump_json()))
+                 body))
             if cur.rowcount:            # a duplicate changes neither the log nor the read model
                 added += 1
                 _project(db, ev)
@@ -262,9 +301,9 @@ def _project(db: sqlite3.Connection, ev: Event) -> None:
 
 
 def _entry(row: tuple[Any, ...]) -> CatalogEntry:
-    path, version, content, document, created_at = row
+    path, version, content, document, created_at, registered_by = row
     return CatalogEntry(path=path, version=version, content=content, document=json.loads(document),
-                        created_at=created_at)
+                        created_at=created_at, registered_by=registered_by)
 
 
 class SqliteCatalog:
@@ -273,18 +312,20 @@ class SqliteCatalog:
     def __init__(self, store: SqliteStore) -> None:
         self._s = store
 
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry:
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry:
         now = time.time()
         with self._s._tx() as db:
             (current,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM catalog WHERE path = ?", (path,)).fetchone()
             version = current + 1
-            db.execute("INSERT INTO catalog (path, version, content, document, created_at) VALUES (?, ?, ?, ?, ?)",
-                       (path, version, content, json.dumps(document), now))
-        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now)
+            db.execute("INSERT INTO catalog (path, version, content, document, created_at, registered_by)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (path, version, content, json.dumps(document), now, registered_by))
+        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now,
+                            registered_by=registered_by)
 
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None:
         """The given version, or the latest when `version` is None."""
-        sql = "SELECT path, version, content, document, created_at FROM catalog WHERE path = ?"
+        sql = "SELECT path, version, content, document, created_at, registered_by FROM catalog WHERE path = ?"
         if version is None:
             rows = self._s._query(sql + " ORDER BY version DESC LIMIT 1", (path,))
         else:
@@ -293,7 +334,7 @@ class SqliteCatalog:
 
     async def list(self) -> list[CatalogEntry]:
         """Every registered version, by path then version."""
-        rows = self._s._query("SELECT path, version, content, document, created_at FROM catalog"
+        rows = self._s._query("SELECT path, version, content, document, created_at, registered_by FROM catalog"
                               " ORDER BY path, version")
         return [_entry(r) for r in rows]
 
@@ -337,3 +378,33 @@ class SqliteCredentials:
     async def delete(self, name: str) -> bool:
         with self._s._tx() as db:
             return db.execute("DELETE FROM credentials WHERE name = ?", (name,)).rowcount > 0
+
+
+class SqliteIdempotency:
+    """IdempotencyPort: one row per scope, kept (a retry may come after a restart, days later)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._s = store
+
+    async def get(self, scope: str) -> Claim | None:
+        rows = self._s._query("SELECT scope, request_hash, execution_id, request, answer, created_at"
+                              " FROM idempotency WHERE scope = ?", (scope,))
+        if not rows:
+            return None
+        scope, digest, eid, request, answer, created = rows[0]
+        return Claim(scope=scope, request_hash=digest, execution_id=eid, request=json.loads(request),
+                     answer=json.loads(answer), created_at=created)
+
+    async def claim(self, claim: Claim) -> Claim | None:
+        with self._s._tx() as db:
+            if db.execute("SELECT 1 FROM idempotency WHERE scope = ?", (claim.scope,)).fetchone():
+                existing = True
+            elif db.execute("SELECT 1 FROM idempotency WHERE execution_id = ?", (claim.execution_id,)).fetchone():
+                raise Conflict(f"execution_id {claim.execution_id!r} already names another execution")
+            else:
+                existing = False
+                db.execute("INSERT INTO idempotency (scope, request_hash, execution_id, request, answer, created_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           (claim.scope, claim.request_hash, claim.execution_id, json.dumps(claim.request),
+                            json.dumps(claim.answer), claim.created_at))
+        return await self.get(claim.scope) if existing else None

@@ -6,7 +6,7 @@ One agent over both inbound topics (raw bytes, key = execution_id) moves each re
 inbox; the folder task takes batches from it (group commit: everything queued, at most
 NOETL_BROKER_BATCH_SIZE; a lone record is folded at once). Per batch, in the folder:
 
-    1. handlers.apply_batch: decode, advance() per message, collect the outputs      (pure, no I/O)
+    1. noetl_common.batch.fold_batch: decode, advance() per message, the encoded outputs   (pure, no I/O)
     2. queue the events, commands, requests and dead letters in the producer          (no waiting)
     3. put the changed snapshots in the Table's store, update the timer schedule
 
@@ -32,16 +32,19 @@ from typing import Any
 import faust
 from faust.types import EventT
 
+from noetl_common.batch import BatchOutput, Record, fold_batch
+from noetl_common.state_access import StateCache, TableStates
 from noetl_common.codec import encode
+from noetl_common.explain import explain
 from noetl_common.messages import TimerFired
+from noetl_common.state import ExecutionState
 from noetl_runtime import kafka_io
 
 from noetl_broker.eviction import Evictions
-from noetl_broker.handlers import BatchOutput, Record, StateCache, apply_batch, schedule_of
 from noetl_broker.metrics import Metrics
 from noetl_broker.output import Output
 from noetl_broker.settings import BrokerSettings
-from noetl_broker.timers import TimerLoop, partition_of
+from noetl_broker.timers import TimerLoop, partition_of, schedule_of
 from noetl_broker.faust_config import app_id, app_options
 from noetl_broker.transport import transport_class
 from noetl_broker.web import install_views
@@ -54,7 +57,7 @@ EVICT_BATCH = 1000    # the most states one eviction removes (the next tick take
 
 
 class _TableView:
-    """The table as handlers.apply_batch sees it: execution id (str) -> snapshot bytes."""
+    """The table as the batch fold sees it: execution id (str) -> snapshot bytes."""
 
     def __init__(self, table: Any) -> None:
         self._table = table
@@ -82,6 +85,7 @@ class Broker:
         self.table = table
         self.view = _TableView(table)
         self.cache = StateCache(settings.broker_state_cache)
+        self.states = TableStates(self.view, self.cache)
         self.metrics = Metrics()
         self.timers = TimerLoop(self.fire, settings.topic_partitions)
         self.evictions = Evictions(settings.broker_evict_after)
@@ -149,8 +153,7 @@ class Broker:
             records = [Record(value=e.message.value, key=e.message.key, topic=e.message.topic,
                               partition=e.message.partition, offset=e.message.offset,
                               timestamp=e.message.timestamp) for _, e in batch]
-            out = apply_batch(self.view, records, now=started, cache=self.cache,
-                              late_start_after=self.settings.broker_evict_after)
+            out = fold_batch(self.states, records, now=started, late_start_after=self.settings.broker_evict_after)
             t1 = time.perf_counter()
             effects = await self.output.submit(await self._effects(out))
         except BaseException:
@@ -183,12 +186,12 @@ class Broker:
             self.known_pools.add(pool)
         records: list[tuple[str, bytes | None, bytes]] = []
         add = records.append
-        for event in out.events:
-            add((topics.events, event.execution_id.encode(), encode(event)))
-        for command in out.commands:
-            add((topics.commands(command.pool), command.execution_id.encode(), encode(command)))
-        for request in out.requests:
-            add((topics.requests, request.execution_id.encode(), encode(request)))
+        for event, raw in zip(out.events, out.event_bytes):
+            add((topics.events, event.execution_id.encode(), raw))
+        for command, raw in zip(out.commands, out.command_bytes):
+            add((topics.commands(command.pool), command.execution_id.encode(), raw))
+        for request, raw in zip(out.requests, out.request_bytes):
+            add((topics.requests, request.execution_id.encode(), raw))
         for letter in out.dead_letters:
             add((topics.dlq, letter.original_key(), encode(letter)))
         return records
@@ -210,6 +213,10 @@ class Broker:
             log.warning("dead letter: %s", letter.reason, extra={
                 "source_topic": letter.source_topic, "source_partition": letter.source_partition,
                 "source_offset": letter.source_offset})
+        for failure in out.failures:
+            log.error("execution %s %s: %s\n%s", failure.execution_id,
+                      "quarantined" if failure.quarantined else "failed by an error of the fold", failure.reason,
+                      failure.trace, extra={"execution_id": failure.execution_id})
 
     # ------------------------------------------------------------------------------------------ the committer
     async def committer(self) -> None:
@@ -291,8 +298,8 @@ class Broker:
             del store[key]
         self.cache.clear()
         parsed = [(k.decode(), *schedule_of(v)) for k, v in list(store.items()) if v is not None]
-        scheduled = self.timers.replace(((eid, timers) for eid, timers, _ in parsed), self.assigned)
-        self.evictions.rebuild((eid, at) for eid, _, at in parsed if at is not None)
+        scheduled = self.timers.replace(((eid, timers, lease) for eid, timers, _, lease in parsed), self.assigned)
+        self.evictions.rebuild((eid, at) for eid, _, at, _ in parsed if at is not None)
         self.recovered = True
         log.info("table recovered: partitions %s, %d deadline(s) scheduled", sorted(self.assigned), scheduled)
 
@@ -306,6 +313,14 @@ class Broker:
             log.error("records taken before the rebalance are not durable yet; stopping the broker rather than "
                       "risk a late snapshot after the new owner's")
             await self.app.crash(RuntimeError("rebalance: in-flight batches did not settle in time"))
+
+    async def explain(self, execution_id: str, now: float) -> dict[str, Any] | None:
+        """What an execution of this worker's partitions waits for, from the table's latest snapshot (folded,
+        perhaps not yet durable: the freshest view). None when another worker owns it, or it was evicted."""
+        raw = self.table.data.get(execution_id.encode())
+        if raw is None:
+            return None
+        return explain(ExecutionState.from_bytes(raw), now).as_json()
 
     def not_ready(self) -> str | None:
         if not self.recovered:

@@ -30,7 +30,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from noetl_broker.handlers import StateCache, schedule_of
+from noetl_common.state_access import StateCache
+
+from noetl_broker.timers import schedule_of
 
 
 class Evictions:

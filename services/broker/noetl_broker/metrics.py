@@ -13,6 +13,8 @@ class Metrics:
     folded: int = 0             # of those, messages that reached advance()
     stale: int = 0              # of those, duplicates / out of date (changed nothing)
     dead_letters: int = 0
+    fold_errors: int = 0        # executions failed (or quarantined) because folding one of their messages raised
+    quarantined: int = 0        # of those, the ones that could not even be failed normally
     events: int = 0
     commands: int = 0
     requests: int = 0           # messages the fold addressed to other executions (child finished, cancel)
@@ -37,6 +39,8 @@ class Metrics:
         "batches": "inbound batches processed", "inbound": "inbound records taken",
         "folded": "inbound messages folded", "stale": "folded messages that were duplicates or out of date",
         "dead_letters": "records sent to the dead-letter topic", "events": "events produced",
+        "fold_errors": "executions failed because folding one of their messages raised",
+        "quarantined": "executions quarantined: not even failing them normally was possible",
         "commands": "commands produced", "requests": "requests produced for other executions",
         "timers_fired": "timer_fired requests produced", "states_written": "execution snapshots written",
         "executions_finished": "executions that reached a terminal status",
@@ -55,10 +59,12 @@ class Metrics:
     }
 
     def folded_batch(self, out: Any, size: int, started: float, t0: float, t1: float) -> None:
-        """Count a folded batch (`out`: its handlers.BatchOutput; t0, t1: perf_counter around the fold)."""
+        """Count a folded batch (`out`: its batch.BatchOutput; t0, t1: perf_counter around the fold)."""
         self.folded += out.folded
         self.stale += out.stale
         self.dead_letters += len(out.dead_letters)
+        self.fold_errors += len(out.failures)
+        self.quarantined += sum(1 for f in out.failures if f.quarantined)
         self.events += len(out.events)
         self.commands += len(out.commands)
         self.requests += len(out.requests)
@@ -81,7 +87,8 @@ class Metrics:
         for f in fields(self):
             if f.name.startswith("_"):
                 continue
-            counter = f.name in ("batches", "inbound", "folded", "stale", "dead_letters", "events", "commands",
+            counter = f.name in ("batches", "inbound", "folded", "stale", "dead_letters", "fold_errors",
+                                 "quarantined", "events", "commands",
                                  "requests", "timers_fired", "states_written", "executions_finished", "evicted",
                                  "batch_seconds", "fold_seconds", "effects_seconds", "states_seconds",
                                  "batches_durable", "durable_latency_seconds")

@@ -29,6 +29,8 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ log = logging.getLogger("noetl.server")
 
 STARTUP_TIMEOUT = 30.0      # seconds Postgres and Kafka get to answer at start before the server gives up
 WATCH_INTERVAL = 0.5        # seconds between checks that every role is still alive
+EXIT_AFTER_FAILURE = 10.0   # seconds the roles get to stop after one died, before the process exits anyway
 
 
 class StartError(Exception):
@@ -83,8 +86,9 @@ def where(dsn: str) -> str:
 class KafkaServer:
     """The started roles of one `noetl server --kafka` process."""
 
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerSettings, max_in_flight: int | None = None) -> None:
         self.settings = settings
+        self.max_in_flight = max_in_flight   # None: NOETL_MAX_IN_FLIGHT
         self.pool: Any = None
         self.producer: Any = None       # ingest's: StartExecution, cancels and posted facts
         self.query: Any = None
@@ -190,7 +194,9 @@ class KafkaServer:
     def _api(self) -> Any:
         from noetl_frontend.app import cluster_api
 
-        app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, gauges={
+        # The broker runs in this process and owns every partition: /explain reads its table (docs/query.md).
+        app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, live=self.failure,
+                          max_in_flight=self.max_in_flight, explainer=self.faust_app.noetl_broker.explain, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
@@ -261,9 +267,9 @@ class KafkaServer:
             shutil.rmtree(self.faust_datadir, ignore_errors=True)
 
 
-async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
+async def run_server(settings: BrokerSettings, sock: socket.socket, max_in_flight: int | None = None) -> int:
     """Start every role, serve until a signal (0) or a role's failure (1), stop every role."""
-    server = KafkaServer(settings)
+    server = KafkaServer(settings, max_in_flight)
     stop = asyncio.Event()
     signals = 0
 
@@ -287,6 +293,7 @@ async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
             failed = await server.watch(stop)
             if failed is not None:
                 log.error("%s; stopping", failed)
+                _exit_hard_after(EXIT_AFTER_FAILURE)
             return 1 if failed is not None else 0
         except StartError as exc:
             log.error("%s", exc)
@@ -296,7 +303,8 @@ async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
             log.info("noetl server stopped")
 
 
-def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: str = "INFO") -> int:
+def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: str = "INFO",
+                max_in_flight: int | None = None) -> int:
     """The `noetl server --kafka` command: 0 after a signal, 1 when it could not start or a role failed."""
     from pydantic import ValidationError
 
@@ -309,18 +317,37 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
         log.error("invalid settings: %s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                       for e in exc.errors()))
         return 1
+    try:
+        from noetl_runtime.auth import AuthSettings, check_bind
+
+        check_bind(host, AuthSettings())
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
+        return 1
     try:   # bound before anything starts, so that a taken port fails at once
         sock = _listen(host, port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, _reason(exc))
         return 1
     try:
-        return asyncio.run(run_server(settings, sock))
+        return asyncio.run(run_server(settings, sock, max_in_flight))
     finally:
         sock.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _exit_hard_after(seconds: float) -> None:
+    """A role died: the process must end (status 1) so that its supervisor restarts it, even if stopping
+    the other roles hangs on the dead one (a faust worker whose agent crashed may never finish stopping)."""
+    def watchdog() -> None:
+        time.sleep(seconds)
+        log.error("the roles did not stop within %g s of a failure: exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """The API's listening socket, as uvicorn would make it (uvicorn's own binding logs "running" at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

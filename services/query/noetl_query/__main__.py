@@ -31,15 +31,18 @@ async def serve(settings: Settings) -> int:
     from noetl_query.consumer import QueryConsumer
     from noetl_query.postgres_reads import PostgresReadModel
     from noetl_query.projector import Projector
+    from noetl_runtime.auth import Authenticator
     from noetl_runtime.kafka_io import ensure_topics_best_effort
     from noetl_runtime.postgres_store import open_pool
+    from noetl_runtime.tokens import PostgresTokens
 
     pool = await open_pool(settings)
     consumer: QueryConsumer | None = None
     try:
         await ensure_topics_best_effort(settings)
         consumer = QueryConsumer(settings, Projector(pool, settings.database_schema))
-        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer)
+        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer,
+                                 Authenticator(PostgresTokens(pool, settings.database_schema)), settings.broker_url)
         await consumer.start()
         server = http_server(app, settings)
         serving = asyncio.create_task(server.serve(), name="query-http")
@@ -59,7 +62,7 @@ async def serve(settings: Settings) -> int:
         log.info("query stopped")
 
 
-def create_service_app(read: Any, consumer: Any) -> Any:
+def create_service_app(read: Any, consumer: Any, auth: Any, broker_url: str | None = None) -> Any:
     """The read API (the query app) with the projection's readiness and counters on /ready and /metrics."""
     from noetl_query.app import create_app
 
@@ -70,7 +73,9 @@ def create_service_app(read: Any, consumer: Any) -> Any:
         ("dead_letters", "records sent to noetl.dlq"),
         ("batches", "batches applied and committed"),
         ("retries", "batch attempts retried after a Postgres error"))}
-    return create_app(read, ready=consumer.not_ready, gauges=gauges)
+    from noetl_query.broker_explain import BrokerExplainer
+    return create_app(read, auth=auth, ready=consumer.not_ready, gauges=gauges,
+                      explainer=BrokerExplainer(broker_url) if broker_url else None)
 
 
 def main() -> int:

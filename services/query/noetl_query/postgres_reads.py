@@ -18,7 +18,7 @@ from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
 from noetl_runtime.postgres_store import read_events
 
 _SUMMARY_COLUMNS = ("execution_id, parent_execution_id, path, version, playbook_name, status, start_time,"
-                    " end_time, duration, progress, result::text AS result, error, last_event_time")
+                    " end_time, duration, progress, result::text AS result, error, last_event_time, quarantined")
 
 TimeBound = datetime | str | float | int | None
 
@@ -53,13 +53,14 @@ def _summary(row: Any) -> dict[str, Any]:
         "status": row["status"], "start_time": iso(row["start_time"]), "end_time": iso(row["end_time"]),
         "duration": row["duration"], "progress": row["progress"],
         "result": None if row["result"] is None else json.loads(row["result"]),
-        "error": row["error"], "last_event_time": iso(row["last_event_time"]),
+        "error": row["error"], "last_event_time": iso(row["last_event_time"]), "quarantined": row["quarantined"],
     }
 
 
 def _entry(row: Any) -> CatalogEntry:
     return CatalogEntry(path=row["path"], version=row["version"], content=row["content"],
-                        document=json.loads(row["document"]), created_at=row["created_at"])
+                        document=json.loads(row["document"]), created_at=row["created_at"],
+                        registered_by=row.get("registered_by"))
 
 
 class PostgresReadModel:
@@ -132,7 +133,7 @@ class PostgresReadModel:
         """Every registered version, by path then version (as the embedded catalog lists them)."""
         async with connection(self.pool) as conn:
             rows = await conn.fetch(f"SELECT path, version, content, document::text AS document,"
-                                    f" extract(epoch FROM created_at)::float8 AS created_at"
+                                    f" extract(epoch FROM created_at)::float8 AS created_at, registered_by"
                                     f" FROM {self._q}.catalog ORDER BY path, version")
         return [_entry(r) for r in rows]
 
@@ -141,7 +142,8 @@ class PostgresReadModel:
     async def playbook(self, path: str, version: int | str | None = None) -> CatalogEntry | None:
         """One registration: the given version, or the latest for None / "latest"."""
         sql = (f"SELECT path, version, content, document::text AS document,"
-               f" extract(epoch FROM created_at)::float8 AS created_at FROM {self._q}.catalog WHERE path = $1")
+               f" extract(epoch FROM created_at)::float8 AS created_at, registered_by"
+               f" FROM {self._q}.catalog WHERE path = $1")
         async with connection(self.pool) as conn:
             if version is None or (isinstance(version, str) and version.strip().lower() in ("", "latest")):
                 row = await conn.fetchrow(sql + " ORDER BY version DESC LIMIT 1", path)

@@ -93,12 +93,12 @@ class Projector:
         self._sql_upsert = f"""
             INSERT INTO {q}.execution (execution_id, parent_execution_id, path, version, playbook_name, status,
                                        start_time, end_time, duration, progress, result, error, last_event_time,
-                                       last_seq, event_count)
+                                       last_seq, event_count, quarantined)
             SELECT r->>'execution_id', r->>'parent_execution_id', r->>'path', (r->>'version')::int,
                    r->>'playbook_name', r->>'status', (r->>'start_time')::timestamptz,
                    (r->>'end_time')::timestamptz, (r->>'duration')::float8, (r->>'progress')::int,
                    NULLIF(r->'result', 'null'::jsonb), r->>'error', (r->>'last_event_time')::timestamptz,
-                   (r->>'last_seq')::int, (r->>'event_count')::int
+                   (r->>'last_seq')::int, (r->>'event_count')::int, COALESCE((r->>'quarantined')::boolean, false)
             FROM jsonb_array_elements($1::jsonb) AS r
             ON CONFLICT (execution_id) DO UPDATE SET
                 parent_execution_id = excluded.parent_execution_id, path = excluded.path,
@@ -106,15 +106,16 @@ class Projector:
                 start_time = excluded.start_time, end_time = excluded.end_time, duration = excluded.duration,
                 progress = excluded.progress, result = excluded.result, error = excluded.error,
                 last_event_time = excluded.last_event_time, last_seq = excluded.last_seq,
-                event_count = excluded.event_count, updated_at = now()"""
+                event_count = excluded.event_count, quarantined = excluded.quarantined, updated_at = now()"""
         self._sql_catalog = f"""
-            INSERT INTO {q}.catalog (path, version, content, document, created_at)
-            SELECT p, v, c, d::jsonb, to_timestamp(t)
-            FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[]) AS u(p, v, c, d, t)
+            INSERT INTO {q}.catalog (path, version, content, document, created_at, registered_by)
+            SELECT p, v, c, d::jsonb, to_timestamp(t), r
+            FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[], $6::text[])
+                AS u(p, v, c, d, t, r)
             ON CONFLICT (path, version) DO UPDATE SET content = excluded.content, document = excluded.document,
-                created_at = excluded.created_at
-            WHERE (catalog.content, catalog.document, catalog.created_at)
-                  IS DISTINCT FROM (excluded.content, excluded.document, excluded.created_at)
+                created_at = excluded.created_at, registered_by = excluded.registered_by
+            WHERE (catalog.content, catalog.document, catalog.created_at, catalog.registered_by)
+                  IS DISTINCT FROM (excluded.content, excluded.document, excluded.created_at, excluded.registered_by)
             RETURNING path"""
 
     # ------------------------------------------------------------------------------------------- events
@@ -225,10 +226,10 @@ class Projector:
             latest[(entry.path, entry.version)] = entry  # the last message for a key wins (compacted topic)
         if not latest:
             return 0
-        columns: list[list[Any]] = [[], [], [], [], []]
+        columns: list[list[Any]] = [[], [], [], [], [], []]
         for (path, version), entry in sorted(latest.items()):
             for column, value in zip(columns, (path, version, entry.content, to_jsonb_text(entry.document),
-                                               entry.created_at)):
+                                               entry.created_at, entry.registered_by)):
                 column.append(value)
         async with connection(self.pool) as conn, conn.transaction():
             return len(await conn.fetch(self._sql_catalog, *columns))

@@ -26,12 +26,14 @@ def create_service_app(pool: Any, schema: str) -> Any:
     """The render app over the projected event log in `schema`."""
     from noetl_render.app import create_app
     from noetl_render.handlers import RenderPorts
+    from noetl_runtime.auth import Authenticator
     from noetl_runtime.postgres_store import read_events
+    from noetl_runtime.tokens import PostgresTokens
 
     async def events(execution_id: str) -> Any:
         return await read_events(pool, schema, execution_id)
 
-    return create_app(RenderPorts(events=events))
+    return create_app(RenderPorts(events=events), auth=Authenticator(PostgresTokens(pool, schema)))
 
 
 async def serve(settings: Settings) -> int:

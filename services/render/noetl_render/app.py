@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 from noetl_render import handlers as h
 from noetl_render.handlers import RenderPorts, RenderRequest
@@ -24,8 +25,8 @@ def router(ports: RenderPorts) -> APIRouter:
     return api
 
 
-def create_app(ports: RenderPorts, *, ready: ReadyCheck | None = None) -> FastAPI:
+def create_app(ports: RenderPorts, *, auth: Authenticator, ready: ReadyCheck | None = None) -> FastAPI:
     app = FastAPI(title="noetl context-render", version="1")
     app.include_router(router(ports))
-    install_ops(app, service="render", ready=ready)
+    install_ops(app, service="render", auth=auth, ready=ready)
     return app

@@ -57,11 +57,12 @@ class StepProcess:
         call_r, self.call_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         self.out_r, out_w = os.pipe()
+        supervisor = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:   # the step process
             code = 70
             try:
-                _become_step_process(slot, call_r, reply_w, out_w)
+                _become_step_process(slot, supervisor, call_r, reply_w, out_w)
                 runner.step_main(call_r, reply_w, slot.base_env)
                 code = 0
             except BaseException:
@@ -106,7 +107,7 @@ class StepProcess:
         self.call_w = self.reply_r = self.out_r = -1
 
 
-def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> None:
+def _become_step_process(slot: Slot, supervisor: int, call_r: int, reply_w: int, out_w: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)    # the supervisor's handlers are not the step's
     os.setsid()
@@ -134,11 +135,12 @@ def _become_step_process(slot: Slot, call_r: int, reply_w: int, out_w: int) -> N
             raise RuntimeError("could not switch to the step user")
         _reach_import_paths(held)
     prctl(_PR_SET_DUMPABLE, 0)
-    # It never outlives its supervisor (a worker killed with its process group takes its steps along).
-    # Set after the user switch, which clears it.
+    # In its own session, a step process would outlive a supervisor killed with the engine (SIGKILL of the
+    # worker's process group) and run on with nobody to report to: it dies with its supervisor instead. Set
+    # after the user switch, which clears it; a supervisor gone already means there is nobody to serve.
     prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != slot.pid:
-        os._exit(71)
+    if os.getppid() != supervisor:
+        os._exit(1)
     # Its own descendants that lose their parent come back to it, so the engine sees them as its children
     # (code that undoes this only moves them to the supervisor, which kills them within a second).
     prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -178,7 +180,6 @@ class Slot:
         self.base: str = config["base"]
         self.hard: dict[str, int] = config["hard"]
         self.base_env = dict(os.environ)
-        self.pid = os.getpid()
         self.control = control
         self.step: StepProcess | None = None    # bound to an execution; its pipes are the engine's
         self.spare: StepProcess | None = None   # forked and warming up, bound to nothing yet

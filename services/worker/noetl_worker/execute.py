@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from noetl_common import paths
 from noetl_common.messages import (ActionCompleted, ActionFailed, ActionHeartbeat, ActionStarted,
                                    Command)
 from noetl_common.render import TemplateError, missing_paths, unwrap
@@ -200,39 +201,22 @@ async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
 
 # --- deferred templates ----------------------------------------------------------------------------
 async def _render_deferred(inv: Invocation) -> None:
-    """Render the templates the fold could not (they read `secret`, `uuid`, ...), path by path.
+    """Render the templates the fold could not (they read `secret`, `uuid`, ...), path by path, with the
+    fold's own walker (noetl_common.paths: a path is a list of keys, so a key may hold dots).
 
     Containers along each path are copied, never mutated: the Command's own dicts must not end up
     holding secret values (the runtime may log or re-send it)."""
     root: dict[str, Any] = {"data": inv.data, "config": inv.config, "auth": inv.auth}
     context = inv.cmd.action.context
     for path in inv.cmd.action.deferred:
-        segments = str(path).split(".")
         try:
-            root = await _replace_path(root, segments, inv, context, path)
+            template = paths.lookup(root, path)
+            root = paths.replace(root, path, await inv.secrets.render(template, context, inv.cmd.time))
+        except paths.PathError as exc:
+            raise ActionError(f"deferred template: {exc} in the action") from exc
         except TemplateError as exc:
-            raise ActionError(f"cannot render {path}: {exc}") from exc
+            raise ActionError(f"cannot render {paths.text(path)}: {exc}") from exc
     inv.data, inv.config, inv.auth = root["data"], root["config"], root["auth"]
-
-
-async def _replace_path(node: Any, segments: list[str], inv: Invocation, context: dict[str, Any],
-                        path: str) -> Any:
-    if not segments:
-        return await inv.secrets.render(node, context, inv.cmd.time)
-    if isinstance(node, dict):
-        # Keys may contain dots (`headers.X.Y`): the longest key that exists wins.
-        for n in range(len(segments), 0, -1):
-            key = ".".join(segments[:n])
-            if key in node:
-                copy = dict(node)
-                copy[key] = await _replace_path(node[key], segments[n:], inv, context, path)
-                return copy
-    elif isinstance(node, list) and segments[0].isdigit() and int(segments[0]) < len(node):
-        copy = list(node)
-        i = int(segments[0])
-        copy[i] = await _replace_path(node[i], segments[1:], inv, context, path)
-        return copy
-    raise ActionError(f"deferred template path {path!r} does not exist in the action")
 
 
 # --- reporting ---------------------------------------------------------------------------------------

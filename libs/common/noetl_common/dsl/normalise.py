@@ -19,6 +19,9 @@ EDGE_DATA_KEYS = ("input", "payload", "args", "with", "data")   # later wins
 EDGE_KEYS = frozenset({"step", "name", "when", "then", "else", *EDGE_DATA_KEYS})
 LOOP_OUTER = ("step", "loop", "next", "desc", "description", "max_visits", "result")
 MAX_WORKBOOK_DEPTH = 8
+# The highest max_visits a step may declare (docs/security.md, Limits): a loop's visits are events and
+# commands; a bound at load keeps one playbook from asking for millions. A constant: valid is valid everywhere.
+MAX_VISITS_LIMIT = 10_000
 
 
 # ---------------------------------------------------------------- document
@@ -195,7 +198,8 @@ def normalise_step(raw: Any, name: str, path: str, ctx: _Ctx, *, task: bool = Fa
         retry=_retry(raw.get("retry"), f"{path}.retry", issues),
         timeout=number(raw.get("timeout"), f"{path}.timeout", issues, "timeout", positive=True),
         assert_expects=expects, assert_returns=returns, auth=raw.get(auth_key) if auth_key else None,
-        max_visits=integer(raw.get("max_visits"), f"{path}.max_visits", issues, "max_visits") or 100,
+        max_visits=integer(raw.get("max_visits"), f"{path}.max_visits", issues, "max_visits",
+                           maximum=MAX_VISITS_LIMIT) or 100,
         has_result="result" in raw, result=raw.get("result"),
         config=_config(kind, raw, data, path, issues), iterator=iterator)
 

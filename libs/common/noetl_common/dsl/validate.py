@@ -358,7 +358,8 @@ def as_expr(value: Any, path: str, issues: Issues) -> str | None:
     return value if ("{{" in value or "{%" in value) else "{{ " + value.strip() + " }}"
 
 
-def integer(value: Any, path: str, issues: Issues, what: str, minimum: int = 1) -> int | None:
+def integer(value: Any, path: str, issues: Issues, what: str, minimum: int = 1,
+            maximum: int | None = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -368,6 +369,9 @@ def integer(value: Any, path: str, issues: Issues, what: str, minimum: int = 1) 
         return None
     if value < minimum:
         issues.error(path, f"{what} must be >= {minimum}, got {value}")
+        return None
+    if maximum is not None and value > maximum:
+        issues.error(path, f"{what} must be <= {maximum:,}, got {value:,}")
         return None
     return value
 

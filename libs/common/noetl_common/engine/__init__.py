@@ -1,4 +1,4 @@
 """The pure fold: `advance(state, message) -> Transition`."""
-from noetl_common.engine.fold import Transition, advance
+from noetl_common.engine.fold import Transition, advance, fail_on_error
 
-__all__ = ["Transition", "advance"]
+__all__ = ["Transition", "advance", "fail_on_error"]

@@ -14,6 +14,8 @@ from noetl_common.dsl.models import Step
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.tick import Tick
 from noetl_common.messages import ActionSpec, Command
+from noetl_common.paths import Key, lookup
+from noetl_common.paths import text as path_text
 from noetl_common.render import TemplateError, missing_paths, referenced_names, render
 from noetl_common.state import ExecutionState, Work
 
@@ -33,15 +35,17 @@ def command_id(execution_id: str, step: str, visit: int, attempt: int, index: in
 
 
 def render_inputs(step: Step, context: dict[str, Any], edge_data: dict[str, Any] | None = None
-                  ) -> tuple[dict[str, Any], list[str]]:
+                  ) -> tuple[dict[str, Any], list[list[Key]]]:
     """Render a step's `data` (edge data merged over it, edge wins). Returns (data, deferred paths)."""
-    deferred: list[str] = []
+    deferred: list[list[Key]] = []
     if isinstance(step.data, str):
         data = _inputs_from_expression(step.data, context)
     else:
-        data = _render_deferring(step.data, context, "data", deferred)
+        data = _render_deferring(step.data, context, ["data"], deferred)
     if edge_data:
         data = {**data, **edge_data}
+        # an input the edge replaced is no template any more: the worker must not render it
+        deferred = [p for p in deferred if not (len(p) > 1 and p[1] in edge_data)]
     if step.assert_expects:
         missing = _missing_expects(step, data, context)
         if missing:
@@ -76,26 +80,27 @@ def _missing_expects(step: Step, data: dict[str, Any], context: dict[str, Any]) 
             continue
         if head == "auth" and step.auth is not None:
             if auth is None:
-                auth = _render_deferring(step.auth, {**context, "data": data}, "auth", [])
+                auth = _render_deferring(step.auth, {**context, "data": data}, ["auth"], [])
             if not rest or not missing_paths(auth, [rest]):
                 continue
         missing.append(path)
     return missing
 
 
-def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], deferred: list[str]) -> ActionSpec:
+def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], deferred: list[list[Key]]
+                 ) -> ActionSpec:
     """The rendered action of one step visit (or one iteration). `code` is never rendered."""
     deferred = list(deferred)
     scope = {**context, "data": data}
     raw_config = {k: v for k, v in step.config.items() if k != "code"}
-    config = _render_deferring(raw_config, scope, "config", deferred)
+    config = _render_deferring(raw_config, scope, ["config"], deferred)
     if "code" in step.config:
         config["code"] = step.config["code"]
-    auth = _render_deferring(step.auth, scope, "auth", deferred)
+    auth = _render_deferring(step.auth, scope, ["auth"], deferred)
     save = step.save.model_dump() if step.save else None
     names: set[str] = set()
     for path in deferred:
-        names |= referenced_names(_lookup({"data": data, "config": config, "auth": auth}, path))
+        names |= referenced_names(lookup({"data": data, "config": config, "auth": auth}, path))
     if save:
         names |= referenced_names({k: v for k, v in save.items() if k != "code"})
     if _reads_context(step.config.get("code")) or (save and _reads_context(save.get("code"))):
@@ -121,11 +126,11 @@ def _reads_context(code: Any) -> bool:
     return isinstance(code, str) and _READS_CONTEXT.search(code) is not None
 
 
-def _render_deferring(value: Any, context: dict[str, Any], path: str, deferred: list[str]) -> Any:
+def _render_deferring(value: Any, context: dict[str, Any], path: list[Key], deferred: list[list[Key]]) -> Any:
     if isinstance(value, dict):
-        return {k: _render_deferring(v, context, f"{path}.{k}", deferred) for k, v in value.items()}
+        return {k: _render_deferring(v, context, [*path, k], deferred) for k, v in value.items()}
     if isinstance(value, list):
-        return [_render_deferring(v, context, f"{path}.{i}", deferred) for i, v in enumerate(value)]
+        return [_render_deferring(v, context, [*path, i], deferred) for i, v in enumerate(value)]
     if isinstance(value, str) and ("{{" in value or "{%" in value):
         if referenced_names(value) & ACTION_SIDE:
             deferred.append(path)
@@ -133,15 +138,8 @@ def _render_deferring(value: Any, context: dict[str, Any], path: str, deferred: 
         try:
             return render(value, context)
         except TemplateError as exc:
-            raise StepError(f"{path}: {exc}") from exc
+            raise StepError(f"{path_text(path)}: {exc}") from exc
     return value
-
-
-def _lookup(root: Any, path: str) -> Any:
-    node = root
-    for part in path.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
 
 
 def redeliver(state: ExecutionState, include_children: bool = False) -> list[Command]:

@@ -89,13 +89,13 @@ def complete_execution(tick: Tick) -> None:
     _tell_parent(tick)
 
 
-def cancel_execution(tick: Tick, reason: str) -> None:
+def cancel_execution(tick: Tick, reason: str, principal: str | None = None) -> None:
     s = tick.state
     s.status, s.error, s.finished = "CANCELLED", reason, tick.time
     for name in list(s.active):
         s.set_status(name, "cancelled")
     tick.emit("execution_cancelled", _playbook_name(tick), "playbook", "CANCELLED", error=reason,
-              duration=tick.time - s.started)
+              duration=tick.time - s.started, **({"meta": {"principal": principal}} if principal else {}))
     _stop_work(tick, reason)
     _tell_parent(tick)
 
@@ -135,4 +135,11 @@ def child_finished(s: Any, time: float) -> ChildFinished | None:
 
 
 def _playbook_name(tick: Tick) -> str:
-    return tick.compiled.playbook.name if tick.compiled else str(tick.state.playbook.get("metadata", {}).get("name", "playbook"))
+    return tick.compiled.playbook.name if tick.compiled else document_name(tick.state.playbook, tick.state.path)
+
+
+def document_name(document: Any, default: str) -> str:
+    """metadata.name of a playbook document that may not be valid (any shape at all)."""
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return str(name) if name is not None else default
