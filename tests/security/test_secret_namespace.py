@@ -58,10 +58,15 @@ async def test_the_namespace_gives_nothing_but_named_values(template):
 
 
 async def test_the_namespace_cannot_be_handed_to_step_code():
-    """A lone `{{ secret }}` yields the namespace object; pickling it for a python step fails."""
+    """A lone `{{ secret }}` is not a value: rendering refuses it, and the namespace object itself cannot be
+    pickled (what python steps receive) should it ever get through."""
     import pickle
+
+    from noetl_worker.credentials import _Known
     secrets = Secrets(None, {"NOETL_SECRET_API": PLAYBOOK_SECRET})
-    value = await secrets.render({"all": "{{ secret }}", "one": "{{ secret.API }}"}, {}, 0.0)
-    assert value["one"] == PLAYBOOK_SECRET
+    assert await secrets.render("{{ secret.API }}", {}, 0.0) == PLAYBOOK_SECRET
+    with pytest.raises(TemplateError) as refused:
+        await secrets.render({"all": "{{ secret }}"}, {}, 0.0)
+    assert PLAYBOOK_SECRET not in str(refused.value)
     with pytest.raises(TypeError, match="cannot be serialised"):
-        pickle.dumps(value["all"])
+        pickle.dumps(_Known({"API": PLAYBOOK_SECRET}))
