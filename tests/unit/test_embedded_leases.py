@@ -50,8 +50,10 @@ def runtime(path: Path, events: list[Event]) -> EmbeddedRuntime:
     return rt
 
 
-async def test_a_restart_longer_than_the_lease_does_not_fail_the_redelivered_attempt(tmp_path: Path) -> None:
-    path, marker = tmp_path / "x.db", tmp_path / "ran.log"
+async def test_a_restart_longer_than_the_lease_does_not_fail_the_redelivered_attempt(tmp_path: Path,
+                                                                                      step_dir: Path) -> None:
+    # the marker is shared with step code, which runs as the step user when tests run as root (tests/conftest.py)
+    path, marker = tmp_path / "x.db", step_dir / "ran.log"
     before: list[Event] = []
     rt1 = runtime(path, before)
     await rt1.start()
