@@ -9,6 +9,8 @@ engine as an unprivileged user, where steps share its uid.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import pwd
@@ -96,24 +98,75 @@ def run_playbook(home: Path, playbook: str, *, payload: dict[str, Any] | None = 
 
 def interpreter_for(uid: int) -> tuple[str, str]:
     """A Python that user `uid` may execute, and the PYTHONPATH that gives it this project and its
-    dependencies: this interpreter when the user can reach it, else the system's of the same version (the
-    project's machines install Python under /root, which no other user may enter)."""
-    import sysconfig
-    site = sysconfig.get_paths()["purelib"]
-    project = Path(__file__).resolve().parents[2]
-    path = os.pathsep.join([*filter(None, [os.environ.get("PYTHONPATH")]),   # a checkout under test first
-                            *(str(p) for p in sorted((project / "libs").iterdir()) if p.is_dir()),
-                            *(str(p) for p in sorted((project / "services").iterdir()) if p.is_dir()), site])
+    dependencies. The interpreter is this one when the user can reach it, else the system's of the same version
+    (the project's machines install Python under /root, which no other user may enter). The project and its
+    venv often live where `uid` may not enter either (CI: a clone under a private directory, a venv under
+    `mktemp -d`), so when they are not readable a copy is staged that is: the project's packages and the
+    installed files of the distributions `noetl run` needs."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
-        try:
-            probe = subprocess.run([python, "-c", "import noetl_cli.main"], user=uid, env={"PYTHONPATH": path},
-                                   capture_output=True, cwd="/")
-        except OSError:     # not there, or not for this user
-            continue
-        if probe.returncode == 0:
-            return python, path
+    pythons = (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}")
+    for path in (_project_path(), _staged_path()):
+        for python in pythons:
+            try:
+                probe = subprocess.run([python, "-c", "import noetl_cli.main"], user=uid, env={"PYTHONPATH": path},
+                                       capture_output=True, cwd="/")
+            except OSError:     # not there, or not for this user
+                continue
+            if probe.returncode == 0:
+                return python, path
     pytest.fail(f"no {version} that uid {uid} may run with this project (install the system's {version})")
+
+
+def _project_path() -> str:
+    import sysconfig
+    return os.pathsep.join([*filter(None, [os.environ.get("PYTHONPATH")]),   # a checkout under test first
+                            *(str(p) for p in _package_roots()), sysconfig.get_paths()["purelib"]])
+
+
+def _package_roots() -> list[Path]:
+    project = Path(__file__).resolve().parents[2]
+    return [p for part in ("libs", "services") for p in sorted((project / part).iterdir()) if p.is_dir()]
+
+
+@functools.cache
+def _staged_path() -> str:
+    """Copies, readable by every user, of the project's packages and of the installed files of every
+    distribution the project requires without extras (transitively); removed when the tests end."""
+    import importlib.metadata as md
+    import re
+    import shutil
+    import tempfile
+    stage = Path(tempfile.mkdtemp(prefix="noetl-stage-"))
+    atexit.register(shutil.rmtree, stage, ignore_errors=True)
+    stage.chmod(0o755)
+    roots = []
+    for root in _package_roots():
+        roots.append(stage / root.parent.name / root.name)
+        shutil.copytree(root, roots[-1], ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    site = stage / "site"
+    seen: set[str] = set()
+    todo = ["noetl-engine"]
+    while todo:
+        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:     # an optional platform dependency that is not installed
+            continue
+        todo += [r for r in dist.requires or [] if "extra ==" not in r]
+        if name == "noetl-engine":          # the project itself: its packages are copied above
+            continue
+        for file in dist.files or []:
+            source = Path(file.locate())
+            if source.is_file() and ".." not in file.parts:
+                target = site / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+    for path in [stage, *stage.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return os.pathsep.join([*map(str, roots), str(site)])
 
 
 def assert_no_engine_secret(run: Run) -> None:

@@ -390,6 +390,21 @@ def test_child_failure_fails_the_parent_step_with_the_child_error():
     assert state.status == "FAILED" and "child exploded" in state.error and "call" in state.error
 
 
+def test_a_child_announced_before_its_parent_attempt_started_gets_no_lease():
+    """Given a playbook step whose ChildStarted is folded before its ActionStarted (delivery order is free),
+    when the attempt's start arrives, then it sets no worker lease (the child bounds the step, and this step has
+    no timeout), so the step waits for its child: here the child's own worker goes silent and the parent fails
+    with the child's error, not with an error of the fold."""
+    sim = Simulation(lambda cmd: Outcome(hang=True), catalog={"kid": KID}, choose=lambda n: n - 1)
+    sim.start(CHILD)
+    while sim.inbox:
+        sim.deliver(sim.inbox.pop(sim.choose(len(sim.inbox))))
+    assert not [key for key in sim.state().timers if key.startswith("lease:")]
+    sim.run()
+    state = sim.state()
+    assert state.status == "FAILED" and "child execution" in state.error and "lease expired" in state.error
+
+
 def test_cancelling_the_parent_cancels_its_child():
     sim = Simulation(lambda cmd: Outcome(hang=True), catalog={"kid": KID})
     sim.start(CHILD)

@@ -113,6 +113,8 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
     _mark_started(tick, work, msg.time, msg.worker_id)
     if work.infra_retries:   # a worker holds the lost attempt again (e.g. Kafka redelivered it): no re-send
         tick.clear_timer(f"{RESEND}{work.command_id}")
+    if work.child_execution_id:   # the child started first (delivery order): its bound is already set
+        return
     tick.set_timer(f"lease:{work.command_id}", msg.time + _lease(tick, work))
 
 
@@ -256,6 +258,8 @@ def _timer_fired(tick: Tick, msg: TimerFired) -> None:
         if work is None:
             return
         timeout = _timeout(tick, work)
+        if work.child_execution_id and timeout is None:   # a child has no lease and this step no timeout
+            return
         if work.child_execution_id:   # the parent's bound on its child (no lease): the step timed out
             error = f"timed out after {timeout:g}s"
             tick.requests.append(CancelExecution(execution_id=work.child_execution_id, time=msg.time, reason=error))
