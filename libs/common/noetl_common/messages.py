@@ -9,9 +9,7 @@ from __future__ import annotations
 from base64 import b64decode
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from noetl_common.paths import PathError, from_dotted
+from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
@@ -67,23 +65,10 @@ class ActionSpec(_Msg):
     save: dict[str, Any] | None = None   # SaveSpec dump, templates unrendered (needs result/this)
     # Templates that need action-side names (`secret`, `uuid`): paths into {data, config, auth} whose
     # string values are still raw templates, each a list of keys (`noetl_common.paths`: a str is a mapping
-    # key, dots and all; an int a list index). The worker renders them with `context` + secrets.
-    deferred: list[list[str | int]] = Field(default_factory=list)
+    # key, dots and all; an int a list index). The worker renders them with `context` + secrets. A str is the
+    # dotted text of commands and snapshots written before paths were structured (`paths.from_dotted`).
+    deferred: list[list[str | int] | str] = Field(default_factory=list)
     context: dict[str, Any] = Field(default_factory=dict)  # the names deferred templates and `save` use
-
-    @model_validator(mode="before")
-    @classmethod
-    def _structured_paths(cls, data: Any) -> Any:
-        """Commands and snapshots written before paths were structured hold dotted text: read it against
-        this spec's own values, the way those versions' worker did (noetl_common.paths.from_dotted)."""
-        if isinstance(data, dict) and any(isinstance(p, str) for p in data.get("deferred") or ()):
-            root = {"data": data.get("data") or {}, "config": data.get("config") or {}, "auth": data.get("auth")}
-            try:
-                paths = [from_dotted(p, root) if isinstance(p, str) else p for p in data["deferred"]]
-            except PathError as exc:   # a ValueError is what pydantic turns into a validation error
-                raise ValueError(f"deferred: {exc}") from None
-            data = {**data, "deferred": paths}
-        return data
 
 
 class Command(_Msg):
