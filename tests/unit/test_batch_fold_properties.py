@@ -107,7 +107,9 @@ class Miniature:
             batch.append(self.history[self.draw("pick") % len(self.history)])
         elif kind == 1:                                                  # garbage of every sort
             garbage = [b"", b"{", b"\xff\xfe", b'{"kind": "start"}', b'{"kind": "nope", "execution_id": "e"}',
-                       b"[1, 2, 3]", b'{"kind": "cancel", "execution_id": 5, "time": 1}', b"null"]
+                       b"[1, 2, 3]", b'{"kind": "cancel", "execution_id": 5, "time": 1}', b"null",
+                       b'{"kind": "cancel", "execution_id": "canary", "time": NaN}',
+                       b'{"kind": "heartbeat", "execution_id": "h0", "command_id": "h0:s0:1:1", "time": 1e300}']
             batch.append(garbage[self.draw("pick") % len(garbage)])
         elif kind == 2 and known:                                        # a stale or unknown attempt
             eid = known[self.draw("pick") % len(known)]

@@ -34,6 +34,8 @@ from noetl_common.messages import Command, DeadLetter, Event, StartExecution
 from noetl_common.state import ExecutionState
 from noetl_common.state_access import States
 
+MAX_EPOCH = 253_402_300_799.0   # the last second a timestamp can show (messages.Epoch)
+
 
 @dataclass(frozen=True)
 class Record:
@@ -244,7 +246,9 @@ def _quarantine(work: _Working, eid: str, msg: Any, record: Record, reason: str,
     out.dead_letters.append(dead_letter(record, clean_text(f"execution {eid} quarantined: {reason}"), now))
     out.failures.append(Failure(eid, reason, True, trace))
     try:
-        transition = quarantine(eid, reason, getattr(msg, "time", now), raw=raw, msg=msg)
+        at = getattr(msg, "time", None)
+        transition = quarantine(eid, reason, at if isinstance(at, float) and 0 <= at <= MAX_EPOCH else now,
+                                raw=raw, msg=msg)
         encoded = _encode(transition)
         snapshot = transition.state.to_bytes() if transition.state is not None else None
     except Exception:   # cannot happen with the minimal state; if it does, nothing is written for it

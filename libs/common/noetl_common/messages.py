@@ -13,6 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
+# An instant, epoch seconds, on a message from outside the fold: finite and within what a timestamp can show
+# (year 9999). A `time` of NaN or 1e300 would otherwise reach the fold, which stamps events with it.
+Epoch = Annotated[float, Field(ge=0, le=253_402_300_799)]
+# A duration: finite and not negative (a NaN deadline would break every timer heap's order).
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
 EventType = Literal[
     "execution_start", "step_started", "action_started", "action_completed", "action_error", "action_retry",
     "iteration_started", "iteration_completed", "iteration_failed", "iterator_completed", "step_completed",
@@ -88,12 +94,13 @@ class Command(_Msg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Inbound (noetl.requests + noetl.results): everything the fold consumes, keyed by execution_id.
+# Inbound (noetl.requests + noetl.results): everything the fold consumes, keyed by execution_id. Times
+# are checked here, at the boundary (Epoch, Seconds): a message with an impossible one is a dead letter.
 # ---------------------------------------------------------------------------------------------------------
 class StartExecution(_Msg):
     kind: Literal["start"] = "start"
     execution_id: str
-    time: float
+    time: Epoch
     playbook: dict[str, Any]             # the playbook document as parsed YAML (the fold normalises it)
     path: str
     version: int | None = None
@@ -102,13 +109,13 @@ class StartExecution(_Msg):
     parent_command_id: str | None = None   # the parent's command that started this child
     parent_step: str | None = None
     return_step: str | None = None
-    lease_seconds: float = 30.0
+    lease_seconds: Seconds = 30.0
 
 
 class CancelExecution(_Msg):
     kind: Literal["cancel"] = "cancel"
     execution_id: str
-    time: float
+    time: Epoch
     reason: str = "cancelled"
 
 
@@ -116,7 +123,7 @@ class ActionStarted(_Msg):
     kind: Literal["action_started"] = "action_started"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
     worker_id: str | None = None
 
 
@@ -124,16 +131,16 @@ class ActionHeartbeat(_Msg):
     kind: Literal["heartbeat"] = "heartbeat"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
 
 
 class ActionCompleted(_Msg):
     kind: Literal["action_completed"] = "action_completed"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
     result: Any = None                   # the unwrapped result (after assert.returns and save)
-    started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
+    started: Epoch | None = None         # set when no ActionStarted was sent (a quick attempt)
     worker_id: str | None = None         # who ran it (events carry it; a quick attempt sent no ActionStarted)
     saved: Any = None                    # rendered data of an `event` save
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
@@ -144,12 +151,12 @@ class ActionFailed(_Msg):
     kind: Literal["action_failed"] = "action_failed"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
     error: str
     status_code: int | None = None       # http: visible to retry_when
     result: Any = None                   # what the failed attempt produced, if anything
     log: str | None = None
-    started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
+    started: Epoch | None = None         # set when no ActionStarted was sent (a quick attempt)
     worker_id: str | None = None         # who ran it; None when the fold itself failed the attempt (lease)
 
 
@@ -159,7 +166,7 @@ class ChildStarted(_Msg):
     execution_id: str
     command_id: str
     child_execution_id: str
-    time: float
+    time: Epoch
 
 
 class ChildFinished(_Msg):
@@ -171,14 +178,14 @@ class ChildFinished(_Msg):
     status: Literal["COMPLETED", "FAILED", "CANCELLED"]
     result: Any = None                   # return_step's result, else the child's execution result
     error: str | None = None
-    time: float
+    time: Epoch
 
 
 class TimerFired(_Msg):
     kind: Literal["timer_fired"] = "timer_fired"
     execution_id: str
     timer: str                           # the key of the deadline in the state
-    time: float
+    time: Epoch
 
 
 Inbound = Annotated[
