@@ -161,9 +161,11 @@ class Miniature:
         if command.execution_id == "canary" or command.phase == "save":
             answer = 0
         result = self.script["results"][self.draw("pick") % len(self.script["results"])]
-        if answer == 0:                                      # completes, with a result of its own
+        if answer == 0:                                      # completes, with a result (and variables) of its own
             value = {"y": command.action.data.get("x", 0) + 1} if eid == "canary" else result
-            self._deliver(started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=value))
+            variables = {} if eid == "canary" or not isinstance(result, dict) else result
+            self._deliver(started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=value,
+                                                   variables=variables))
         elif answer == 1:                                    # fails, maybe with an http status
             self._deliver(started, ActionFailed(execution_id=eid, command_id=cid, time=t, error="it broke \ud7ff",
                                                 status_code=500, result=result))
