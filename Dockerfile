@@ -1,8 +1,9 @@
-# syntax=docker/dockerfile:1
 # One image for every role of the cluster (deploy/helm/noetl runs each as its own Deployment):
 #
-#   python -m noetl_ingest | noetl_query | noetl_render | noetl_broker | noetl_worker
-#   python -m noetl_query.postgres_schema            (the schema migration Job)
+#   python -m noetl_frontend | noetl_query | noetl_render | noetl_broker | noetl_worker
+#   python -m noetl_runtime.postgres_schema          (the schema migration Job)
+#
+# (noetl_frontend is the `ingest` role: the API, composed from the ingest, query and render routers.)
 #
 # Settings come only from NOETL_* environment variables (libs/runtime/noetl_runtime/settings.py).
 #
@@ -25,25 +26,34 @@ COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
 RUN /opt/noetl/bin/pip install ".[server,kafka]" \
-    && /opt/noetl/bin/python -c "import noetl_ingest, noetl_query, noetl_render, noetl_broker, noetl_worker, noetl_cli"
+    && /opt/noetl/bin/python -c "import noetl_frontend, noetl_query, noetl_render, noetl_broker, noetl_worker, noetl_cli"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="noetl-engine" \
       org.opencontainers.image.description="NoETL playbook engine: ingest, broker, query, render and worker roles" \
       org.opencontainers.image.source="https://github.com/noetl/noetl"
-# uid/gid 10001: the chart's podSecurityContext (runAsNonRoot needs a numeric USER to verify).
+# uid/gid 10001: the engine, the chart's podSecurityContext (runAsNonRoot needs a numeric USER to verify).
+# uid/gid 10002 `noetl-step`: the step user, for python step code, in its own group so that it can read
+# nothing of the engine's (issue 9 scope 3: a worker started as root runs python steps as NOETL_STEP_USER,
+# set below; docs/security.md, "Deployment"). The engine's working directory is 0700.
+# No `# syntax=` line: it makes BuildKit fetch a frontend image, which fails offline.
 RUN groupadd --system --gid 10001 noetl \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
                --shell /usr/sbin/nologin noetl \
+    && groupadd --system --gid 10002 noetl-step \
+    && useradd --system --uid 10002 --gid 10002 --no-create-home --home-dir /nonexistent \
+               --shell /usr/sbin/nologin noetl-step \
     && mkdir -p /var/lib/noetl \
-    && chown 10001:10001 /var/lib/noetl
+    && chown 10001:10001 /var/lib/noetl \
+    && chmod 0700 /var/lib/noetl
 COPY --from=build /opt/noetl /opt/noetl
 # The root filesystem is read-only in the pods: bytecode is compiled at install, HOME and the working
 # directory point at the writable emptyDirs (/tmp, /var/lib/noetl: faust keeps its data dir there).
 ENV PATH="/opt/noetl/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    NOETL_STEP_USER=noetl-step
 WORKDIR /var/lib/noetl
 USER 10001:10001
 EXPOSE 8080

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 
 from common import chain, describe, iterator

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services" / "query
 
 from noetl_common.messages import Event  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
-from noetl_query.postgres_schema import migrate  # noqa: E402
+from noetl_runtime.postgres_schema import migrate  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
 
 from common import chain, describe  # noqa: E402

@@ -24,6 +24,7 @@ def main() -> int:
         # quick: fewer latency chains (100 transitions), still the full 1,000 concurrent executions
         ("kafka_bench.py", [*repeat, "--chains", "2"] if quick else []),
         ("query_projection_bench.py", repeat),
+        ("auth_bench.py", [*repeat, "--requests", "500"] if quick else []),
     ]
     status = 0
     for script, args in runs:

@@ -3,6 +3,7 @@
 # on Kafka + Postgres (docs/cluster.md).
 #
 #   eval "$(scripts/cluster-start.sh)"          # prints: export NOETL_SERVER_URL=... NOETL_CLUSTER_INFO=...
+#                                               #   NOETL_API_TOKEN=... (an admin token, unless one was set)
 #   noetl run --server "$NOETL_SERVER_URL" examples/hello_world.yaml
 #   scripts/cluster-stop.sh                     # uses $NOETL_CLUSTER_INFO (or: cluster-stop.sh INFO_FILE)
 #
@@ -12,7 +13,8 @@
 #   NOETL_DATABASE_SCHEMA      (noetl)   NOETL_TOPIC_PREFIX (empty)   NOETL_TOPIC_PARTITIONS (6)
 #   NOETL_SECRET_KEY           the Fernet key of the credentials, shared by ingest and the workers;
 #                              generated when unset (kept in the cluster dir, mode 600)
-#   NOETL_INGEST_PORT          the ingest (= the API) port (8080, else the next free one)
+#   NOETL_INGEST_PORT          the ingest role's port, the API (python -m noetl_frontend; 8080, else the
+#                              next free one)
 #   NOETL_CLUSTER_WORKERS      worker processes of the pool NOETL_WORKER_POOL (1)
 #   NOETL_CLUSTER_DIR          logs, pids and the info file (default: a new temp dir)
 #   NOETL_CLUSTER_READY_TIMEOUT  seconds to wait for every /ready (120)
@@ -108,7 +110,18 @@ pools = [p.strip() for p in __import__("os").environ["NOETL_BROKER_POOLS"].split
 created = asyncio.run(kafka_io.ensure_topics(s, s.topics, pools, partitions=s.topic_partitions))
 print(f"created topics: {created or 'none (all existed)'}")
 PY
-"$PYTHON" -m noetl_query.postgres_schema >&2
+"$PYTHON" -m noetl_runtime.postgres_schema >&2
+
+# -------------------------------------------------------------------------------------------- API token
+# Every route but /health and /ready needs a token (docs/security.md): an admin token for the caller of
+# this script, unless NOETL_API_TOKEN is set already. Only its hash is stored (the api_token table); the
+# token itself is kept in the cluster dir (mode 600) and exported.
+if [[ -z "${NOETL_API_TOKEN:-}" ]]; then
+  NOETL_API_TOKEN="$("$PYTHON" -m noetl_cli token create --postgres --role admin --expires 30d \
+                     --name "cluster-admin-$(date +%s)-$$")"
+  (umask 077; echo "$NOETL_API_TOKEN" >"$BASE/admin.token")
+  log "created an admin API token (in $BASE/admin.token)"
+fi
 
 # ------------------------------------------------------------------------------------------------ roles
 ROLES=()
@@ -132,13 +145,16 @@ else
   port_busy "$INGEST_PORT" && die "no free port for ingest"
 fi
 
+# The API and query roles ask the broker what a running execution waits for (GET /api/executions/{id}/explain)
+BROKER_PORT="$(free_port)"
+export NOETL_BROKER_URL="http://127.0.0.1:$BROKER_PORT"
 start_role query "$(free_port)" noetl_query
-start_role broker "$(free_port)" noetl_broker
+start_role broker "$BROKER_PORT" noetl_broker
 for i in $(seq 1 "${NOETL_CLUSTER_WORKERS:-1}"); do
   start_role "worker$i" "$(free_port)" noetl_worker
 done
 start_role render "$(free_port)" noetl_render
-start_role ingest "$INGEST_PORT" noetl_ingest
+start_role ingest "$INGEST_PORT" noetl_frontend   # the API: ingest's writes + the reads, one URL
 URL="http://127.0.0.1:$INGEST_PORT"
 info "URL=$URL"
 
@@ -173,3 +189,4 @@ trap - EXIT
 log "cluster ready: API $URL (info: $INFO)"
 echo "export NOETL_SERVER_URL=$URL"
 echo "export NOETL_CLUSTER_INFO=$INFO"
+echo "export NOETL_API_TOKEN=$NOETL_API_TOKEN"

@@ -20,7 +20,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # Time budgets (seconds) keep the whole run well under CI's 90 minutes.
-PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-1500}"
+PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-2400}"
 CONFORMANCE_TIMEOUT="${NOETL_CONFORMANCE_TIMEOUT:-2100}"
 BENCH_TIMEOUT="${NOETL_BENCH_TIMEOUT:-600}"
 
@@ -150,7 +150,7 @@ if [[ -f "$CONFORMANCE" ]]; then
 fi
 
 # ------------------------------------------------------------------- conformance via 'noetl server --kafka'
-section "conformance: against 'noetl server --kafka BOOTSTRAP --database-url DSN' (Tansu + Postgres)"
+section "conformance: against 'noetl server --kafka BOOTSTRAP' (Tansu + Postgres, the DSN from NOETL_DATABASE_URL)"
 if [[ -f "$CONFORMANCE" ]]; then
   set +e
   KAFKA_ENV="$(PYTHON="$VENV/bin/python" NOETL_TEST_KAFKA_INFO="$WORK/kafka-server.info" bash scripts/kafka-start.sh)"
@@ -160,8 +160,12 @@ if [[ -f "$CONFORMANCE" ]]; then
     SERVER_BOOTSTRAP="$(sed -n 's/^export KAFKA_BOOTSTRAP_SERVERS=//p' <<<"$KAFKA_ENV")"
     SERVER_PORT="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     # Tansu answers a group join only after half the session timeout: keep it short (docs/kafka.md).
-    NOETL_KAFKA_SESSION_TIMEOUT_MS=3000 NOETL_DATABASE_SCHEMA=noetl_ci_server \
-      noetl server --port "$SERVER_PORT" --kafka "$SERVER_BOOTSTRAP" --database-url "$NOETL_TEST_PG_DSN" \
+    # The cluster's tokens live in Postgres: an admin token for the conformance client (docs/security.md).
+    NOETL_API_TOKEN="$(NOETL_DATABASE_URL="$NOETL_TEST_PG_DSN" NOETL_DATABASE_SCHEMA=noetl_ci_server \
+                       noetl token create --postgres --role admin --expires 1d --name "ci-server-$(date +%s)-$$")"
+    # The DSN through the environment, never argv (docs/security.md, "Deployment").
+    NOETL_KAFKA_SESSION_TIMEOUT_MS=3000 NOETL_DATABASE_SCHEMA=noetl_ci_server NOETL_DATABASE_URL="$NOETL_TEST_PG_DSN" \
+      noetl server --port "$SERVER_PORT" --kafka "$SERVER_BOOTSTRAP" \
       >"$WORK/server-kafka.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 600); do
@@ -169,7 +173,7 @@ if [[ -f "$CONFORMANCE" ]]; then
       kill -0 "$SERVER_PID" 2>/dev/null || break
       sleep 0.2
     done
-    timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+    NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
       python "$CONFORMANCE" --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --pg-dsn "$NOETL_TEST_PG_DSN"
     rc=$?
     kill "$SERVER_PID" 2>/dev/null || true
@@ -177,6 +181,7 @@ if [[ -f "$CONFORMANCE" ]]; then
     kill -9 "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     [[ $rc -ne 0 ]] && tail -n 40 "$WORK/server-kafka.log"
+    unset NOETL_API_TOKEN
     bash scripts/kafka-stop.sh "$KAFKA_STARTED" >/dev/null 2>&1 || true
     KAFKA_STARTED=""
   fi
@@ -192,13 +197,14 @@ if [[ -f "$CONFORMANCE" ]]; then
                  NOETL_CLUSTER_DIR="$WORK/cluster" bash scripts/cluster-start.sh)"
   rc=$?
   if [[ $rc -eq 0 ]]; then
-    eval "$CLUSTER_ENV"
+    eval "$CLUSTER_ENV"                # NOETL_SERVER_URL, NOETL_CLUSTER_INFO, NOETL_API_TOKEN
     CLUSTER_STARTED="$NOETL_CLUSTER_INFO"
-    timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+    NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
       python "$CONFORMANCE" --cmd "noetl run --server $NOETL_SERVER_URL" --pg-dsn "$NOETL_TEST_PG_DSN"
     rc=$?
     bash scripts/cluster-stop.sh "$CLUSTER_STARTED" >/dev/null 2>&1 || true
     CLUSTER_STARTED=""
+    unset NOETL_API_TOKEN
   fi
   set -e
   record "conformance (cluster)" $rc

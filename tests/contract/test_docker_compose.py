@@ -17,7 +17,7 @@ from noetl_runtime.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-ROLES = {"ingest": "noetl_ingest", "broker": "noetl_broker", "worker": "noetl_worker", "query": "noetl_query",
+ROLES = {"ingest": "noetl_frontend", "broker": "noetl_broker", "worker": "noetl_worker", "query": "noetl_query",
          "render": "noetl_render"}
 NEEDS_DATABASE = {"ingest", "worker", "query", "render"}
 NEEDS_KEY = {"ingest", "worker"}           # the two that encrypt or decrypt credentials
@@ -65,17 +65,45 @@ def test_every_variable_set_is_read_and_the_required_ones_are_set(role):
     assert ("NOETL_SECRET_KEY" in env) == (role in NEEDS_KEY)
 
 
-def test_the_development_key_is_a_valid_fernet_key_and_can_be_overridden():
-    value = SERVICES["ingest"]["environment"]["NOETL_SECRET_KEY"]
-    match = re.fullmatch(r"\$\{NOETL_SECRET_KEY:-(.+)\}", value)
-    assert match, "the key must come from the environment, with a development default"
-    Fernet(match.group(1).encode())
-    assert SERVICES["worker"]["environment"]["NOETL_SECRET_KEY"] == value   # same key for both
+REQUIRED_FROM_ENV = ("NOETL_SECRET_KEY", "NOETL_POSTGRES_PASSWORD")
+REQUIRED = re.compile(r"\$\{(?P<name>[A-Z_]+):\?(?P<message>[^}]+)\}")
 
 
-def test_the_api_is_published_and_the_migration_runs_first():
-    assert "8080:8080" in SERVICES["ingest"]["ports"]
-    assert SERVICES["migrate"]["command"] == ["python", "-m", "noetl_query.postgres_schema"]
-    assert importlib.util.find_spec("noetl_query.postgres_schema") is not None
+def test_the_secrets_come_only_from_env_and_compose_refuses_to_start_without_them():
+    """Issue 9: no committed key or password. `${NAME:?message}` makes compose refuse to start (unset or
+    empty) with the message, which says where to set it; no `${NAME:-default}` gives one a fallback."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in REQUIRED_FROM_ENV:
+        uses = [m for m in REQUIRED.finditer(text) if m.group("name") == name]
+        assert uses, f"{name} is not required from the environment"
+        for use in uses:
+            assert f"set {name} in .env" in use.group("message"), use.group(0)
+        assert not re.search(rf"\$\{{{name}:?-", text), f"{name} has a default"
+    assert not re.search(r"[A-Za-z0-9_-]{43}=", text), "a Fernet key is committed in docker-compose.yml"
+    key = SERVICES["ingest"]["environment"]["NOETL_SECRET_KEY"]
+    assert REQUIRED.fullmatch(key) and SERVICES["worker"]["environment"]["NOETL_SECRET_KEY"] == key
+    dsn = SERVICES["ingest"]["environment"]["NOETL_DATABASE_URL"]
+    password = re.fullmatch(r"postgresql://noetl:(.+)@postgres:5432/noetl", dsn).group(1)
+    assert REQUIRED.fullmatch(password).group("name") == "NOETL_POSTGRES_PASSWORD"
+    assert SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"] == password
+
+
+def test_the_env_file_is_never_committed_nor_copied_into_the_image():
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert set(example) == set(REQUIRED_FROM_ENV) and not any(example.values()), example
+    Fernet(Fernet.generate_key())     # the command .env.example gives makes a key cryptography accepts
+
+
+def test_only_the_api_is_published_and_only_on_loopback():
+    published = {name: service["ports"] for name, service in SERVICES.items() if service.get("ports")}
+    assert published == {"ingest": ["127.0.0.1:8080:8080"]}, published
+
+
+def test_the_migration_runs_first():
+    assert SERVICES["migrate"]["command"] == ["python", "-m", "noetl_runtime.postgres_schema"]
+    assert importlib.util.find_spec("noetl_runtime.postgres_schema") is not None
     for role in ROLES:
         assert SERVICES[role]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

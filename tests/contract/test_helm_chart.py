@@ -26,6 +26,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +37,13 @@ KUBE_VERSIONS = (MIN_KUBE, kubernetes_validate.latest_version())
 # Custom resources have no schema in kubernetes-validate: they get the structural tests below instead.
 CUSTOM_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "HTTPRoute": "gateway.networking.k8s.io/v1"}
 HTTP_ROLES = ("ingest", "query", "render")     # the roles behind the Ingress
-MODULES = {"ingest": "noetl_ingest", "query": "noetl_query", "render": "noetl_render",
-           "broker": "noetl_broker", "worker": "noetl_worker", "migrate": "noetl_query.postgres_schema"}
+# The ingest role is the API's entry point: the frontend, which serves every service's routes (one URL).
+MODULES = {"ingest": "noetl_frontend", "query": "noetl_query", "render": "noetl_render",
+           "broker": "noetl_broker", "worker": "noetl_worker", "migrate": "noetl_runtime.postgres_schema"}
 
 # Variables the chart sets that are not Settings fields: each must be read, by name, by the code of the
 # role it is set for (checked by searching that role's package for the literal name). The migration Job
-# has no Settings: every variable it gets must be read by noetl_query.postgres_schema itself.
+# has no Settings: every variable it gets must be read by noetl_runtime.postgres_schema itself.
 EXTRAS = {
     "NOETL_WORKER_SHUTDOWN_GRACE": "seconds in-flight commands get on SIGTERM (WorkerOptions.from_env)",
     "NOETL_WORKER_PYTHON_PROCESSES": "python step processes per worker (noetl_worker.__main__)",
@@ -67,8 +69,9 @@ FORBIDDEN = {
     "migrate": {"NOETL_SECRET_KEY"},
 }
 
-# The API: (method, path template, the service that serves it). test_route_list_is_the_services_routes
-# holds this list to the routers of noetl_ingest, noetl_query and noetl_render.
+# The API: (method, path template, the service whose router defines it: the role the Ingress sends it to).
+# test_route_list_is_the_services_routes holds this list to the routers of noetl_ingest, noetl_query and
+# noetl_render, and to the apps the roles serve.
 API_ROUTES = [
     ("POST", "/api/catalog/register", "ingest"),
     ("POST", "/api/executions/run", "ingest"),
@@ -82,6 +85,7 @@ API_ROUTES = [
     ("GET", "/api/executions", "query"),
     ("GET", "/api/executions/{execution_id}", "query"),
     ("GET", "/api/executions/{execution_id}/events", "query"),
+    ("GET", "/api/executions/{execution_id}/explain", "query"),
     ("GET", "/api/execution/data/{execution_id}", "query"),
     ("GET", "/api/events/summary/{execution_id}", "query"),
     ("GET", "/api/events/by-execution/{execution_id}", "query"),
@@ -131,6 +135,27 @@ def role_source(role: str) -> str:
     origin = Path(spec.origin)
     files = [origin] if role == "migrate" else sorted(origin.parent.rglob("*.py"))
     return "\n".join(f.read_text() for f in files)
+
+
+def role_app(role: str) -> Any:
+    """The FastAPI app the HTTP role's process serves (without ports: only its routes are looked at)."""
+    import importlib
+    if role == "ingest":
+        from noetl_frontend.app import build_api
+        return build_api(None, None, None, service="ingest", description="",   # type: ignore[arg-type]
+                         auth=Authenticator(None))
+    return importlib.import_module(f"{MODULES[role]}.app").create_app(None, auth=Authenticator(None))
+
+
+def api_routes(app_or_router: Any) -> set[tuple[str, str]]:
+    """(METHOD, path template) of every /api route of an app or a router."""
+    from fastapi import FastAPI
+    app = app_or_router
+    if not isinstance(app, FastAPI):
+        app = FastAPI()
+        app.include_router(app_or_router)
+    return {(method.upper(), path) for path, ops in app.openapi()["paths"].items() if path.startswith("/api/")
+            for method in ops}
 
 
 def message(exc: BaseException) -> str:
@@ -312,9 +337,7 @@ def test_probes_hit_health_and_ready_on_the_http_port(rendered: Any) -> None:
 def test_http_roles_serve_the_probe_and_metrics_paths(role: str) -> None:
     """The FastAPI apps really have /health, /ready and /metrics (the broker and the workers are checked
     by tests/contract/test_helm_env_starts_services.py, which GETs them from the running processes)."""
-    import importlib
-    app = importlib.import_module(f"{MODULES[role]}.app").create_app(None)
-    paths = app.openapi()["paths"]
+    paths = role_app(role).openapi()["paths"]
     for path in ("/health", "/ready", "/metrics"):
         assert "get" in paths.get(path, {}), f"{role} does not serve GET {path}"
 
@@ -380,6 +403,10 @@ def test_env_values_parse_with_the_roles_settings(rendered: Any, monkeypatch: py
             options = WorkerOptions.from_env()
             grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             assert grace > options.shutdown_grace, "the kubelet must wait longer than the worker drains"
+        if role in ("ingest", "query"):   # /explain asks the brokers' Service
+            broker_service = next(w for k, w in rendered.workloads().items() if role_of(k) == "broker")
+            assert settings.broker_url is not None
+            assert settings.broker_url.startswith(f"http://{broker_service['metadata']['name']}:")
         if role == "broker":
             assert settings.topic_partitions == partitions
             assert workload["spec"]["replicas"] <= settings.topic_partitions
@@ -612,21 +639,39 @@ def resolve_httproute(route: dict[str, Any], method: str, path: str) -> str | No
 
 
 def test_route_list_is_the_services_routes() -> None:
-    """API_ROUTES is exactly what noetl_ingest, noetl_query and noetl_render serve under /api."""
-    import importlib
-    served = set()
-    for role in HTTP_ROLES:
-        app = importlib.import_module(f"{MODULES[role]}.app").create_app(None)
-        for path, ops in app.openapi()["paths"].items():
-            if path.startswith("/api/"):
-                served |= {(method.upper(), path, role) for method in ops}
-    assert set(API_ROUTES) == served, (
-        f"missing from API_ROUTES: {sorted(served - set(API_ROUTES))}; "
-        f"not served: {sorted(set(API_ROUTES) - served)}")
+    """API_ROUTES is exactly what the routers of noetl_ingest, noetl_query and noetl_render define under
+    /api; each role serves the routes the Ingress sends it, and the ingest role (the frontend) serves them
+    all, for the clients that use one URL."""
+    from noetl_ingest.app import router as ingest_router
+    from noetl_query.app import router as query_router
+    from noetl_render.app import router as render_router
+
+    defined = {(method, path, role) for role, router in (("ingest", ingest_router), ("query", query_router),
+                                                         ("render", render_router))
+               for method, path in api_routes(router(None))}   # type: ignore[arg-type]
+    assert set(API_ROUTES) == defined, (
+        f"missing from API_ROUTES: {sorted(defined - set(API_ROUTES))}; "
+        f"not defined: {sorted(set(API_ROUTES) - defined)}")
+    served = {role: api_routes(role_app(role)) for role in HTTP_ROLES}
+    for method, path, role in API_ROUTES:
+        assert (method, path) in served[role], f"{role} does not serve {method} {path}"
+    assert served["ingest"] == {(method, path) for method, path, _ in API_ROUTES}
+
+
+# An Ingress the chart accepts: a named host with TLS for it (the default renders none).
+HOST = "noetl.example.com"
+EXPOSED = {"enabled": True, "host": HOST, "tls": [{"secretName": "noetl-tls", "hosts": [HOST]}]}
+
+
+def exposed(rendered: Any, helm_chart: Any) -> Any:
+    """The value set with its Ingress on: production turns it on itself; the defaults get EXPOSED."""
+    return rendered if rendered.values is not None else helm_chart.render({"ingress": EXPOSED})
 
 
 @pytest.mark.parametrize("nginx_exact_is_regex", [False, True])
-def test_ingress_routes_every_api_path_to_its_service(rendered: Any, nginx_exact_is_regex: bool) -> None:
+def test_ingress_routes_every_api_path_to_its_service(rendered: Any, helm_chart: Any,
+                                                      nginx_exact_is_regex: bool) -> None:
+    rendered = exposed(rendered, helm_chart)
     (ingress,) = rendered.of_kind("Ingress")
     wrong = []
     for method, template, role in API_ROUTES:
@@ -644,7 +689,7 @@ def test_ingress_without_regex_routes_everything_but_cancel(helm_chart: Any) -> 
     """On a controller without regex paths (ingress.regex: false, the regex path dropped), every path but
     POST /api/executions/{id}/cancel still routes: that one needs the regex or the HTTPRoute."""
     paths = [p for p in helm_chart.default_values["ingress"]["paths"] if p["pathType"] != "ImplementationSpecific"]
-    rendered = helm_chart.render({"ingress": {"regex": False, "paths": paths}})
+    rendered = helm_chart.render({"ingress": {**EXPOSED, "regex": False, "paths": paths}})
     (ingress,) = rendered.of_kind("Ingress")
     assert "nginx.ingress.kubernetes.io/use-regex" not in (ingress["metadata"].get("annotations") or {})
     for method, template, role in API_ROUTES:
@@ -670,6 +715,81 @@ def test_httproute_routes_every_api_path_by_method(helm_chart: Any) -> None:
         assert ref["port"] == services[ref["name"]]["spec"]["ports"][0]["port"]
 
 
+# ------------------------------------------------------------------------- exposure, network policies
+def _selects(selector: dict[str, str], workload: dict[str, Any]) -> bool:
+    return selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_default_render_exposes_nothing_outside_the_cluster(helm_chart: Any) -> None:
+    """Issue 9: no Ingress without auth and TLS; by default there is none at all, no HTTPRoute, and every
+    Service stays inside the cluster."""
+    rendered = helm_chart.named("default")
+    assert helm_chart.default_values["ingress"]["enabled"] is False
+    assert not rendered.of_kind("Ingress") and not rendered.of_kind("HTTPRoute")
+    assert {s["spec"]["type"] for s in rendered.of_kind("Service")} == {"ClusterIP"}
+
+
+def test_an_ingress_is_rendered_only_for_a_host_with_tls(rendered: Any, helm_chart: Any) -> None:
+    (ingress,) = exposed(rendered, helm_chart).of_kind("Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"], "an Ingress for every host"
+    assert any(rule["host"] in tls["hosts"] and tls["secretName"] for tls in ingress["spec"]["tls"])
+
+
+def test_every_role_has_a_network_policy_that_admits_only_its_peers(rendered: Any, helm_chart: Any) -> None:
+    """One NetworkPolicy per role (each worker pool, the migration Job too), selecting exactly that role's
+    pods; the API roles admit the ingress controller and Prometheus, the others Prometheus only (nobody by
+    default: metricsFrom is empty), and no rule admits every source."""
+    values = {**helm_chart.default_values["networkPolicy"], **(rendered.values or {}).get("networkPolicy", {})}
+    policies = rendered.of_kind("NetworkPolicy")
+    workloads = rendered.workloads()
+    for key, workload in workloads.items():
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], workload)]
+        assert len(mine) == 1, f"{key}: {[p['metadata']['name'] for p in mine]}"
+        (policy,) = mine
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        others = [k for k, w in workloads.items() if k != key and _selects(selector, w)]
+        assert not others, f"{policy['metadata']['name']} also selects {others}"
+        assert policy["spec"]["policyTypes"] == ["Ingress"], key
+        rules = policy["spec"]["ingress"]
+        peers = values["metricsFrom"] if key != "migrate" else []
+        if role_of(key) in HTTP_ROLES:
+            peers = values["apiFrom"] + peers
+        if key == "broker":     # explain: ingest and query ask a broker, which forwards to the owner
+            callers = [p for p in rules[0]["from"] if "podSelector" in p and "namespaceSelector" not in p]
+            reached = {k for k, w in workloads.items()
+                       if any(_selects(c["podSelector"]["matchLabels"], w) for c in callers)}
+            assert reached == {"ingest", "query", "broker"}, reached
+            for name in ("ingest", "query"):
+                env, _ = rendered.container_env(workloads[name])
+                assert env["NOETL_BROKER_URL"].value.startswith(f"http://{policy['metadata']['name']}:")
+            peers = callers + peers
+        if peers:
+            (rule,) = rules
+            assert rule["from"] == peers, key
+            assert rule["ports"] == [{"protocol": "TCP", "port": helm_chart.default_values["httpPort"]}], key
+        else:
+            assert rules == [], f"{key} admits {rules}"
+        for rule in rules:
+            assert rule.get("from"), f"{key}: a rule without `from` admits every source"
+    assert len(policies) == len(workloads)
+
+
+def test_metrics_peers_reach_every_role_and_api_peers_only_the_api(helm_chart: Any) -> None:
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    gateway = [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
+    rendered = helm_chart.render({"networkPolicy": {"apiFrom": gateway, "metricsFrom": prometheus}})
+    for policy in rendered.of_kind("NetworkPolicy"):
+        role = policy["metadata"]["labels"]["app.kubernetes.io/component"]
+        peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+        expected = {"migrate": [], "ingest": gateway + prometheus, "query": gateway + prometheus,
+                    "render": gateway + prometheus}.get(role, prometheus)
+        if role == "broker":
+            peers = [p for p in peers if "podSelector" not in p or p in gateway]   # its callers: above
+        assert peers == expected, (policy["metadata"]["name"], peers)
+    assert not helm_chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy")
+
+
 def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     rendered = helm_chart.named("production")
     (monitor,) = rendered.of_kind("ServiceMonitor")
@@ -681,6 +801,9 @@ def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     assert scraped == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    # the API roles' /metrics takes a token: Prometheus sends the one in the Secret production names
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": {"name": "noetl-metrics-token", "key": "token"}}
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
     assert not helm_chart.named("default").of_kind("ServiceMonitor")
 
@@ -725,6 +848,14 @@ SCHEMA_REFUSALS = [
     ({"ingress": {"paths": [{"path": "/api", "pathType": "Prefix", "service": "worker"}]}},
      ["/ingress/paths/0/service"]),
     ({"ingest": {"autoscaling": {"enabled": True, "maxReplicas": 0}}}, ["/ingest/autoscaling/maxReplicas"]),
+    # no Ingress for every host or without TLS
+    ({"ingress": {"enabled": True}}, ["/ingress/host", "/ingress/tls"]),
+    ({"ingress": {"enabled": True, "host": HOST}}, ["/ingress/tls", "minItems"]),
+    ({"ingress": {**EXPOSED, "host": ""}}, ["/ingress/host", "minLength"]),
+    ({"ingress": {**EXPOSED, "tls": [{"hosts": [HOST]}]}}, ["/ingress/tls/0", "secretName"]),
+    ({"networkPolicy": {"apiFrom": [{}]}}, ["/networkPolicy/apiFrom/0", "minProperties"]),
+    ({"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}},
+     ["/networkPolicy/metricsFrom/0", "additional properties 'namespace'"]),
 ]
 
 
@@ -759,6 +890,11 @@ TEMPLATE_REFUSALS = [
      "externalKafka.auth.password is required"),
     ({"externalKafka": {"tls": {"caSecret": "kafka-ca"}}},
      "externalKafka.tls.caSecret is set but externalKafka.securityProtocol is PLAINTEXT"),
+    ({"ingress": {**EXPOSED, "tls": [{"secretName": "other", "hosts": ["other.example.com"]}]}},
+     'ingress.enabled needs TLS for ingress.host ("noetl.example.com")'),
+    ({"ingest": {"extraEnv": [{"name": "NOETL_AUTH", "value": "off"}]}}, "ingest.extraEnv sets NOETL_AUTH=off"),
+    ({"workers": [{"name": "default", "extraEnv": [{"name": "NOETL_AUTH", "value": "OFF"}]}]},
+     "workers[0].extraEnv sets NOETL_AUTH=off"),
 ]
 
 
@@ -796,6 +932,17 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
     pod = values["podSecurityContext"]
     (user,) = [i.split()[1] for i in instructions if i.startswith("USER ")]
     assert user == f"{pod['runAsUser']}:{pod['runAsGroup']}"          # numeric: runAsNonRoot can verify it
+    # BuildKit would fetch the dockerfile frontend image for a `# syntax=` line: the build must work offline
+    assert not re.match(r"#\s*syntax\s*=", dockerfile, re.IGNORECASE)
+    # the step user (issue 9): its own uid and group, neither the engine's
+    users = {}
+    for command in " ".join(instructions).split("&&"):
+        words = command.split()
+        if "useradd" in words:
+            users[words[-1]] = (words[words.index("--uid") + 1], words[words.index("--gid") + 1])
+    assert users["noetl"] == (str(pod["runAsUser"]), str(pod["runAsGroup"])), users
+    assert set(users) == {"noetl", "noetl-step"} and users["noetl-step"] == ("10002", "10002"), users
+    assert re.search(r"^ENV .*\bNOETL_STEP_USER=noetl-step\b", "\n".join(instructions), re.MULTILINE)
     (expose,) = [i.split()[1] for i in instructions if i.startswith("EXPOSE ")]
     assert int(expose) == values["httpPort"]
     workdir = [i.split()[1] for i in instructions if i.startswith("WORKDIR ")][-1]
@@ -811,6 +958,9 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
         assert homes and homes[0] in where, (
             f"{package} ({role}) is in {homes}, which pyproject.toml's packages.find.where {sorted(where)} "
             "does not list: the image would not contain it")
+    # ... and so must every package they import (the frontend, the embedded runtime the CLI imports, ...)
+    homes_of_all = {str(init.parent.parent.relative_to(ROOT)) for init in ROOT.glob("*/*/noetl_*/__init__.py")}
+    assert homes_of_all <= where, f"not installed by `pip install .`: {sorted(homes_of_all - where)}"
     for extra in ("server", "kafka"):
         assert extra in pyproject["project"]["optional-dependencies"]
     ignored = (ROOT / ".dockerignore").read_text().split()
@@ -818,4 +968,4 @@ def test_the_image_matches_the_chart(helm_chart: Any) -> None:
         assert needed not in ignored
 
 
-ROLES_DIRS = ("ingest", "query", "render", "broker", "worker", "cli")
+ROLES_DIRS = ("frontend", "ingest", "query", "render", "broker", "worker", "embedded", "cli")

@@ -28,9 +28,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from support import free_port
+from support import bearer, free_port, pg_token
 
-ROLES = {"ingest": "noetl_ingest", "query": "noetl_query", "render": "noetl_render",
+ROLES = {"ingest": "noetl_frontend", "query": "noetl_query", "render": "noetl_render",
          "broker": "noetl_broker", "worker": "noetl_worker"}
 READY_TIMEOUT = 120.0
 # What a process needs from outside the chart to find its interpreter and packages; nothing NOETL_*.
@@ -98,7 +98,7 @@ def migrated(helm_chart: Any, cluster_values: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("role", list(ROLES))
-def test_service_becomes_ready_with_the_charts_environment(role: str, helm_chart: Any,
+def test_service_becomes_ready_with_the_charts_environment(role: str, helm_chart: Any, contract_pg_dsn: str,
                                                           cluster_values: dict[str, Any], migrated: None) -> None:
     assert has_main(ROLES[role]), f"`python -m {ROLES[role]}` cannot start: {ROLES[role]}.__main__ is missing"
     port = free_port()
@@ -124,7 +124,10 @@ def test_service_becomes_ready_with_the_charts_environment(role: str, helm_chart
             assert ready.json().get("status") == "ready", ready.text
             with httpx.Client(timeout=5) as client:
                 assert client.get(f"{base}/health").status_code == 200
-                metrics = client.get(f"{base}/metrics")
+                # the API roles' /metrics takes a token (a viewer's); the worker's and broker's listeners
+                # serve nothing but ops, and their /metrics is open there (docs/security.md)
+                token = pg_token(contract_pg_dsn, cluster_values["externalDatabase"]["schema"], "viewer")
+                metrics = client.get(f"{base}/metrics", headers=bearer(token))
                 assert metrics.status_code == 200 and "# TYPE" in metrics.text, metrics.text[:500]
             proc.send_signal(signal.SIGTERM)
             try:

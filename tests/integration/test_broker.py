@@ -237,6 +237,40 @@ async def test_timer_loop_fires_live_deadlines_of_owned_partitions_once() -> Non
         runner.cancel()
 
 
+async def test_after_a_recovery_an_overdue_lease_waits_one_lease_and_a_moved_one_never_fires() -> None:
+    """The broker was away: a recovered lease deadline fires no sooner than one lease after the recovery
+    (the workers' facts that waited come first); a retry delay fires when due."""
+    from noetl_broker.timers import TimerLoop
+
+    fired: list[tuple[str, str, float]] = []
+
+    async def fire(due: list[TimerFired]) -> None:
+        fired.extend((f.execution_id, f.timer, time.time()) for f in due)
+    loop = TimerLoop(fire, partitions=PARTITIONS)
+    runner = asyncio.create_task(loop.run())
+    try:
+        past = time.time() - 10
+        snapshot = (b'{"status": "RUNNING", "lease_seconds": 0.4, "timers": {"lease:x": %f, "retry:a": %f}}'
+                    % (past, past))
+        recovered = time.time()
+        assert loop.rebuild([("e1", snapshot), ("e2", snapshot)], set(range(PARTITIONS))) == 4
+        end = time.monotonic() + DEADLINE
+        while len(fired) < 2:
+            assert time.monotonic() < end, fired
+            await asyncio.sleep(0.01)
+        assert sorted(f[:2] for f in fired) == [("e1", "retry:a"), ("e2", "retry:a")]   # due: at once
+        assert all(at - recovered < 0.3 for _, _, at in fired)
+        loop.update("e2", {"lease:x": time.time() + 30})   # a heartbeat that waited moved e2's lease later
+        while len(fired) < 3:
+            assert time.monotonic() < end, fired
+            await asyncio.sleep(0.01)
+        assert fired[2][:2] == ("e1", "lease:x") and fired[2][2] - recovered >= 0.4
+        await asyncio.sleep(0.3)
+        assert len(fired) == 3      # e2's held-back entry was for a deadline that moved: skipped
+    finally:
+        runner.cancel()
+
+
 async def test_the_broker_fetch_never_takes_records_of_partitions_faust_did_not_ask_for() -> None:
     """faust hands the consumer thread its live set of active partitions; right after a table recovery it can
     be empty when the thread uses it (changelogs paused, inbound partitions not resumed yet), and aiokafka
@@ -689,6 +723,9 @@ async def test_an_unreadable_snapshot_quarantines_its_execution_and_nothing_else
             broker.stop()
             broker.start()
             await broker.wait_ready()
+            # the facts' times from here: the broker's lease timers run on the wall clock, and a restart on a
+            # loaded machine can take longer than a lease
+            now = time.time()
             fact = ActionCompleted(execution_id=broken, command_id=f"{broken}:a:1:1", time=now, result=1)
             start, sim = simulate(playbook("good"), good, now=now)
             await worker.send(topics.results, fact)

@@ -23,8 +23,9 @@ from noetl_common.ports import CatalogEntry  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_query.handlers import ExecutionFilters, Page  # noqa: E402
 from noetl_query.postgres_reads import PostgresReadModel  # noqa: E402
-from noetl_query.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
+from noetl_runtime.postgres_schema import MigrationError, migrate, migrations  # noqa: E402
 from noetl_query.projector import Projector  # noqa: E402
+from support import bearer, new_pg_token  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -435,10 +436,87 @@ async def test_read_api_handlers_over_postgres(pg):
     assert summary["status"] == "FAILED" and summary["counts"]["action_error"] == 3
     items, total = await h.list_executions(read, ExecutionFilters(status="FAILED"), Page())
     assert total == 1 and items[0]["id"] == "retry-fail" and items[0]["playbook_id"] == "tests/retry"
-    assert (await h.catalog_list(read))["entries"][0]["payload"] == LINEAR
+    assert (await h.catalog_list(read, include_content=True))["entries"][0]["payload"] == LINEAR
     assert (await h.catalog_playbook(read, "tests/linear"))["version"] == 1
     with pytest.raises(LookupError):
         await h.get_execution(read, "nope")
+
+
+async def test_render_service_reads_the_projected_log(pg):
+    """`python -m noetl_render`'s app over the projected event log (noetl_runtime.postgres_store.read_events):
+    renders against the context the events give, and answers hostile requests with that request's error."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from noetl_render.__main__ import create_service_app
+    from noetl_runtime.postgres_store import read_events
+
+    pool, schema = pg
+    events = scenario()
+    await Projector(pool, schema).apply(events)
+    log = by_execution(events)["lin-0"]
+    assert await read_events(pool, schema, "lin-0") == log
+    assert await read_events(pool, schema, "lin-0", after_seq=log[1].seq, limit=2) == log[2:4]
+    assert await read_events(pool, schema, "lin-0", limit=-5) == []
+    assert await read_events(pool, schema, "no-such-execution") == []
+    with pytest.raises(ValueError, match="invalid schema name"):
+        await read_events(pool, 'x"; DROP TABLE event; --', "lin-0")
+
+    app = create_service_app(pool, schema)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://render",
+                                 headers=bearer(await new_pg_token(pool, schema, "viewer"))) as api:
+        async def render(body: Any) -> httpx.Response:
+            return await api.post("/api/context/render", json=body)
+
+        ok = await render({"execution_id": "lin-0", "template": {"a": "{{ a.v }}", "id": "{{ execution_id }}"}})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["rendered"] == {"a": "a", "id": "lin-0"}
+        injected = await render({"execution_id": "lin-0' OR '1'='1", "template": "{{ a.v }}"})
+        assert injected.status_code == 404
+        huge = await render({"execution_id": "x" * 1_000_000, "template": "{{ a.v }}"})
+        assert huge.status_code == 404
+        undefined = await render({"execution_id": "lin-0", "template": "{{ nope.deeper }}"})
+        assert undefined.status_code == 400 and "nope" in undefined.json()["detail"]
+        assert (await render({"execution_id": "", "template": "x"})).status_code == 422
+        assert (await render({"template": "x"})).status_code == 422
+        # nothing above harmed the log or the next request
+        assert await read_events(pool, schema, "lin-0") == log
+        assert (await render({"execution_id": "lin-0", "template": "{{ b.v }}"})).json()["rendered"] == "b"
+
+
+def test_the_migration_command_takes_the_dsn_from_a_file_never_from_argv(pg_dsn, tmp_path):
+    """`python -m noetl_runtime.postgres_schema --database-url-file PATH` (docs/security.md): applies the
+    migrations with the DSN the file holds; a bad file is a usage error (2) that does not echo it."""
+    import os
+    import subprocess
+    import sys
+
+    schema = f"noetl_{uuid.uuid4().hex[:12]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    command = [sys.executable, "-m", "noetl_runtime.postgres_schema", "--schema", schema]
+    try:
+        done = subprocess.run([*command, "--database-url-file", str(dsn_file)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"schema {schema}: applied 0001" in done.stdout
+        again = subprocess.run(command, env={**env, "NOETL_DATABASE_URL_FILE": str(dsn_file)},
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and f"schema {schema}: up to date" in again.stdout, again.stderr
+    finally:
+        async def drop() -> None:
+            conn = await asyncpg.connect(pg_dsn)
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+        asyncio.run(drop())
+    dsn_file.write_text("postgresql://u:hunter2@h/db\n\0")
+    bad = subprocess.run([*command, "--database-url-file", str(dsn_file)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "NUL bytes" in bad.stderr and "hunter2" not in bad.stderr, bad.stderr
+    both = subprocess.run([*command, "--database-url-file", str(dsn_file), "--database-url", pg_dsn], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "give the DSN once" in both.stderr, both.stderr
 
 
 async def test_a_quarantined_execution_shows_as_such(pg):

@@ -32,7 +32,7 @@ pytest.importorskip("faust")
 import httpx  # noqa: E402
 
 from noetl_common.topics import Topics  # noqa: E402
-from support import free_port  # noqa: E402
+from support import bearer, free_port, local_admin_token, pg_token  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -62,13 +62,21 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Server:
+        # The DSN as operators are told to give it (docs/security.md): from a 0600 file, never on argv, and
+        # not exported to the server either, so the file is what it connects with.
+        dsn_file = self.log.parent / "database-url"
+        dsn_file.touch(mode=0o600)
+        dsn_file.write_text(self.env["NOETL_DATABASE_URL"] + "\n")
+        env = {k: v for k, v in self.env.items() if k != "NOETL_DATABASE_URL"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [NOETL, "server", "--port", str(self.port), "--kafka", self.env["NOETL_KAFKA_BOOTSTRAP"],
-                 "--database-url", self.env["NOETL_DATABASE_URL"]],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                 "--database-url-file", str(dsn_file)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 cwd=self.log.parent)
         _wait(self._ready, READY_TIMEOUT, f"the server's /ready (log: {self.log})")
+        cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().decode()
+        assert self.env["NOETL_DATABASE_URL"] not in cmdline     # what `ps` shows every local user
         return self
 
     def _ready(self) -> bool:
@@ -99,8 +107,12 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return bearer(self.env["NOETL_API_TOKEN"])
+
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.url}{path}", timeout=10)
+        response = httpx.get(f"{self.url}{path}", timeout=10, headers=self.auth)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -132,7 +144,9 @@ def server_env(kafka_endpoint: Any, topics: Topics, pg_dsn: str, schema: str, tm
                NOETL_WORKER_PYTHON_PROCESSES="1", PYTHONUNBUFFERED="1",
                # A restart that outlasts the lease (30 s) makes the broker count the running attempt as lost
                # (docs/cluster.md); on a busy machine a crash + restart on Tansu can come close to that.
-               NOETL_LEASE_SECONDS="120")
+               NOETL_LEASE_SECONDS="120",
+               # the cluster's tokens are in Postgres: `noetl run --server` and the test's calls use this one
+               NOETL_API_TOKEN=pg_token(pg_dsn, schema, "admin"))
     if kafka_endpoint.kind == "tansu":   # Tansu answers a group join after half the session timeout
         env["NOETL_KAFKA_SESSION_TIMEOUT_MS"] = os.environ.get("NOETL_KAFKA_SESSION_TIMEOUT_MS", "3000")
     return env
@@ -178,14 +192,14 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     registered = {e["path"] for e in server.get("/api/catalog/list")["entries"]}
     assert {"examples/hello_world", "examples/fan_out_join"} <= registered
     # ... and the render route over the projected events
-    rendered = httpx.post(f"{server.url}/api/context/render", timeout=10,
+    rendered = httpx.post(f"{server.url}/api/context/render", timeout=10, headers=server.auth,
                           json={"execution_id": hello["execution_id"], "template": "{{ greet.greeting }}"})
     assert rendered.json()["rendered"] == "Hello, Kafka!", rendered.text
 
     # Without NOETL_SECRET_KEY, credentials use the local key embedded mode uses (secret.key beside the
     # store): stored encrypted in Postgres, resolved by the worker, redacted in the result.
     token = f"tok-{uuid.uuid4().hex}"
-    put = httpx.post(f"{server.url}/api/credentials", timeout=10,
+    put = httpx.post(f"{server.url}/api/credentials", timeout=10, headers=server.auth,
                      json={"name": "demo", "type": "bearer", "data": {"token": token}})
     assert put.status_code == 200 and token not in put.text, put.text
     key_file = Path(server.env["NOETL_STORE"]).parent / "secret.key"
@@ -212,8 +226,9 @@ def test_examples_run_through_noetl_run_server(server: Server) -> None:
     assert used["steps"]["echo"]["result"] == {"token": "***", "length": len(token)}
 
     # one /metrics for every role of the process: the API's, the worker's counters, the broker's
-    metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{server.url}/metrics", timeout=5)
-               .text.splitlines() if line and not line.startswith("#")}
+    scraped = httpx.get(f"{server.url}/metrics", timeout=5, headers=server.auth).text
+    metrics = {line.split()[0]: float(line.split()[1]) for line in scraped.splitlines()
+               if line and not line.startswith("#")}
     assert metrics["noetl_worker_commands_completed_total"] >= 3        # greet, total/extremes/..., echo
     assert metrics["noetl_broker_executions_finished_total"] == 3
     assert metrics["noetl_broker_ready"] == 1 and metrics["noetl_ingest_messages_produced"] >= 3
@@ -279,7 +294,7 @@ def test_poison_playbooks_fail_naming_the_template_and_the_server_stays_ready(se
     message naming the template, an execution running meanwhile completes, /ready stays 200 and the process
     never restarts."""
     server.start()
-    with httpx.Client(base_url=server.url, timeout=10) as api:
+    with httpx.Client(base_url=server.url, timeout=10, headers=server.auth) as api:
         for text in (POISON_END, POISON_CYCLER, STEADY):
             assert api.post("/api/catalog/register", json={"content": text}).status_code == 200
 
@@ -364,10 +379,11 @@ def _marks(marker: Path) -> Counter[str]:
     return Counter(marker.read_text().split()) if marker.exists() else Counter()
 
 
-def _restart_mid_step(server: Server, tmp_path: Path, interrupt: Any) -> tuple[dict[str, Any], Counter[str]]:
+def _restart_mid_step(server: Server, tmp_path: Path, step_dir: Path,
+                      interrupt: Any) -> tuple[dict[str, Any], Counter[str]]:
     """Start the slow playbook with `noetl run --server` in the background, interrupt the server while
     `slow` runs, start it again on the same port: the same client sees the execution finish."""
-    marker = tmp_path / "marks.txt"
+    marker = step_dir / "marks.txt"
     server.start()
     client = subprocess.Popen([NOETL, "run", "--server", server.url, str(_slow_playbook(tmp_path)), "--json",
                                "--payload", json.dumps({"marker": str(marker)})],
@@ -385,15 +401,16 @@ def _restart_mid_step(server: Server, tmp_path: Path, interrupt: Any) -> tuple[d
     return json.loads(out), _marks(marker)
 
 
-def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, tmp_path: Path) -> None:
+def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, tmp_path: Path,
+                                                               step_dir: Path) -> None:
     def graceful(s: Server) -> None:
         started = time.monotonic()
         assert s.terminate() == 0
         # the worker's grace let the running step finish before the process ended
-        assert _marks(tmp_path / "marks.txt")["slow-end"] == 1
+        assert _marks(step_dir / "marks.txt")["slow-end"] == 1
         assert time.monotonic() - started < 30
 
-    report, marks = _restart_mid_step(server, tmp_path, graceful)
+    report, marks = _restart_mid_step(server, tmp_path, step_dir, graceful)
     assert report["status"] == "COMPLETED" and report["result"] == 3, report
     assert marks == Counter({"first": 1, "slow-begin": 1, "slow-end": 1, "after": 1})
     assert {s: v["status"] for s, v in report["steps"].items()} == dict.fromkeys(
@@ -401,8 +418,9 @@ def test_restart_after_sigterm_resumes_and_runs_each_step_once(server: Server, t
     assert server.get(f"/api/executions/{report['execution_id']}")["status"] == "COMPLETED"
 
 
-def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(server: Server, tmp_path: Path) -> None:
-    report, marks = _restart_mid_step(server, tmp_path, Server.crash)
+def test_restart_after_a_crash_resumes_and_reruns_only_the_interrupted_step(server: Server, tmp_path: Path,
+                                                                           step_dir: Path) -> None:
+    report, marks = _restart_mid_step(server, tmp_path, step_dir, Server.crash)
     assert report["status"] == "COMPLETED" and report["result"] == 3, report
     # `slow` was killed halfway and run again from the start; nothing else ran twice, nothing was skipped
     assert marks == Counter({"first": 1, "slow-begin": 2, "slow-end": 1, "after": 1})
@@ -445,6 +463,35 @@ def test_half_a_kafka_configuration_is_a_usage_error(tmp_path: Path) -> None:
     with_store = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url", "postgresql://x@127.0.0.1/x",
                               "--store", str(tmp_path / "x.db"))
     assert with_store.returncode == 2 and "--store is for embedded mode" in with_store.stderr
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text("postgresql://x:hunter2@127.0.0.1/x\n")
+    file_no_kafka = _start_fails(env, "--database-url-file", str(dsn_file))
+    assert file_no_kafka.returncode == 2 and "--database-url-file needs --kafka" in file_no_kafka.stderr
+    both = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url-file", str(dsn_file),
+                        "--database-url", "postgresql://x@127.0.0.1/x")
+    assert both.returncode == 2 and "give the DSN once" in both.stderr
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "cannot read the database URL file"),
+    (b"", "is empty"),
+    (b"postgresql://a:hunter2@h/db\npostgresql://b:hunter2@h/db\n", "2 non-empty lines"),
+    (b"postgresql://a:hunter2@h/db\0", "NUL bytes"),
+    (b"hunter2" * 2000, "larger than 8192 bytes"),
+    (b"\xffhunter2", "not UTF-8"),
+])
+def test_a_bad_database_url_file_is_a_clear_usage_error_that_does_not_echo_it(
+        tmp_path: Path, content: bytes | None, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "KAFKA_"))}
+    path = tmp_path / "dsn"
+    if content is not None:
+        path.write_bytes(content)
+    done = _start_fails(env, "--kafka", "127.0.0.1:9092", "--database-url-file", str(path))
+    said = " ".join(done.stderr.split())      # rich wraps long lines at spaces
+    assert done.returncode == 2 and expected in said and str(path) in done.stderr.replace("\n", ""), said
+    assert "hunter2" not in done.stdout + done.stderr
+    from_env = _start_fails({**env, "NOETL_DATABASE_URL_FILE": str(path)}, "--kafka", "127.0.0.1:9092")
+    assert from_env.returncode == 2 and expected in " ".join(from_env.stderr.split()), from_env.stderr
 
 
 def test_exported_kafka_and_database_variables_do_not_switch_a_plain_server_to_kafka(tmp_path: Path) -> None:
@@ -464,7 +511,8 @@ def test_exported_kafka_and_database_variables_do_not_switch_a_plain_server_to_k
             except httpx.HTTPError:
                 return False
         _wait(ready, 60, "the embedded server")
-        assert httpx.get(f"{url}/api/executions", timeout=5).json() == []
+        admin = bearer(local_admin_token(tmp_path / "noetl.db"))   # written by the embedded server only
+        assert httpx.get(f"{url}/api/executions", timeout=5, headers=admin).json() == []
     finally:
         proc.terminate()
         proc.wait(timeout=30)

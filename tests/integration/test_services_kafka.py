@@ -1,12 +1,14 @@
-"""The standalone HTTP services (ingest, query, render) wired onto real Kafka (Tansu) and real Postgres.
+"""The HTTP services wired onto real Kafka (Tansu) and real Postgres: the cluster API (`python -m
+noetl_frontend`: ingest's writes + the reads), the query service, and all the roles as processes.
 
-- ingest: the write API produces the right messages (StartExecution on noetl.requests, facts on
-  noetl.results, registrations on noetl.catalog), keyed as architecture §1 says; credentials are stored
-  encrypted in Postgres and never answered;
+- the API (noetl_frontend.__main__.FrontendCluster): the writes produce the right messages (StartExecution
+  on noetl.requests, facts on noetl.results, registrations on noetl.catalog), keyed as architecture §1
+  says; credentials are stored encrypted in Postgres and never answered;
 - query: events produced to noetl.events (from the pure simulator) show up on the read API; a malformed
   record goes to noetl.dlq with the reason and its partition keeps flowing; a restart that replays the
   topic (a new consumer group) re-projects with no duplicate and no changed row;
-- end to end: ingest, broker, worker, query and render as separate processes (scripts/cluster-start.sh):
+- end to end: the API (the `ingest` role), broker, worker, query and render as separate processes
+  (scripts/cluster-start.sh):
   `noetl run --server` completes hello world, and a restarted query process re-projects identically.
 
 Needs NOETL_TEST_PG_DSN; Kafka comes from the conftest fixtures. Each test has its own topic prefix and
@@ -43,9 +45,11 @@ from noetl_common.messages import ActionCompleted, CancelExecution, DeadLetter, 
 from noetl_common.ports import CatalogEntry  # noqa: E402
 from noetl_common.simulate import Outcome, Simulation  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
-from noetl_query.postgres_schema import migrate  # noqa: E402
+from noetl_runtime.postgres_schema import migrate  # noqa: E402
 from noetl_runtime import kafka_io  # noqa: E402
-from support import free_port  # noqa: E402
+from noetl_runtime.auth import Authenticator  # noqa: E402
+from noetl_runtime.tokens import PostgresTokens  # noqa: E402
+from support import bearer, free_port, new_pg_token  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -120,12 +124,13 @@ async def snapshot(pool: Any, schema: str) -> dict[str, list[tuple[Any, ...]]]:
 
 # ------------------------------------------------------------------------------------------------- ingest
 async def test_ingest_produces_requests_results_and_catalog(settings: Any, topics: Topics, pool: Any) -> None:
-    from noetl_ingest.__main__ import IngestCluster
+    from noetl_frontend.__main__ import FrontendCluster
 
-    cluster = IngestCluster(settings)
+    cluster = FrontendCluster(settings)
     app = await cluster.start()
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as api:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",
+                                     headers=bearer(await new_pg_token(pool, settings.database_schema))) as api:
             assert (await api.get("/ready")).status_code == 200
             reg = await api.post("/api/catalog/register", json={"content": HELLO})
             assert reg.status_code == 200, reg.text
@@ -168,13 +173,14 @@ async def test_ingest_produces_requests_results_and_catalog(settings: Any, topic
 
 
 async def test_ingest_credentials_encrypted_in_postgres(settings: Any, pool: Any, schema: str) -> None:
-    from noetl_ingest.__main__ import IngestCluster
+    from noetl_frontend.__main__ import FrontendCluster
 
     secret = f"s3cr3t-{uuid.uuid4().hex}"
-    cluster = IngestCluster(settings)
+    cluster = FrontendCluster(settings)
     app = await cluster.start()
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as api:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",
+                                     headers=bearer(await new_pg_token(pool, settings.database_schema))) as api:
             put = await api.post("/api/credentials", json={"name": "pg_main", "type": "postgres",
                                                            "data": {"user": "u", "password": secret}})
             assert put.status_code == 200, put.text
@@ -189,10 +195,11 @@ async def test_ingest_credentials_encrypted_in_postgres(settings: Any, pool: Any
     key = settings.secret_key.get_secret_value().encode()
     assert json.loads(Fernet(key).decrypt(stored)) == {"user": "u", "password": secret}
 
-    keyless = IngestCluster(settings.model_copy(update={"secret_key": None}))
+    keyless = FrontendCluster(settings.model_copy(update={"secret_key": None}))
     app = await keyless.start()
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as api:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest",
+                                     headers=bearer(await new_pg_token(pool, settings.database_schema))) as api:
             refused = await api.post("/api/credentials", json={"name": "x", "data": {"password": secret}})
             assert refused.status_code == 503 and "NOETL_SECRET_KEY" in refused.json()["detail"]
             assert secret not in refused.text
@@ -242,8 +249,9 @@ async def test_query_projects_dead_letters_and_reprojects(settings: Any, topics:
     assert consumer.group == f"{topics.prefix}noetl-query"
     await consumer.start()
     try:
-        app = create_service_app(read, consumer)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://query") as api:
+        app = create_service_app(read, consumer, Authenticator(PostgresTokens(pool, schema)))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://query",
+                                     headers=bearer(await new_pg_token(pool, schema, "viewer"))) as api:
             async def completed(eid: str) -> Any:
                 r = await api.get(f"/api/executions/{eid}")
                 return r.json() if r.status_code == 200 and r.json()["status"] == "COMPLETED" else None
@@ -300,8 +308,8 @@ def _info(path: str) -> dict[str, str]:
     return {k: v.strip('"') for k, _, v in (line.partition("=") for line in Path(path).read_text().splitlines())}
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+def _metric(url: str, name: str, token: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5, headers=bearer(token)).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     return -1.0
@@ -336,6 +344,8 @@ def test_cluster_of_separate_processes_runs_hello_world(kafka_endpoint: Any, top
     assert started.returncode == 0, started.stderr[-3000:]
     exports = _exports(started.stdout)
     info_file, url = exports["NOETL_CLUSTER_INFO"], exports["NOETL_SERVER_URL"]
+    token = exports["NOETL_API_TOKEN"]            # the admin token cluster-start.sh created
+    env["NOETL_API_TOKEN"] = token
     query: subprocess.Popen[bytes] | None = None
     try:
         info = _info(info_file)
@@ -353,6 +363,7 @@ def test_cluster_of_separate_processes_runs_hello_world(kafka_endpoint: Any, top
         assert {s: v["status"] for s, v in report["steps"].items()} == dict.fromkeys(("start", "greet", "end"),
                                                                                     "COMPLETED")
         render = httpx.post(f"http://127.0.0.1:{info['PORT_render']}/api/context/render", timeout=10,
+                            headers=bearer(token),
                             json={"execution_id": report["execution_id"], "template": "{{ greet.greeting }}"})
         assert render.json()["rendered"] == "Hello, Cluster!", render.text
 
@@ -369,10 +380,10 @@ def test_cluster_of_separate_processes_runs_hello_world(kafka_endpoint: Any, top
         qurl = f"http://127.0.0.1:{port}"
         _wait(lambda: _ready(qurl), 40, "the restarted query service")
         expected = len(before["event"]) + len(before["catalog"])
-        _wait(lambda: _metric(qurl, "noetl_query_records") >= expected, 30, "the replay")
-        assert _metric(qurl, "noetl_query_events") == 0
+        _wait(lambda: _metric(qurl, "noetl_query_records", token) >= expected, 30, "the replay")
+        assert _metric(qurl, "noetl_query_events", token) == 0
         assert asyncio.run(_snapshot_dsn(pg_dsn, schema)) == before
-        assert httpx.get(f"{qurl}/api/executions/{report['execution_id']}", timeout=5).json()["status"] == "COMPLETED"
+        assert httpx.get(f"{qurl}/api/executions/{report['execution_id']}", timeout=5, headers=bearer(token)).json()["status"] == "COMPLETED"
     finally:
         if query is not None:
             query.terminate()

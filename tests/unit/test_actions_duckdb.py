@@ -4,15 +4,18 @@ import time
 import duckdb
 
 from noetl_common.messages import ActionCompleted, ActionFailed
+from noetl_runtime.settings import StepSettings
 from noetl_worker.execute import execute
 from noetl_worker.ports import WorkerPorts
 
 from test_worker_support import Emitted, MemoryCredentials, command, save_spec
 
 
-async def run(cmd, creds=None):
+async def run(cmd, creds=None, directories=""):
+    """`directories`: what NOETL_STEP_DUCKDB_DIRECTORIES would declare (files elsewhere are refused)."""
     emitted = Emitted()
-    await execute(cmd, WorkerPorts(emit=emitted, credentials=MemoryCredentials(creds or {}), env={}))
+    await execute(cmd, WorkerPorts(emit=emitted, credentials=MemoryCredentials(creds or {}), env={},
+                                   step_settings=StepSettings(duckdb_directories=directories)))
     return emitted.last()
 
 
@@ -36,8 +39,9 @@ async def test_values_become_json():
 async def test_database_file_is_shared_between_steps(tmp_path):
     db = str(tmp_path / "shared.duckdb")
     await run(command("duckdb", config={"command": "CREATE TABLE t (v INT); INSERT INTO t VALUES (1), (2)",
-                                        "database": db}))
-    done = await run(command("duckdb", config={"sql": "SELECT sum(v) AS s FROM t", "database": db}))
+                                        "database": db}), directories=str(tmp_path))
+    done = await run(command("duckdb", config={"sql": "SELECT sum(v) AS s FROM t", "database": db}),
+                     directories=str(tmp_path))
     assert done.result["command_0"]["rows"] == [{"s": 3}]
 
 
@@ -87,7 +91,7 @@ async def test_duckdb_save_creates_the_table_and_upserts(tmp_path):
     for name, score in (("first", 1.5), ("second", 2.5)):
         save = save_spec(storage="duckdb", database=db, table="results", mode="upsert", key=["id"],
                          data={"id": "{{ result.id }}", "name": name, "score": score, "tags": ["a"], "none": None})
-        done = await run(command("save", phase="save", result={"id": 7}, save=save))
+        done = await run(command("save", phase="save", result={"id": 7}, save=save), directories=str(tmp_path))
         assert isinstance(done, ActionCompleted), done
     with duckdb.connect(db) as con:
         assert con.execute("SELECT id, name, score, tags::VARCHAR, \"none\" FROM results").fetchall() == [
@@ -98,7 +102,7 @@ async def test_duckdb_save_explicit_command(tmp_path):
     db = str(tmp_path / "cmd.duckdb")
     save = save_spec(storage="duckdb", database=db,
                      command="CREATE TABLE IF NOT EXISTS log (v INT); INSERT INTO log VALUES ({{ result.v }})")
-    done = await run(command("save", phase="save", result={"v": 5}, save=save))
+    done = await run(command("save", phase="save", result={"v": 5}, save=save), directories=str(tmp_path))
     assert isinstance(done, ActionCompleted), done
     with duckdb.connect(db) as con:
         assert con.execute("SELECT v FROM log").fetchall() == [(5,)]

@@ -215,3 +215,21 @@ async def test_identifiers_are_quoted_not_pasted(pg_dsn, table):
                      data={'id) VALUES (1); DROP TABLE x; --': 1})
     failed = await run(command("save", phase="save", result=None, save=save), ports)
     assert isinstance(failed, ActionFailed) and "does not exist" in failed.error
+
+
+async def test_a_database_error_names_its_detail_and_hint_once(pg_dsn, table):
+    """asyncpg's str() of an error already ends with a DETAIL line: the step's error gives it once."""
+    sql = (f"CREATE TABLE public.{table} (id INT PRIMARY KEY); INSERT INTO public.{table} VALUES (1);\n"
+           f"INSERT INTO public.{table} VALUES (1)")
+    failed = await run(command("postgres", config={"command": sql}, auth="pg_local"), make_ports(pg_dsn, Emitted()))
+    assert isinstance(failed, ActionFailed)
+    assert failed.error == (f'command_2: duplicate key value violates unique constraint "{table}_pkey" '
+                            f'(Key (id)=(1) already exists.)')
+    assert failed.error.count("already exists") == 1 and "DETAIL" not in failed.error
+    failed = await run(command("postgres", config={"command": "SELECT * FROM nope_no_such_table_x"},
+                               auth="pg_local"), make_ports(pg_dsn, Emitted()))
+    assert failed.error == 'command_0: relation "nope_no_such_table_x" does not exist'
+    failed = await run(command("postgres", config={"command": "SELECT upper(1)"}, auth="pg_local"),
+                       make_ports(pg_dsn, Emitted()))
+    assert failed.error.startswith("command_0: function upper(integer) does not exist (No function matches")
+    assert failed.error.count("No function matches") == 1 and "HINT" not in failed.error

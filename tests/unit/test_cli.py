@@ -420,9 +420,9 @@ def test_bad_input_fails_only_its_step(failing_runs: dict, case: str) -> None:
     assert "execution_complete" not in types
 
 
-def test_python_pool_survives_a_dying_process(tmp_path: Path, store: Path) -> None:
+def test_python_pool_survives_a_dying_process(tmp_path: Path, store: Path, step_dir: Path) -> None:
     """The first attempt kills its worker process; the retry and a later step run on the (refilled) pool."""
-    marker = tmp_path / "crashed-once"
+    marker = step_dir / "crashed-once"
     path = write(tmp_path, "survive", """
         apiVersion: noetl.io/v1
         kind: Playbook

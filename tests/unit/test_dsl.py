@@ -533,7 +533,7 @@ def test_iterator_problems_name_the_missing_key():
 def test_keys_that_do_not_apply_are_warnings():
     playbook, problems = _load("""workflow:
   - step: start
-    endpoint: http://x
+    headers: {X-Y: z}
     timeout: 3
     next: [a]
   - step: a
@@ -545,6 +545,6 @@ def test_keys_that_do_not_apply_are_warnings():
 """)
     assert playbook is not None
     warnings = {p.path: p for p in problems if p.severity == "warning"}
-    assert set(warnings) == {"workflow[0].endpoint", "workflow[0].timeout", "workflow[1].method",
+    assert set(warnings) == {"workflow[0].headers", "workflow[0].timeout", "workflow[1].method",
                              "workflow[1].save.format"}
     assert all(p.line for p in warnings.values())

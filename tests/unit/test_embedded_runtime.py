@@ -14,7 +14,7 @@ from noetl_common.codec import decode_inbound
 from noetl_common.engine import advance
 from noetl_common.messages import ActionCompleted, Event
 from noetl_common.state import ExecutionState
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 
 
@@ -94,8 +94,8 @@ workflow:
 """)
 
 
-async def test_a_restart_mid_step_resumes_the_execution(tmp_path: Path) -> None:
-    path, marker = tmp_path / "x.db", tmp_path / "ran.log"
+async def test_a_restart_mid_step_resumes_the_execution(tmp_path: Path, step_dir: Path) -> None:
+    path, marker = tmp_path / "x.db", step_dir / "ran.log"
     before: list[Event] = []
     rt1 = await started(path, before)
     execution_id = submit(rt1, SLOW, {"marker": str(marker)})
@@ -162,8 +162,8 @@ workflow:
 
 
 @pytest.mark.parametrize("down_for", [0.1, 1.4], ids=["restart_before_due", "restart_after_due"])
-async def test_b_a_durable_backoff_survives_a_restart(tmp_path: Path, down_for: float) -> None:
-    path, counter = tmp_path / "x.db", tmp_path / "calls.log"
+async def test_b_a_durable_backoff_survives_a_restart(tmp_path: Path, step_dir: Path, down_for: float) -> None:
+    path, counter = tmp_path / "x.db", step_dir / "calls.log"
     before: list[Event] = []
     rt1 = await started(path, before)
     execution_id = submit(rt1, FLAKY, {"counter": str(counter)})

@@ -271,8 +271,13 @@ workflow:
     t0 = sim.now
     sim.run()
     assert sim.state().status == "COMPLETED" and sim.state().results["slow"] == 7
+    # the worker never reported (not even its own timeout): the attempt is sent 4 times (3 infrastructure
+    # retries, each after the lease = timeout + grace and a backoff of 1, 2, 4 s), then the policy retries it
     errors = [e for e in sim.events if e.event_type == "action_error"]
-    assert errors[0].error == "timed out after 2s" and errors[0].time - t0 >= 2
+    assert [e.error for e in errors] == ["timed out after 2s with no report from the worker "
+                                         "(the attempt was sent 4 times)"]
+    assert errors[0].time - t0 == 4 * (2 + 5) + 1 + 2 + 4
+    assert [c.command_id for c in sim.commands if c.step == "slow"] == ["e1:slow:1:1"] * 4 + ["e1:slow:1:2"]
 
 
 ITER = pb("""
@@ -487,8 +492,9 @@ workflow:
   - step: end
 """)
     state = advance(None, StartExecution(execution_id="w", time=10.0, playbook=doc, path="t",
-                                         lease_seconds=30)).state
-    # attempt 1 announces itself, then its worker is lost: the lease fails it, with no worker to name
+                                         lease_seconds=30, lease_retries=0)).state
+    # attempt 1 announces itself, then its worker is lost: with no infrastructure retries (lease_retries=0)
+    # the lease fails it at once, with no worker to name
     t = advance(state, ActionStarted(execution_id="w", command_id="w:a:1:1", time=10.1, worker_id="host-11"))
     assert [(e.event_type, e.worker_id) for e in t.events] == [("action_started", "host-11")]
     t = advance(t.state, TimerFired(execution_id="w", timer="lease:w:a:1:1", time=40.1))

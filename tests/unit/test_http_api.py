@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from noetl_common.dsl import load_playbook
-from support import free_port
+from support import bearer, free_port, local_admin_token
 
 ROOT = Path(__file__).resolve().parents[2]
 NOETL = Path(sys.executable).with_name("noetl")
@@ -91,12 +91,19 @@ def server_env() -> dict[str, str]:
 
 class Server:
     """`noetl server --port P --store S` in its own process group, with its log in a file."""
+    stores: dict[str, Path] = {}   # url -> store of every server started (its admin.token is beside it)
 
     def __init__(self, store: Path, port: int | None = None) -> None:
         self.store, self.port = store, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = store.with_suffix(".log")
         self.popen: subprocess.Popen[bytes] | None = None
+        Server.stores[self.url] = store
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The Authorization header with the admin token the server created on its first start."""
+        return bearer(local_admin_token(self.store))
 
     def start(self, timeout: float = 30) -> "Server":
         with open(self.log, "ab") as log:
@@ -133,7 +140,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def api(server: Server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as client:
         yield client
 
 
@@ -214,7 +221,7 @@ def test_register_run_and_read_hello_world(api: httpx.Client) -> None:
     assert finished(api, alias.json()["execution_id"])["result"] == {"greeting": "Hello, Bo!"}
 
     # the catalog, read side
-    entries = api.get("/api/catalog/list").json()["entries"]
+    entries = api.get("/api/catalog/list", params={"include_content": "true"}).json()["entries"]
     assert any(e["path"] == "tests/api_hello" and e["payload"]["metadata"]["name"] == "api_hello" for e in entries)
     one = api.get("/api/catalog/playbook", params={"playbook_id": "tests/api_hello"}).json()
     assert one["version"] == max(e["version"] for e in entries if e["path"] == "tests/api_hello")

@@ -20,7 +20,7 @@ BLOCK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("module", ["noetl_cli.main", "noetl_cli.server", "noetl_runtime.embedded"])
+@pytest.mark.parametrize("module", ["noetl_cli.main", "noetl_cli.server", "noetl_embedded.runtime"])
 def test_embedded_modules_import_without_the_kafka_extra(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", BLOCK + f"\nimport {module}\nprint('ok')"],
                           capture_output=True, text=True, timeout=60)

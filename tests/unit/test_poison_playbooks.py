@@ -25,7 +25,7 @@ import yaml
 from noetl_common.engine import advance
 from noetl_common.messages import StartExecution
 from noetl_common.simulate import Outcome, Simulation
-from noetl_runtime.embedded import EmbeddedRuntime
+from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_runtime.sqlite_store import SqliteStore
 
 from test_cli import cli, report_of, write
@@ -199,7 +199,7 @@ def test_noetl_server_fails_poison_executions_and_stays_ready(tmp_path: Path, ht
     server = Server(tmp_path / "noetl.db")
     server.start()
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as api:
+        with httpx.Client(base_url=server.url, timeout=30, headers=server.auth) as api:
             for text in (POISON_END, POISON_CYCLER, DOTTED_HEADER, GOOD):
                 register(api, text)
 
@@ -241,7 +241,7 @@ def test_hostile_playbooks_through_the_real_embedded_runtime(tmp_path: Path) -> 
     runtime = EmbeddedRuntime(SqliteStore(tmp_path / "x.db"), python_processes=1)
     loop.run_until_complete(runtime.start())
     problems: list[str] = []
-    import noetl_runtime.embedded as embedded
+    import noetl_embedded.runtime as embedded
     log_problems = embedded._log_problems
 
     def spy(out: Any) -> None:

@@ -144,23 +144,21 @@ async def test_data_that_cannot_be_sent_is_reported(pool):
     assert not out.ok and "cannot be sent" in out.error
 
 
-async def test_throughput_of_trivial_calls(pool):
-    """The engine's benchmark needs >= 1,000 trivial python steps/s end to end; the pool must be far
-    faster than that. 32 concurrent callers, `def main(n): return n*n`."""
+async def test_many_concurrent_trivial_calls_all_answer_right(pool):
+    """4,000 calls from 32 concurrent callers each get their own answer (no crossed replies, no lost call).
+    How fast the pool is belongs to the benchmarks (bench/embedded_bench.py), not to a timed unit test."""
     code = "def main(n):\n    return n*n\n"
-    await pool.run(code, {"n": 1}, 10)
     n_calls = 4000
+    answered: list[int] = []
 
     async def caller(k):
         for i in range(k, n_calls, 32):
-            out = await pool.run(code, {"n": i}, 10)
+            out = await pool.run(code, {"n": i}, 10, execution="bench")
             assert out.result == i * i
+            answered.append(i)
 
-    start = time.perf_counter()
     await asyncio.gather(*(caller(k) for k in range(32)))
-    rate = n_calls / (time.perf_counter() - start)
-    print(f"python pool: {rate:.0f} calls/s with {pool.size} processes")
-    assert rate > 2000
+    assert sorted(answered) == list(range(n_calls))
 
 
 async def test_closed_pool_refuses_work():
@@ -170,15 +168,16 @@ async def test_closed_pool_refuses_work():
         await pool.run("def main():\n    return 1\n", {}, 1)
 
 
-async def test_children_do_not_see_secret_env_and_keep_stdout_clean(monkeypatch, capfd):
+async def test_children_do_not_see_secret_env_and_subprocess_output_is_the_steps_log(monkeypatch, capfd):
     monkeypatch.setenv("NOETL_SECRET_HIDDEN", "do-not-inherit")
     pool = PythonPool(1)
     try:
-        code = ("import os\ndef main():\n    os.system('echo from-a-subprocess')\n"
+        code = ("import os\ndef main():\n    print('before', flush=True)\n    os.system('echo from-a-subprocess')\n"
                 "    return os.environ.get('NOETL_SECRET_HIDDEN', 'absent')\n")
         out = await pool.run(code, {}, 10)
         assert out.ok and out.result == "absent"
+        assert out.log == "before\nfrom-a-subprocess\n"   # in order, and only in the step's own log
         captured = capfd.readouterr()
-        assert "from-a-subprocess" not in captured.out and "from-a-subprocess" in captured.err
+        assert "from-a-subprocess" not in captured.out and "from-a-subprocess" not in captured.err
     finally:
         pool.close()

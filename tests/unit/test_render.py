@@ -147,6 +147,16 @@ def test_lenient_data_result_on_lists(ctx):
 
 # --- undefined ------------------------------------------------------------------------------
 
+def test_lenient_data_result_on_null():
+    # a control step's result is null: `{{ start.data }}` is that null, but nothing goes further down it
+    assert render("{{ start.data }}", {"start": None}) is None
+    assert render("{{ start['result'] }}", {"start": None}) is None
+    with pytest.raises(TemplateError, match="'x'"):
+        render("{{ start.data.x }}", {"start": None})
+    with pytest.raises(TemplateError, match="'other'"):
+        render("{{ start.other }}", {"start": None})
+
+
 def test_undefined_name_error_names_it(ctx):
     with pytest.raises(TemplateError) as ei:
         render("{{ workload.not_there_at_all }}", ctx)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from support import bearer, local_admin_token
 from test_http_api import HELLO, NOETL, SLOW, Server, server_env, until
 
 TOKEN = "tok-Remote-7Hq2-never-printed"
@@ -96,11 +97,20 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def noetl(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 60
           ) -> tuple[int, dict[str, Any] | None, subprocess.CompletedProcess[str]]:
     proc = subprocess.run([str(NOETL), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**server_env(), **(env or {})}, stdin=subprocess.DEVNULL)
+                          env={**server_env(), **_store_of(args), **(env or {})}, stdin=subprocess.DEVNULL)
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     report = json.loads(lines[0]) if "--json" in args and len(lines) == 1 else None
     return proc.returncode, report, proc
+
+
+def _store_of(args: tuple[str | Path, ...]) -> dict[str, str]:
+    """NOETL_STORE of the server a `--server URL` names: the command finds the server's admin.token beside
+    it, as on a developer's machine (the default store's folder)."""
+    if "--server" not in args:
+        return {}
+    store = Server.stores.get(str(args[args.index("--server") + 1]))
+    return {"NOETL_STORE": str(store)} if store is not None else {}
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -132,7 +142,7 @@ def test_hello_world_reports_like_embedded(tmp_path: Path, server: Server) -> No
     assert strip_ids(remote["events"]) == strip_ids(embedded["events"])
     assert set(remote["events"][0]) == set(embedded["events"][0])
     # the API holds the same execution
-    detail = httpx.get(f"{server.url}/api/executions/{remote['execution_id']}").json()
+    detail = httpx.get(f"{server.url}/api/executions/{remote['execution_id']}", headers=server.auth).json()
     assert detail["events"] == remote["events"]
 
 
@@ -174,10 +184,10 @@ def test_secrets_and_credentials_are_uploaded_never_printed(tmp_path: Path, serv
     assert report is not None and report["result"] == {"match": True}
     assert report["steps"]["check"]["result"]["length"] == len(TOKEN)
     assert TOKEN not in proc.stdout + proc.stderr
-    stored = {c["name"]: c for c in httpx.get(f"{server.url}/api/credentials").json()["items"]}
+    stored = {c["name"]: c for c in httpx.get(f"{server.url}/api/credentials", headers=server.auth).json()["items"]}
     assert stored["MY_TOKEN"]["type"] == "secret" and stored["remote_bearer"]["type"] == "bearer"
     assert "KEY" not in stored                               # the local store key is not a playbook secret
-    detail = httpx.get(f"{server.url}/api/executions/{report['execution_id']}")
+    detail = httpx.get(f"{server.url}/api/executions/{report['execution_id']}", headers=server.auth)
     assert TOKEN not in detail.text
 
 
@@ -208,8 +218,8 @@ def test_server_killed_mid_step_resumes_after_restart(tmp_path: Path) -> None:
         slow = write(tmp_path, "slow.yaml", SLOW)
         client = subprocess.Popen([str(NOETL), "run", str(slow), "--json", "--server", srv.url, "--payload",
                                    '{"seconds": 2}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=server_env())
-        api = httpx.Client(base_url=srv.url, timeout=5)
+                                  env={**server_env(), "NOETL_STORE": str(srv.store)})
+        api = httpx.Client(base_url=srv.url, timeout=5, headers=bearer(local_admin_token(srv.store)))
 
         def running() -> str | None:
             rows = api.get("/api/executions", params={"path": "tests/api_slow"}).json()

@@ -300,3 +300,32 @@ async def test_the_master_key_is_never_a_playbook_secret(pool):
                   config={"code": "def main(k):\n    return k\n"})
     emitted = await run(cmd, ports)
     assert emitted.last().kind == "action_failed" and "master-key-value" not in repr(list(emitted))
+
+
+# --- captured output per attempt (issue 10, worker side) ----------------------------------------------
+async def test_output_is_bounded_by_the_setting_keeping_its_start_and_end():
+    from noetl_runtime.settings import StepSettings
+    settings = StepSettings(log_max_bytes=4096)
+    code = "def main():\n    print('FIRST')\n    for i in range(100000):\n        print(i)\n    print('LAST')\n"
+    with PythonPool(1, settings=settings) as small:
+        done = (await run(command("python", config={"code": code}),
+                          dataclasses.replace(make_ports(small), step_settings=settings))).last()
+    assert isinstance(done, ActionCompleted)
+    assert done.log.startswith("FIRST\n0\n1\n") and done.log.endswith("99999\nLAST\n")
+    assert "bytes dropped" in done.log and len(done.log.encode()) < 4096 + 200
+
+
+async def test_a_failure_outside_the_step_code_logs_its_traceback():
+    failed = (await run(command("http", config={"endpoint": "http://[::1", "method": "GET"}), make_ports())).last()
+    assert isinstance(failed, ActionFailed) and failed.error.startswith("InvalidURL")
+    assert failed.log.startswith("Traceback (most recent call last)") and "InvalidURL" in failed.log
+
+
+async def test_step_limits_come_from_the_steps_config(pool):
+    cmd = command("python", config={"code": "def main():\n    return len(bytearray(300 << 20))\n",
+                                    "limits": {"memory_mb": 128}})
+    failed = (await run(cmd, make_ports(pool))).last()
+    assert isinstance(failed, ActionFailed) and failed.error == "MemoryError"
+    cmd = command("python", config={"code": "def main():\n    return 1\n", "limits": {"memory_mb": 10 ** 7}})
+    failed = (await run(cmd, make_ports(pool))).last()
+    assert isinstance(failed, ActionFailed) and "above the maximum" in failed.error

@@ -12,6 +12,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
+DEFAULT_LEASE_RETRIES = 3           # infrastructure retries of an attempt whose lease expired (NOETL_LEASE_RETRIES)
+DEFAULT_LEASE_RETRY_DELAY = 1.0     # seconds before the first of them, doubling (NOETL_LEASE_RETRY_DELAY)
+MAX_LEASE_RETRIES = 100
+MAX_LEASE_RETRY_DELAY = 3600.0
 
 # An instant, epoch seconds, on a message from outside the fold: finite and within what a timestamp can show
 # (year 9999). A `time` of NaN or 1e300 would otherwise reach the fold, which stamps events with it.
@@ -110,6 +114,11 @@ class StartExecution(_Msg):
     parent_step: str | None = None
     return_step: str | None = None
     lease_seconds: Seconds = 30.0
+    principal: str | None = None           # who started it (set by the API from the caller, never the body)
+    # A lease lost to an infrastructure fault (the worker went silent) re-sends the same attempt this many
+    # times, after lease_retry_delay × 2^(n-1) s, before the step's own `retry` policy counts it as a failure.
+    lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
+    lease_retry_delay: float = Field(DEFAULT_LEASE_RETRY_DELAY, ge=0, le=MAX_LEASE_RETRY_DELAY, allow_inf_nan=False)
 
 
 class CancelExecution(_Msg):
@@ -117,6 +126,7 @@ class CancelExecution(_Msg):
     execution_id: str
     time: Epoch
     reason: str = "cancelled"
+    principal: str | None = None           # who cancelled it (set by the API from the caller)
 
 
 class ActionStarted(_Msg):

@@ -15,6 +15,7 @@ class CatalogEntry(BaseModel):
     content: str                 # the YAML text as registered
     document: dict[str, Any]     # parsed
     created_at: float
+    registered_by: str | None = None   # the principal that registered this version (docs/security.md)
 
 
 class Credential(BaseModel):
@@ -27,7 +28,8 @@ class Credential(BaseModel):
 
 
 class CatalogPort(Protocol):
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry: ...
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry: ...
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None: ...  # None = latest
     async def list(self) -> list[CatalogEntry]: ...
 
@@ -37,6 +39,24 @@ class CredentialPort(Protocol):
     async def get(self, name: str) -> Credential | None: ...
     async def list(self) -> list[Credential]: ...         # `data` emptied
     async def delete(self, name: str) -> bool: ...
+
+
+class Claim(BaseModel):
+    """What a submission with an idempotency scope (an Idempotency-Key, or a client-chosen execution_id)
+    recorded: the execution it started, the hash of the request, the request and the answer given."""
+    scope: str
+    request_hash: str
+    execution_id: str
+    request: dict[str, Any]
+    answer: dict[str, Any]
+    created_at: float            # the StartExecution's `time`: a re-send repeats it (see docs/broker.md)
+
+
+class IdempotencyPort(Protocol):
+    async def get(self, scope: str) -> Claim | None: ...
+    # Record `claim` unless its scope is taken: None when recorded, else the claim already there. Raises
+    # noetl_common.refusals.Conflict when another scope holds the same execution_id.
+    async def claim(self, claim: Claim) -> Claim | None: ...
 
 
 # The worker reports facts (ActionStarted/Completed/Failed, heartbeats, ChildStarted) and starts child

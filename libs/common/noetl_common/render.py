@@ -21,6 +21,8 @@ from jinja2.runtime import Context, missing
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import object_type_repr
 
+from . import render_limits
+
 __all__ = [
     "TemplateError", "render", "evaluate", "truthy", "syntax_error", "referenced_names",
     "this_view", "unwrap", "missing_paths", "value_problem",
@@ -87,12 +89,13 @@ def _is_mapping(obj: Any) -> bool:
 
 class _Env(ImmutableSandboxedEnvironment):
     """Immutable sandbox (templates cannot mutate engine state) with keys-win and lenient
-    `.data`/`.result` lookups, and bounded `**` and `*` (see `call_binop`)."""
+    `.data`/`.result` lookups, bounded `**` and `*` (see `call_binop`), and bounded `%`-formatting,
+    padding, replace and join (noetl_common.render_limits, docs/security.md)."""
 
     context_class = _Context
     # Intercepted operators are also never constant-folded at compile time, so `{{ 9 ** 9 ** 9 }}` cannot
     # hang the compiler either.
-    intercepted_binops = frozenset(("**", "*"))
+    intercepted_binops = frozenset(("**", "*")) | render_limits.INTERCEPTED
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         """`**` and `*` are the two operators whose result can be huge from a tiny template (`9 ** 9 ** 9`,
@@ -106,7 +109,12 @@ class _Env(ImmutableSandboxedEnvironment):
                 if isinstance(seq, (str, list, tuple)) and _int(times) and len(seq) * times > MAX_REPEAT:
                     raise _NotAValue(f"a {type(seq).__name__} repeated {times} times is longer than "
                                      f"{MAX_REPEAT:,}")
-        return super().call_binop(context, operator, left, right)
+        return render_limits.binop(operator, left, right)   # `%` widths, int products, list lengths
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # double underscores like Jinja's own: a template's keyword argument cannot collide with them
+        args = render_limits.check_call(__obj, args, kwargs)
+        return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if _is_mapping(obj):
@@ -115,8 +123,8 @@ class _Env(ImmutableSandboxedEnvironment):
             except (KeyError, TypeError):
                 if attribute in _LENIENT:
                     return obj
-        elif attribute in _LENIENT and isinstance(obj, (list, tuple)):
-            return obj
+        elif attribute in _LENIENT and (obj is None or isinstance(obj, (list, tuple))):
+            return obj                          # null too: a control step's result (`{{ start.data }}`)
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
@@ -126,7 +134,7 @@ class _Env(ImmutableSandboxedEnvironment):
             except (KeyError, TypeError):
                 if type(argument) is str and argument in _LENIENT:
                     return obj
-        elif type(argument) is str and argument in _LENIENT and isinstance(obj, (list, tuple)):
+        elif type(argument) is str and argument in _LENIENT and (obj is None or isinstance(obj, (list, tuple))):
             return obj
         return super().getitem(obj, argument)
 
@@ -271,6 +279,7 @@ def _finalize(value: Any) -> Any:
 
 
 _ENV = _Env(undefined=_Undefined, autoescape=False, keep_trailing_newline=True, finalize=_finalize)
+_ENV.filters.update(render_limits.bounded_filters(_ENV.filters))
 _ENV.filters.update(tojson=_tojson, fromjson=json.loads, b64encode=_b64encode, b64decode=_b64decode)
 # Non-deterministic helpers would break replaying the fold: drop them.
 _ENV.filters.pop("random", None)

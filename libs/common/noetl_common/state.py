@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
-from noetl_common.messages import ActionSpec
+from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, ActionSpec
 
 StepStatus = Literal["running", "retry_wait", "completed", "failed", "cancelled"]
 ExecutionStatus = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
@@ -26,7 +26,10 @@ class Work(BaseModel):
     phase: Literal["action", "save"] = "action"
     dispatched: float
     started: float | None = None       # ActionStarted seen
+    worker_id: str | None = None       # who started it (ActionStarted), for the explainer
+    heartbeat: float | None = None     # the last ActionHeartbeat's time, for the explainer
     child_execution_id: str | None = None
+    infra_retries: int = 0             # times this attempt was re-sent because its lease expired
     result: Any = None                 # phase "save": the result being saved (kept for redelivery)
 
 
@@ -73,6 +76,8 @@ class ExecutionState(BaseModel):
     parent_step: str | None = None
     return_step: str | None = None
     lease_seconds: float = 30.0
+    lease_retries: int = DEFAULT_LEASE_RETRIES          # infrastructure retries per attempt (see fold._lease_lost)
+    lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
     status: ExecutionStatus = "RUNNING"
     started: float
     finished: float | None = None

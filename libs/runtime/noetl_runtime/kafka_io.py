@@ -8,6 +8,7 @@ record to the DLQ with `send_dead_letter` before the consumer commits past it.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.helpers import create_ssl_context
 
 from noetl_common.messages import DeadLetter
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
 # NOETL_TOPIC_PREFIX would pass every test and fail only against a real cluster.
 _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
+log = logging.getLogger("noetl.kafka")
+
 __all__ = [
-    "DeadLetter", "all_topic_names", "ensure_topics", "make_admin", "make_consumer",
+    "DeadLetter", "all_topic_names", "ensure_topics", "ensure_topics_best_effort", "make_admin", "make_consumer",
     "make_producer", "security_options", "send_dead_letter",
 ]
 
@@ -199,3 +202,16 @@ async def ensure_topics(
         return created
     finally:
         await admin.close()
+
+
+async def ensure_topics_best_effort(settings: Settings) -> None:
+    """A service's start: create the missing topics (of the settings' worker pool, NOETL_TOPIC_PARTITIONS
+    partitions). Without the rights to create topics they must exist already: a warning, not a failure."""
+    try:
+        created = await ensure_topics(settings, settings.topics, [settings.worker_pool],
+                                      partitions=settings.topic_partitions)
+    except KafkaError as exc:
+        log.warning("could not ensure topics: %r", exc)
+        return
+    if created:
+        log.info("created topics %s", created)

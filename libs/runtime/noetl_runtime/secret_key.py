@@ -32,7 +32,7 @@ def load_key(store_dir: str | os.PathLike[str], env: Mapping[str, str] | None = 
         return _read_key(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Fernet.generate_key()
     try:
         # O_EXCL: if two processes race on first use, exactly one key wins and the other reads it.

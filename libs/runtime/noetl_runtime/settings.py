@@ -9,7 +9,17 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, MAX_LEASE_RETRIES,
+                                   MAX_LEASE_RETRY_DELAY)
 from noetl_common.topics import Topics
+
+# The bound on executions in flight above which POST /api/executions/run answers 429 (NOETL_MAX_IN_FLIGHT;
+# 0: no bound). Measured with bench/load_ramp.py on a 2-core machine: see docs/decisions.md.
+DEFAULT_MAX_IN_FLIGHT = 64
+
+# The largest request body any HTTP route takes (NOETL_MAX_BODY_BYTES): a playbook is kilobytes, a step's
+# result posted by a worker may be megabytes; above this the answer is 413 (docs/security.md, Limits).
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # Kafka's names (security.protocol, sasl.mechanism); aiokafka and faust take the same strings.
@@ -67,10 +77,18 @@ class Settings(BaseSettings):
     query_group: str | None = None
     secret_key: SecretStr | None = None
     lease_seconds: float = Field(30.0, gt=0)
+    # An attempt whose lease expired (its worker went silent) is sent again this many times, after
+    # lease_retry_delay × 1, 2, 4, ... s, before the step's own `retry` policy counts it (docs/broker.md).
+    lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
+    lease_retry_delay: float = Field(DEFAULT_LEASE_RETRY_DELAY, ge=0, le=MAX_LEASE_RETRY_DELAY, allow_inf_nan=False)
+    max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=0)
     worker_pool: str = "default"
     worker_concurrency: int = Field(64, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8082, gt=0, lt=65536)
+    # NOETL_BROKER_URL: the brokers' web servers (e.g. their Service); the API and query roles ask them what a
+    # running execution waits for (GET /api/executions/{id}/explain). Unset: that route answers 503 for one.
+    broker_url: str | None = None
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")
@@ -93,6 +111,95 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(prefix=self.topic_prefix)
+
+
+class HttpLimits(BaseSettings):
+    """The limits every HTTP app applies, read on their own: the embedded server builds its apps without
+    the Kafka settings."""
+    model_config = SettingsConfigDict(env_prefix="NOETL_", extra="ignore", frozen=True)
+
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+
+
+def load_http_limits(**overrides: Any) -> HttpLimits:
+    return HttpLimits(**overrides)
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma- or whitespace-separated list from one environment variable."""
+    return tuple(part for part in raw.replace(",", " ").split() if part)
+
+
+class StepSettings(BaseSettings):
+    """How step code is isolated (docs/security.md, "How step code is isolated"): NOETL_STEP_* variables.
+
+    Read by the worker in both modes (`load_step_settings()`), apart from `Settings` so an embedded engine
+    never needs the Kafka settings to be valid. Each limit has a default and a maximum: a step's own
+    `limits:` may ask for any value up to the maximum, and the maximum is what hostile code is held to.
+    """
+    model_config = SettingsConfigDict(env_prefix="NOETL_STEP_", extra="ignore", frozen=True)
+
+    # When the engine runs as root, python steps run as this user (it must exist and must not be root;
+    # the image creates `noetl-step`). `nobody` exists on every Linux but is shared with other services.
+    user: str = Field("nobody", min_length=1)
+    # Where each attempt's working directory is made (a private folder per pool inside it); unset: the
+    # system's temporary directory.
+    work_dir: str | None = None
+    # Environment variables python steps see besides PATH, LANG, LC_*, TZ and a few PYTHON*/SSL ones:
+    # names separated by commas or spaces. NOETL_* variables are never passed, even when named here.
+    env_allow: str = ""
+    # Modules each python process imports once at start, so steps that use them do not pay the import.
+    preload: str = ""
+    # Resource limits of one python step, and the largest a step may ask for.
+    memory_mb: int = Field(1024, ge=16)
+    max_memory_mb: int = Field(16384, ge=16)
+    cpu_seconds: int = Field(600, ge=1)
+    max_cpu_seconds: int = Field(86400, ge=1)
+    processes: int = Field(64, ge=1)
+    max_processes: int = Field(1024, ge=1)
+    open_files: int = Field(1024, ge=16)
+    max_open_files: int = Field(65536, ge=16)
+    file_size_mb: int = Field(1024, ge=1)
+    max_file_size_mb: int = Field(65536, ge=1)
+    # Captured output of an attempt (python stdout/stderr, tracebacks, notes) kept in its ActionCompleted/
+    # ActionFailed `log`: at most this many bytes, its start and its end.
+    log_max_bytes: int = Field(256 * 1024, ge=1024)
+    # Directories (and URL prefixes such as s3://bucket/) DuckDB steps may read and write, and the DuckDB
+    # extensions they may INSTALL/LOAD; everything else outside the process is refused.
+    duckdb_directories: str = ""
+    duckdb_extensions: str = ""
+
+    @model_validator(mode="after")
+    def _defaults_within_maximums(self) -> StepSettings:
+        for name in ("memory_mb", "cpu_seconds", "processes", "open_files", "file_size_mb"):
+            if getattr(self, name) > getattr(self, f"max_{name}"):
+                raise ValueError(f"NOETL_STEP_{name.upper()} ({getattr(self, name)}) is above "
+                                 f"NOETL_STEP_MAX_{name.upper()} ({getattr(self, f'max_{name}')})")
+        bad = [n for n in _names(self.env_allow) if n.upper().startswith("NOETL_")]
+        if bad:
+            raise ValueError(f"NOETL_STEP_ENV_ALLOW cannot pass engine variables to steps: {', '.join(bad)}")
+        return self
+
+    @property
+    def env_allow_names(self) -> tuple[str, ...]:
+        return _names(self.env_allow)
+
+    @property
+    def preload_modules(self) -> tuple[str, ...]:
+        return _names(self.preload)
+
+    @property
+    def duckdb_directory_list(self) -> tuple[str, ...]:
+        return _names(self.duckdb_directories)
+
+    @property
+    def duckdb_extension_names(self) -> tuple[str, ...]:
+        return tuple(n.lower() for n in _names(self.duckdb_extensions))
+
+
+def load_step_settings(**overrides: Any) -> StepSettings:
+    """Step isolation settings from the environment; keyword overrides (field names) win over it."""
+    return StepSettings(**overrides)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -11,6 +11,7 @@ guarded by a lock (sqlite3 releases the GIL, and WAL lets other processes read m
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -22,11 +23,12 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel
 
 from noetl_common.messages import TERMINAL_EVENTS, DeadLetter, Event
-from noetl_common.ports import CatalogEntry, Credential
+from noetl_common.ports import CatalogEntry, Claim, Credential
+from noetl_common.refusals import Conflict
 from noetl_runtime import secret_key
 
 DEFAULT_PATH = Path("~/.noetl/noetl.db")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the idempotency table
 
 _TERMINAL_STATUS = {
     "execution_complete": "COMPLETED",
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS catalog (
     content     TEXT NOT NULL,
     document    TEXT NOT NULL,
     created_at  REAL NOT NULL,
+    registered_by TEXT,                 -- the principal that registered it (docs/security.md)
     PRIMARY KEY (path, version)
 );
 CREATE TABLE IF NOT EXISTS credentials (
@@ -87,7 +90,29 @@ CREATE TABLE IF NOT EXISTS executions (   -- read model, maintained from the eve
     end_time            TEXT,
     error               TEXT
 );
+CREATE TABLE IF NOT EXISTS idempotency (   -- submissions with an Idempotency-Key or a client-chosen id
+    scope        TEXT PRIMARY KEY,      -- "key:<Idempotency-Key>" or "id:<execution_id>"
+    request_hash TEXT NOT NULL,         -- sha256 of the canonical request: a reuse with another body is a 409
+    execution_id TEXT NOT NULL UNIQUE,  -- one scope per execution: a second one naming it is a 409
+    request      TEXT NOT NULL,         -- JSON: what a re-send of the start is rebuilt from
+    answer       TEXT NOT NULL,         -- JSON: the answer a retry gets again
+    created_at   REAL NOT NULL          -- the start's `time`
+);
 """
+
+
+def _private_file(path: Path) -> None:
+    """The store readable by its owner only (0600; its folder 0700 when we create it), so step code running
+    as another user (docs/security.md) cannot read the catalog, the events or the encrypted credentials.
+    SQLite gives its -wal and -shm files the database file's mode; older ones are narrowed too."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if each.stat().st_mode & 0o077:
+                each.chmod(0o600)
+        except FileNotFoundError:
+            pass
 
 
 class ExecutionSummary(BaseModel):
@@ -109,7 +134,7 @@ class SqliteStore:
 
     def __init__(self, path: str | Path | None = None, *, key: bytes | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else DEFAULT_PATH.expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(self.path)
         self._key = key
         self._fernet: Fernet | None = None
         self._lock = threading.RLock()
@@ -119,8 +144,12 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._lock:   # executescript commits first, so the script brings its own transaction
             self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
+            if "registered_by" not in columns:   # a store from before authentication
+                self._db.execute("ALTER TABLE catalog ADD COLUMN registered_by TEXT")
         self.catalog = SqliteCatalog(self)
         self.credentials = SqliteCredentials(self)
+        self.idempotency = SqliteIdempotency(self)
 
     # ----------------------------------------------------------------------------------------- plumbing
     @contextmanager
@@ -272,9 +301,9 @@ def _project(db: sqlite3.Connection, ev: Event) -> None:
 
 
 def _entry(row: tuple[Any, ...]) -> CatalogEntry:
-    path, version, content, document, created_at = row
+    path, version, content, document, created_at, registered_by = row
     return CatalogEntry(path=path, version=version, content=content, document=json.loads(document),
-                        created_at=created_at)
+                        created_at=created_at, registered_by=registered_by)
 
 
 class SqliteCatalog:
@@ -283,18 +312,20 @@ class SqliteCatalog:
     def __init__(self, store: SqliteStore) -> None:
         self._s = store
 
-    async def register(self, content: str, document: dict[str, Any], path: str) -> CatalogEntry:
+    async def register(self, content: str, document: dict[str, Any], path: str,
+                       registered_by: str | None = None) -> CatalogEntry:
         now = time.time()
         with self._s._tx() as db:
             (current,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM catalog WHERE path = ?", (path,)).fetchone()
             version = current + 1
-            db.execute("INSERT INTO catalog (path, version, content, document, created_at) VALUES (?, ?, ?, ?, ?)",
-                       (path, version, content, json.dumps(document), now))
-        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now)
+            db.execute("INSERT INTO catalog (path, version, content, document, created_at, registered_by)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (path, version, content, json.dumps(document), now, registered_by))
+        return CatalogEntry(path=path, version=version, content=content, document=document, created_at=now,
+                            registered_by=registered_by)
 
     async def get(self, path: str, version: int | None = None) -> CatalogEntry | None:
         """The given version, or the latest when `version` is None."""
-        sql = "SELECT path, version, content, document, created_at FROM catalog WHERE path = ?"
+        sql = "SELECT path, version, content, document, created_at, registered_by FROM catalog WHERE path = ?"
         if version is None:
             rows = self._s._query(sql + " ORDER BY version DESC LIMIT 1", (path,))
         else:
@@ -303,7 +334,7 @@ class SqliteCatalog:
 
     async def list(self) -> list[CatalogEntry]:
         """Every registered version, by path then version."""
-        rows = self._s._query("SELECT path, version, content, document, created_at FROM catalog"
+        rows = self._s._query("SELECT path, version, content, document, created_at, registered_by FROM catalog"
                               " ORDER BY path, version")
         return [_entry(r) for r in rows]
 
@@ -347,3 +378,33 @@ class SqliteCredentials:
     async def delete(self, name: str) -> bool:
         with self._s._tx() as db:
             return db.execute("DELETE FROM credentials WHERE name = ?", (name,)).rowcount > 0
+
+
+class SqliteIdempotency:
+    """IdempotencyPort: one row per scope, kept (a retry may come after a restart, days later)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._s = store
+
+    async def get(self, scope: str) -> Claim | None:
+        rows = self._s._query("SELECT scope, request_hash, execution_id, request, answer, created_at"
+                              " FROM idempotency WHERE scope = ?", (scope,))
+        if not rows:
+            return None
+        scope, digest, eid, request, answer, created = rows[0]
+        return Claim(scope=scope, request_hash=digest, execution_id=eid, request=json.loads(request),
+                     answer=json.loads(answer), created_at=created)
+
+    async def claim(self, claim: Claim) -> Claim | None:
+        with self._s._tx() as db:
+            if db.execute("SELECT 1 FROM idempotency WHERE scope = ?", (claim.scope,)).fetchone():
+                existing = True
+            elif db.execute("SELECT 1 FROM idempotency WHERE execution_id = ?", (claim.execution_id,)).fetchone():
+                raise Conflict(f"execution_id {claim.execution_id!r} already names another execution")
+            else:
+                existing = False
+                db.execute("INSERT INTO idempotency (scope, request_hash, execution_id, request, answer, created_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           (claim.scope, claim.request_hash, claim.execution_id, json.dumps(claim.request),
+                            json.dumps(claim.answer), claim.created_at))
+        return await self.get(claim.scope) if existing else None

@@ -35,7 +35,9 @@ from faust.types import EventT
 from noetl_common.batch import BatchOutput, Record, fold_batch
 from noetl_common.state_access import StateCache, TableStates
 from noetl_common.codec import encode
+from noetl_common.explain import explain
 from noetl_common.messages import TimerFired
+from noetl_common.state import ExecutionState
 from noetl_runtime import kafka_io
 
 from noetl_broker.eviction import Evictions
@@ -296,8 +298,8 @@ class Broker:
             del store[key]
         self.cache.clear()
         parsed = [(k.decode(), *schedule_of(v)) for k, v in list(store.items()) if v is not None]
-        scheduled = self.timers.replace(((eid, timers) for eid, timers, _ in parsed), self.assigned)
-        self.evictions.rebuild((eid, at) for eid, _, at in parsed if at is not None)
+        scheduled = self.timers.replace(((eid, timers, lease) for eid, timers, _, lease in parsed), self.assigned)
+        self.evictions.rebuild((eid, at) for eid, _, at, _ in parsed if at is not None)
         self.recovered = True
         log.info("table recovered: partitions %s, %d deadline(s) scheduled", sorted(self.assigned), scheduled)
 
@@ -311,6 +313,14 @@ class Broker:
             log.error("records taken before the rebalance are not durable yet; stopping the broker rather than "
                       "risk a late snapshot after the new owner's")
             await self.app.crash(RuntimeError("rebalance: in-flight batches did not settle in time"))
+
+    async def explain(self, execution_id: str, now: float) -> dict[str, Any] | None:
+        """What an execution of this worker's partitions waits for, from the table's latest snapshot (folded,
+        perhaps not yet durable: the freshest view). None when another worker owns it, or it was evicted."""
+        raw = self.table.data.get(execution_id.encode())
+        if raw is None:
+            return None
+        return explain(ExecutionState.from_bytes(raw), now).as_json()
 
     def not_ready(self) -> str | None:
         if not self.recovered:

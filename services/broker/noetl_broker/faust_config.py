@@ -6,6 +6,7 @@ the folder owning the table's writes (app.py).
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from typing import Any
 
@@ -55,6 +56,7 @@ def app_options(settings: BrokerSettings) -> dict[str, Any]:
         web_port=settings.http_port,
         web_bind=settings.http_host,
         web_host=settings.http_host,
+        canonical_url=f"http://{canonical_host(settings)}:{settings.http_port}",
         web_stats_enabled=False, web_graph_enabled=False, web_router_enabled=False, web_tables_enabled=False,
         web_metrics_enabled=False,
         # faust makes `<datadir>/v1/tables` even for memory:// (the only store allowed); its default datadir is
@@ -62,3 +64,15 @@ def app_options(settings: BrokerSettings) -> dict[str, Any]:
         datadir=os.path.join(tempfile.gettempdir(), f"noetl-broker-faust.{app_id(settings)}"),
     )
     return options
+
+
+def canonical_host(settings: BrokerSettings) -> str:
+    """Where the other brokers reach this one (they forward /explain requests for its partitions here)."""
+    if settings.broker_canonical_host:
+        return settings.broker_canonical_host
+    if settings.http_host not in ("0.0.0.0", "::", ""):
+        return settings.http_host
+    try:   # bound to every interface: a pod's (or a container's) name resolves to its own IP in /etc/hosts
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()

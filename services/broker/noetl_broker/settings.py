@@ -34,6 +34,11 @@ class BrokerSettings(Settings):
     # (eviction.py).
     broker_evict_after: float = Field(3600.0, ge=0)
     broker_web: bool = True                            # serve /health, /ready, /metrics on NOETL_HTTP_PORT
+    # NOETL_BROKER_CANONICAL_HOST: the host other brokers reach this one's web server at, to forward an
+    # /explain request for an execution of its partitions (faust's canonical_url is http://HOST:HTTP_PORT).
+    # Default: HTTP_HOST, or when that binds every interface (0.0.0.0, a pod), the address this host's name
+    # resolves to (a pod's own IP, from its /etc/hosts). See faust_config.canonical_host.
+    broker_canonical_host: str | None = None
 
     @property
     def pools(self) -> list[str]:

@@ -3,7 +3,8 @@
 The deadlines themselves live in the execution states (`state.timers`), i.e. in the table and its
 changelog: that is what makes them durable. This heap is only a schedule of them, for the partitions this
 worker owns, rebuilt from the table after every recovery (start, restart, rebalance) and kept up to date by
-the agent as states change. Firing sends `TimerFired(execution_id, timer, time)` to noetl.requests; the fold
+the agent as states change. After a recovery a lease deadline is held back to one lease after it (the
+broker could not hear the workers while it was away). Firing sends `TimerFired(execution_id, timer, time)` to noetl.requests; the fold
 drops a TimerFired whose deadline was cleared or moved, so firing twice (e.g. once before a crash and once
 after the rebuild) is harmless, and nothing due is ever lost.
 
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka.partitioner import murmur2
 
+from noetl_common.engine.leases import recovered_fire_time
 from noetl_common.messages import TimerFired
 
 log = logging.getLogger("noetl.broker.timers")
@@ -27,25 +29,22 @@ Fire = Callable[[list[TimerFired]], Awaitable[None]]
 RETRY_AFTER = 0.5   # seconds before a deadline whose TimerFired could not be produced is tried again
 
 
-def timers_of(raw: bytes) -> dict[str, float]:
-    """The durable deadlines in a snapshot (empty for a finished execution): for rebuilding the timer heap."""
-    return schedule_of(raw)[0]
-
-
-def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None]:
-    """A snapshot's live deadlines, and when it finished (None while it runs): one parse, for a recovery.
+def schedule_of(raw: bytes) -> tuple[dict[str, float], float | None, float]:
+    """A snapshot's live deadlines, when it finished (None while it runs) and its lease: one parse, for a
+    recovery.
 
     A snapshot that cannot be read here has neither: it stays in the table untouched until a message for
     its execution arrives, and the batch fold then quarantines the execution (noetl_common.batch)."""
     try:
         data = json.loads(raw)
+        lease = float(data.get("lease_seconds") or 0.0)
         if data.get("status") == "RUNNING":
-            return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None
+            return {str(key): float(due) for key, due in (data.get("timers") or {}).items()}, None, lease
         finished = data.get("finished")
-        return {}, float(finished if finished is not None else data.get("started") or 0.0)
+        return {}, float(finished if finished is not None else data.get("started") or 0.0), lease
     except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         log.error("an execution snapshot cannot be read (%s): no deadline scheduled for it", exc)
-        return {}, None
+        return {}, None, 0.0
 
 
 def partition_of(execution_id: str, partitions: int) -> int:
@@ -81,19 +80,24 @@ class TimerLoop:
 
     def rebuild(self, snapshots: Iterable[tuple[str, bytes]], owned: set[int]) -> int:
         """Replace the schedule with the deadlines of these snapshots (the table after a recovery)."""
-        return self.replace(((eid, timers_of(raw)) for eid, raw in snapshots if raw is not None), owned)
+        parsed = ((eid, schedule_of(raw)) for eid, raw in snapshots if raw is not None)
+        return self.replace(((eid, timers, lease) for eid, (timers, _, lease) in parsed), owned)
 
-    def replace(self, schedules: Iterable[tuple[str, dict[str, float]]], owned: set[int]) -> int:
-        """Replace the schedule with these executions' deadlines (parsed from the table after a recovery)."""
+    def replace(self, schedules: Iterable[tuple[str, dict[str, float], float]], owned: set[int]) -> int:
+        """Replace the schedule with these executions' (deadlines, lease) (parsed from the table after a
+        recovery). A lease deadline fires no sooner than one lease from now (leases.recovered_fire_time): the
+        heartbeats and results that waited while this worker did not own the partition come first."""
         self._owned = set(owned)
         self._heap.clear()
         self._current.clear()
-        for execution_id, timers in schedules:
+        now = self._clock()
+        for execution_id, timers, lease_seconds in schedules:
             if partition_of(execution_id, self._partitions) not in self._owned:
                 continue
             if timers:
                 self._current[execution_id] = timers
-                self._heap.extend((due, execution_id, key, due) for key, due in timers.items())
+                self._heap.extend((recovered_fire_time(key, due, lease_seconds, now), execution_id, key, due)
+                                  for key, due in timers.items())
         heapq.heapify(self._heap)
         self._poke()
         return len(self._heap)

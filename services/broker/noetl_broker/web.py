@@ -1,5 +1,9 @@
-"""The broker's HTTP views on faust's web server: /health, /ready, /metrics."""
+"""The broker's HTTP views on faust's web server: /health, /ready, /metrics, and /explain/{execution_id}
+(what the execution waits for, from the table; forwarded to the worker that owns its partition)."""
 from __future__ import annotations
+
+import math
+import time
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -21,6 +25,20 @@ def install_views(app: faust.App, broker: Broker) -> None:
         if why is not None:
             return web.json({"status": "not ready", "reason": why}, status=503)
         return web.json({"status": "ready", "partitions": sorted(broker.assigned)})
+
+    @app.page("/explain/{execution_id}")
+    @app.table_route(table=broker.table, match_info="execution_id")
+    async def explain(web: Any, request: Any, execution_id: str) -> Any:
+        try:
+            now = float(request.query.get("now") or time.time())   # the asking API's clock
+        except ValueError:
+            now = math.nan
+        if not math.isfinite(now):
+            return web.json({"detail": "now must be a finite number of epoch seconds"}, status=400)
+        body = await broker.explain(execution_id, now)
+        if body is None:
+            return web.json({"detail": f"no state of execution {execution_id!r} on this broker"}, status=404)
+        return web.json(body)
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:

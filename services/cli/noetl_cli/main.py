@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
+from noetl_cli.tokens import token_app
 from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, run_command)
 from noetl_runtime.sqlite_store import SqliteStore
 
@@ -23,6 +24,7 @@ catalog_app = typer.Typer(help="The playbook catalog of the local store.", no_ar
 credential_app = typer.Typer(help="Credentials in the local store (encrypted at rest).", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(credential_app, name="credential")
+app.add_typer(token_app, name="token")
 # soft_wrap: messages are never broken at 80 columns when stderr is not a terminal (paths stay whole).
 # Everything user-supplied that is printed through it is escaped: `[x]` in a message is text, not markup.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -65,14 +67,23 @@ def server_command(ctx: typer.Context,
                    kafka: Optional[str] = typer.Option(
                        None, "--kafka", metavar="BOOTSTRAP",
                        help="Run on Kafka (host:port[,host:port]) + Postgres instead of SQLite; needs "
-                            "--database-url (or NOETL_DATABASE_URL). Only this flag selects Kafka mode: an "
+                            "NOETL_DATABASE_URL or --database-url-file. Only this flag selects Kafka mode: an "
                             "exported NOETL_KAFKA_BOOTSTRAP does not. Other settings come from NOETL_* "
                             "(docs/cluster.md)."),
                    database_url: Optional[str] = typer.Option(
                        None, "--database-url", metavar="DSN", envvar="NOETL_DATABASE_URL",
-                       help="Postgres for the catalog, credentials and read model (with --kafka only)."),
+                       help="Postgres for the catalog, credentials and read model (with --kafka only). "
+                            "Prefer NOETL_DATABASE_URL or --database-url-file: a command line is readable "
+                            "by every local user."),
+                   database_url_file: Optional[Path] = typer.Option(
+                       None, "--database-url-file", metavar="PATH", envvar="NOETL_DATABASE_URL_FILE",
+                       help="A file (mode 0600, or a mounted secret) holding the Postgres DSN (with --kafka)."),
                    log_level: str = typer.Option("INFO", "--log-level", envvar="NOETL_LOG_LEVEL",
-                                                 help="DEBUG, INFO, WARNING or ERROR.")
+                                                 help="DEBUG, INFO, WARNING or ERROR."),
+                   max_in_flight: Optional[int] = typer.Option(
+                       None, "--max-in-flight", envvar="NOETL_MAX_IN_FLIGHT", min=0,
+                       help="Executions in flight above which POST /api/executions/run answers 429 with "
+                            "Retry-After (0: no bound; default 64).")
                    ) -> None:
     """Serve the HTTP API with every role in this process; resumes in-flight executions. Embedded (SQLite
     store, in-process workers) by default; on Kafka + Postgres with --kafka and --database-url. JSON logs on
@@ -81,22 +92,58 @@ def server_command(ctx: typer.Context,
         source = ctx.get_parameter_source(name)   # typer's vendored click: compare by name, not by class
         return source is not None and source.name == "COMMANDLINE"
 
+    if database_url_file is not None:
+        if database_url and given("database_url"):
+            err.print("[red]error:[/] give the DSN once: --database-url or --database-url-file, not both")
+            raise typer.Exit(2)
+        if kafka:    # the file wins over an exported NOETL_DATABASE_URL
+            from noetl_runtime.dsn_file import read_dsn_file
+            try:
+                database_url = read_dsn_file(database_url_file)
+            except ValueError as exc:
+                err.print(f"[red]error:[/] {escape(str(exc))}")
+                raise typer.Exit(2)
+        elif given("database_url_file"):
+            err.print("[red]error:[/] --database-url-file needs --kafka (embedded mode keeps its data in SQLite)")
+            raise typer.Exit(2)
     if kafka:
         if store is not None and given("store"):
             err.print("[red]error:[/] --store is for embedded mode; with --kafka the data lives in Postgres")
             raise typer.Exit(2)
         if not database_url:
-            err.print("[red]error:[/] --kafka needs --database-url (or NOETL_DATABASE_URL): the catalog, "
-                      "credentials and read model live in Postgres")
+            err.print("[red]error:[/] --kafka needs --database-url (or NOETL_DATABASE_URL, or "
+                      "--database-url-file): the catalog, credentials and read model live in Postgres")
             raise typer.Exit(2)
+        if given("database_url"):
+            err.print("[yellow]warning:[/] the DSN on the command line is readable by every local user "
+                      "(ps); prefer NOETL_DATABASE_URL or --database-url-file")
         from noetl_cli.server_kafka import serve_kafka   # faust, aiokafka and asyncpg only for this mode
-        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level))
+        raise typer.Exit(serve_kafka(host, port, kafka, database_url, log_level, max_in_flight))
     if database_url and given("database_url"):
         # An exported NOETL_DATABASE_URL alone does not switch modes; a typed --database-url means Kafka mode.
         err.print("[red]error:[/] --database-url needs --kafka (embedded mode keeps its data in SQLite)")
         raise typer.Exit(2)
     from noetl_cli.server import serve   # FastAPI and uvicorn only for this command
-    raise typer.Exit(serve(host, port, store, log_level))
+    from noetl_ingest.admission import DEFAULT_MAX_IN_FLIGHT
+    raise typer.Exit(serve(host, port, store, log_level,
+                           DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight))
+
+
+@app.command()
+def status(execution_id: str = typer.Argument(..., help="The execution id."),
+           server: str = typer.Option("http://127.0.0.1:8080", "--server", metavar="URL", envvar="NOETL_SERVER",
+                                      help="The noetl server or cluster (its HTTP API)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the execution and its explanation as JSON.")
+           ) -> None:
+    """Status and progress of an execution on a server, and what it waits for (step attempts, leases, retry
+    timers, joins, iterators, child executions), until when."""
+    from noetl_cli.status import status_command   # httpx only
+    try:
+        code = status_command(server, execution_id, as_json)
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()

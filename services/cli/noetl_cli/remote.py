@@ -5,7 +5,10 @@
 2. upload every NOETL_SECRET_<NAME> of this environment as credential NAME, type "secret", data {"value"}
    (the workers do not share this environment; their `{{ secret.NAME }}` lookup falls back to that
    credential), then the --credentials entries (so an explicit credential wins a name clash);
-3. POST /api/executions/run, poll the execution (cancel it once --timeout has passed), print the report of
+3. POST /api/executions/run with an Idempotency-Key (a new UUID per command), retried with the same key
+   on a connection error, a timeout, 429 (after its Retry-After) and 503 for up to SUBMIT_RETRY_FOR
+   seconds: a retry of a start the server did take returns the same execution, never a second one;
+   then poll the execution (cancel it once --timeout has passed), print the report of
    embedded mode from the API's data. Exit 0 COMPLETED, 1 FAILED/CANCELLED, 2 INVALID or unusable input
    (also when the server cannot be reached).
 """
@@ -16,9 +19,11 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from rich.console import Console
@@ -36,6 +41,8 @@ POLL_FIRST, POLL_MAX = 0.01, 0.2          # seconds: quick runs report fast, lon
 UNREACHABLE_FOR = 120.0                   # give up after the server has not answered for this long
 UNSEEN_FOR = 60.0                         # ... or has not shown the accepted execution for this long
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+SUBMIT_RETRY_FOR = 120.0                  # keep retrying the start (same Idempotency-Key) for this long
+SUBMIT_BACKOFF = (0.2, 5.0)               # first and longest pause between two tries, seconds
 
 
 class RemoteError(UsageError):
@@ -60,7 +67,11 @@ class _Api:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text[:500]
-            raise RemoteError(f"{what}: HTTP {response.status_code}: {detail}")
+            hint = ""
+            if response.status_code == 401:
+                hint = (" (set NOETL_API_TOKEN to a token of this server: `noetl token create`; a local `noetl "
+                        "server` writes one to admin.token beside its store, which is read for loopback URLs)")
+            raise RemoteError(f"{what}: HTTP {response.status_code}: {detail}{hint}")
         return response.json()
 
 
@@ -115,7 +126,9 @@ def run_remote(server: str, file: Path, payload: dict[str, Any], catalogs: list[
 async def _run(server: str, text: str, file: Path, payload: dict[str, Any], catalogs: list[Path],
                credentials: Path | None, out: Console, err: Console, as_json: bool, timeout: float | None,
                started: float) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server, timeout=30.0) as client:
+    token = api_token(server, os.environ)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=server, timeout=30.0, headers=headers) as client:
         api = _Api(client, server)
         store = _RemoteStore(api, err)
         await register_catalogs(store, catalogs)   # type: ignore[arg-type]  # duck-typed: catalog.register
@@ -130,8 +143,7 @@ async def _run(server: str, text: str, file: Path, payload: dict[str, Any], cata
                                         f"uploaded by noetl run --server from {SECRET_PREFIX}{name}")
         if credentials is not None:
             await load_credentials(store, credentials)   # type: ignore[arg-type]  # duck-typed: credentials.put
-        run = await api.call("POST", "/api/executions/run",
-                             json={"path": entry["path"], "version": entry["version"], "parameters": payload})
+        run = await _submit(api, {"path": entry["path"], "version": entry["version"], "parameters": payload}, err)
         if run.status_code == 400 and "errors" in run.json():
             return invalid_report(run.json()["errors"], _ms(started))
         execution_id = api.ok(run, f"starting {entry['path']}")["execution_id"]
@@ -145,6 +157,53 @@ async def _run(server: str, text: str, file: Path, payload: dict[str, Any], cata
     return {"execution_id": execution_id, "status": detail["status"], "result": detail.get("result"),
             "error": detail.get("error"), "steps": detail.get("steps", {}), "events": detail.get("events", []),
             "duration_ms": _ms(started)}
+
+
+def api_token(server: str, environ: Mapping[str, str]) -> str | None:
+    """NOETL_API_TOKEN; else, for a server on this machine (a loopback URL), the admin token a local
+    `noetl server` wrote beside the default store (NOETL_STORE's folder, else ~/.noetl)."""
+    token = environ.get("NOETL_API_TOKEN", "").strip()
+    if token:
+        return token
+    from noetl_runtime.auth import is_loopback
+    from noetl_runtime.tokens import ADMIN_TOKEN_FILE
+    from noetl_runtime.sqlite_store import DEFAULT_PATH
+
+    if not is_loopback(urlsplit(server).hostname or ""):
+        return None
+    path = Path(environ.get("NOETL_STORE") or DEFAULT_PATH).expanduser().parent / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+async def _submit(api: _Api, body: dict[str, Any], err: Console) -> httpx.Response:
+    """POST /api/executions/run, retried with one Idempotency-Key while the server cannot answer."""
+    key = str(uuid.uuid4())
+    give_up_at = time.monotonic() + SUBMIT_RETRY_FOR
+    delay = SUBMIT_BACKOFF[0]
+    while True:
+        try:
+            response = await api.client.post("/api/executions/run", json=body, headers={"Idempotency-Key": key})
+        except httpx.TransportError as exc:   # refused, reset, timed out: maybe taken, maybe not
+            why, pause = f"{type(exc).__name__}: {exc}", delay
+            if time.monotonic() + pause > give_up_at:
+                raise RemoteError(f"cannot reach the server at {api.server}: {why}") from exc
+        else:
+            if response.status_code not in (429, 503):
+                return response
+            why, pause = f"HTTP {response.status_code}", _retry_after(response) or delay
+            if time.monotonic() + pause > give_up_at:
+                return response
+        err.print(f"[yellow]retrying the start[/] ({escape(why)}) in {pause:.1f} s")
+        await asyncio.sleep(pause)
+        delay = min(SUBMIT_BACKOFF[1], delay * 2)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return min(float(value), SUBMIT_BACKOFF[1] * 6) if value.isdigit() else None
 
 
 def _secrets(environ: Mapping[str, str]) -> dict[str, str]:

@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from noetl_common.dsl import load_playbook
+from noetl_common.dsl import load_playbook, playbook_identity
 from noetl_common.merge import deep_merge
 from noetl_runtime.report import invalid_report, run_report
 from noetl_runtime.sqlite_store import SqliteStore
@@ -59,6 +59,9 @@ def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], crede
     text = read_playbook_text(file)
     playbook, problems = load_playbook(text)
     errors = problems_as_errors(problems)
+    for p in problems:   # warnings name what was ignored or assumed; with --json they go to stderr
+        if p.severity == "warning":
+            out.print("[yellow]warning[/] " + escape(f"{p.path} (line {p.line}): {p.message}"))
     if playbook is None:
         report = invalid_report(errors, int((time.monotonic() - started) * 1000))
         if as_json:
@@ -83,7 +86,7 @@ async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str
                store_path: Path | None, started: float) -> dict[str, Any]:
     # Imported here: the runtime pulls in the worker and every action (httpx, asyncpg, duckdb), which
     # `validate`, `catalog` and `credential` do not need (they start about twice as fast without it).
-    from noetl_runtime.embedded import EmbeddedRuntime
+    from noetl_embedded.runtime import EmbeddedRuntime
 
     store = SqliteStore(store_path)
     try:
@@ -123,8 +126,8 @@ async def register_catalogs(store: SqliteStore, folders: list[Path]) -> int:
                 doc = yaml.safe_load(text)
             except yaml.YAMLError:
                 continue
-            path = (doc.get("metadata") or {}).get("path") if isinstance(doc, dict) else None
-            if isinstance(doc, dict) and doc.get("kind") == "Playbook" and isinstance(path, str):
+            path = playbook_identity(doc)[1] if isinstance(doc, dict) else None
+            if isinstance(doc, dict) and doc.get("kind") == "Playbook" and path:
                 await store.catalog.register(text, doc, path)
                 count += 1
     return count

@@ -1,8 +1,9 @@
 """`noetl server --kafka BOOTSTRAP --database-url DSN`: every role of the cluster in one process, on one
 event loop, on Kafka + Postgres (docs/cluster.md, "One process").
 
-    the API      one uvicorn server: ingest's write routes + the query and render routers over the
-                 Postgres read model (the app `python -m noetl_ingest` serves), + /health /ready /metrics
+    the API      one uvicorn server: `noetl_frontend.app.cluster_api`, the app `python -m noetl_frontend`
+                 serves (ingest's writes, the query and render routers over the Postgres read model),
+                 + /health /ready /metrics
     the broker   the faust app of `noetl_broker.create_app`, started by a faust Worker on this loop
     a worker     `WorkerService` of the pool NOETL_WORKER_POOL (default `default`), no HTTP of its own
     projection   `QueryConsumer`: noetl.events + noetl.catalog -> Postgres
@@ -28,6 +29,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,7 @@ log = logging.getLogger("noetl.server")
 
 STARTUP_TIMEOUT = 30.0      # seconds Postgres and Kafka get to answer at start before the server gives up
 WATCH_INTERVAL = 0.5        # seconds between checks that every role is still alive
+EXIT_AFTER_FAILURE = 10.0   # seconds the roles get to stop after one died, before the process exits anyway
 
 
 class StartError(Exception):
@@ -83,8 +86,9 @@ def where(dsn: str) -> str:
 class KafkaServer:
     """The started roles of one `noetl server --kafka` process."""
 
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerSettings, max_in_flight: int | None = None) -> None:
         self.settings = settings
+        self.max_in_flight = max_in_flight   # None: NOETL_MAX_IN_FLIGHT
         self.pool: Any = None
         self.producer: Any = None       # ingest's: StartExecution, cancels and posted facts
         self.query: Any = None
@@ -102,7 +106,7 @@ class KafkaServer:
     async def open_postgres(self) -> None:
         import asyncpg
 
-        from noetl_ingest.kafka_ports import open_pool
+        from noetl_runtime.postgres_store import open_pool
 
         s = self.settings
         try:
@@ -132,6 +136,7 @@ class KafkaServer:
         from noetl_query.consumer import QueryConsumer
         from noetl_query.projector import Projector
         from noetl_runtime import kafka_io
+        from noetl_runtime.http_ops import http_server
 
         s = self.settings
         self.query = QueryConsumer(s, Projector(self.pool, s.database_schema))
@@ -141,7 +146,8 @@ class KafkaServer:
         await self._start_broker()
         self.producer = kafka_io.make_producer(s)
         await self.producer.start()
-        self.http = _http_server(self._api(), s)
+        # The server owns SIGTERM/SIGINT (run_server) and stops the API in its turn.
+        self.http = http_server(self._api(), s, handle_signals=False)
         self.http_task = asyncio.create_task(self.http.serve(sockets=[sock]), name="server-http")
 
     def _worker(self) -> Any:
@@ -186,21 +192,11 @@ class KafkaServer:
         await self.faust_worker.start()
 
     def _api(self) -> Any:
-        from noetl_ingest.app import create_cluster_app
-        from noetl_ingest.handlers import IngestPorts
-        from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
-        from noetl_query.postgres_reads import PostgresReadModel
-        from noetl_runtime.postgres_store import PostgresCatalog, PostgresCredentials
+        from noetl_frontend.app import cluster_api
 
-        s = self.settings
-        submit = KafkaSubmit(self.producer, s.topics)
-        ports = IngestPorts(
-            catalog=PublishingCatalog(PostgresCatalog(self.pool, s.database_schema), self.producer, s.topics),
-            credentials=PostgresCredentials(self.pool, s.database_schema, key=_secret_key(s)),
-            submit=submit, clock=time.time, lease_seconds=s.lease_seconds)
-        app = create_cluster_app(ports, PostgresReadModel(self.pool, s.database_schema), ready=self.not_ready,
-                                 gauges={
-            "noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
+        # The broker runs in this process and owns every partition: /explain reads its table (docs/query.md).
+        app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, live=self.failure,
+                          max_in_flight=self.max_in_flight, explainer=self.faust_app.noetl_broker.explain, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
@@ -271,9 +267,9 @@ class KafkaServer:
             shutil.rmtree(self.faust_datadir, ignore_errors=True)
 
 
-async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
+async def run_server(settings: BrokerSettings, sock: socket.socket, max_in_flight: int | None = None) -> int:
     """Start every role, serve until a signal (0) or a role's failure (1), stop every role."""
-    server = KafkaServer(settings)
+    server = KafkaServer(settings, max_in_flight)
     stop = asyncio.Event()
     signals = 0
 
@@ -297,6 +293,7 @@ async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
             failed = await server.watch(stop)
             if failed is not None:
                 log.error("%s; stopping", failed)
+                _exit_hard_after(EXIT_AFTER_FAILURE)
             return 1 if failed is not None else 0
         except StartError as exc:
             log.error("%s", exc)
@@ -306,7 +303,8 @@ async def run_server(settings: BrokerSettings, sock: socket.socket) -> int:
             log.info("noetl server stopped")
 
 
-def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: str = "INFO") -> int:
+def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: str = "INFO",
+                max_in_flight: int | None = None) -> int:
     """The `noetl server --kafka` command: 0 after a signal, 1 when it could not start or a role failed."""
     from pydantic import ValidationError
 
@@ -319,30 +317,35 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
         log.error("invalid settings: %s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                       for e in exc.errors()))
         return 1
+    try:
+        from noetl_runtime.auth import AuthSettings, check_bind
+
+        check_bind(host, AuthSettings())
+    except ValueError as exc:   # pydantic's ValidationError is one
+        log.error("%s", exc)
+        return 1
     try:   # bound before anything starts, so that a taken port fails at once
         sock = _listen(host, port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, _reason(exc))
         return 1
     try:
-        return asyncio.run(run_server(settings, sock))
+        return asyncio.run(run_server(settings, sock, max_in_flight))
     finally:
         sock.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _http_server(app: Any, settings: BrokerSettings) -> Any:
-    """uvicorn for `app`, leaving SIGTERM/SIGINT to the server (stock uvicorn would take them over)."""
-    import uvicorn
+def _exit_hard_after(seconds: float) -> None:
+    """A role died: the process must end (status 1) so that its supervisor restarts it, even if stopping
+    the other roles hangs on the dead one (a faust worker whose agent crashed may never finish stopping)."""
+    def watchdog() -> None:
+        time.sleep(seconds)
+        log.error("the roles did not stop within %g s of a failure: exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                                 lifespan="off", access_log=False, timeout_graceful_shutdown=5,
-                                 log_level=settings.log_level.lower()))
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -3,7 +3,7 @@
 The same functions serve embedded mode (`submit` = the in-process runtime) and the cluster (`submit` =
 produce to noetl.requests / noetl.results). They raise plain exceptions that the app maps to answers
 (`noetl_runtime.http_ops.answer`): LookupError 404, ValueError 400 (with `errors`), PermissionError 403,
-pydantic ValidationError and codec DecodeError 422.
+pydantic ValidationError and codec DecodeError 422, and `noetl_common.refusals` (409, 413, 429, 503).
 
 Secret data goes in (POST /api/credentials) and never comes back out: every credential answer is built
 by `_public`, which has no `data` field at all.
@@ -25,8 +25,10 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from noetl_common.codec import DecodeError, decode_inbound
 from noetl_common.dsl import load_playbook
-from noetl_common.messages import CancelExecution, StartExecution
-from noetl_common.ports import CatalogPort, Credential, CredentialPort
+from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, CancelExecution, StartExecution
+from noetl_common.ports import CatalogPort, Claim, Credential, CredentialPort, IdempotencyPort
+from noetl_common.refusals import Conflict
+from noetl_ingest.admission import EXECUTION_ID_PATTERN, InFlight, check_key, request_hash, scope_of
 
 Submit = Callable[[BaseModel], Awaitable[None]]
 # Facts an outside system may post (a worker of its own, a callback). Starting goes through the catalog
@@ -43,6 +45,13 @@ class IngestPorts:
     clock: Callable[[], float] = time.time
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     lease_seconds: float = 30.0
+    lease_retries: int = DEFAULT_LEASE_RETRIES
+    lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
+    # Idempotent submission: where scopes are recorded, and whether an execution exists (folded, or
+    # projected in Kafka mode). Without them a run with an Idempotency-Key or an execution_id is refused.
+    idempotency: IdempotencyPort | None = None
+    known: Callable[[str], Awaitable[bool]] | None = None
+    in_flight: InFlight | None = None                 # the bound on in-flight executions (None: no bound)
 
 
 class Rejected(ValueError):
@@ -101,6 +110,8 @@ class RunRequest(BaseModel):
     # NoETL's `merge`: our payload is always deep-merged over the playbook's workload (DSL §2), so both
     # values behave the same; the flag is accepted for compatibility.
     merge: bool = False
+    # Client-chosen id (idempotent like an Idempotency-Key: see noetl_ingest.admission)
+    execution_id: str | None = Field(None, pattern=EXECUTION_ID_PATTERN)
 
     @field_validator("version")
     @classmethod
@@ -138,14 +149,14 @@ class CredentialRequest(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------- catalog
-async def register(ports: IngestPorts, req: RegisterRequest) -> dict[str, Any]:
+async def register(ports: IngestPorts, req: RegisterRequest, principal: str | None = None) -> dict[str, Any]:
     text = req.text()
     playbook, problems = load_playbook(text)
     if playbook is None:
         errors = _errors(problems)
         raise Rejected(f"invalid playbook: {len(errors)} error(s)", errors)
     document = yaml.safe_load(text)
-    entry = await ports.catalog.register(text, document, playbook.path)
+    entry = await ports.catalog.register(text, document, playbook.path, registered_by=principal)
     return {"status": "success", "message": f"registered {entry.path} version {entry.version}",
             "path": entry.path, "version": entry.version, "catalog_id": f"{entry.path}:{entry.version}",
             "kind": "Playbook",
@@ -157,8 +168,34 @@ def _errors(problems: list[Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- executions
-async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
-    """Resolve the playbook, validate it, submit the start. Returns before any step runs."""
+async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None = None,
+              principal: str | None = None) -> dict[str, Any]:
+    """Resolve the playbook, validate it, submit the start. Returns before any step runs. With an
+    Idempotency-Key or an execution_id, a retry gets the first answer (noetl_ingest.admission)."""
+    scope = scope_of(check_key(idempotency_key), req.execution_id)
+    request = req.model_dump(mode="json")
+    digest = request_hash(request)
+    if scope is not None:
+        if ports.idempotency is None or ports.known is None:
+            raise ValueError("this server does not take an Idempotency-Key or an execution_id")
+        prior = await ports.idempotency.get(scope)
+        if prior is not None:
+            return await _again(ports, prior, digest)
+    if ports.in_flight is not None:
+        await ports.in_flight.admit()
+    try:
+        answer = await _start(ports, req, scope, request, digest, principal)
+    except BaseException:
+        if ports.in_flight is not None:
+            ports.in_flight.release()
+        raise
+    if ports.in_flight is not None:
+        ports.in_flight.accepted(answer["execution_id"])
+    return answer
+
+
+async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request: dict[str, Any],
+                 digest: str, principal: str | None = None) -> dict[str, Any]:
     path, version = req.target()
     entry = await ports.catalog.get(path, version)
     if entry is None:
@@ -169,31 +206,77 @@ async def run(ports: IngestPorts, req: RunRequest) -> dict[str, Any]:
         errors = _errors(problems)
         raise Rejected(f"invalid playbook {entry.path} version {entry.version}: {len(errors)} error(s)", errors)
     now = ports.clock()
-    start = StartExecution(execution_id=ports.new_id(), time=now, playbook=entry.document, path=entry.path,
-                           version=entry.version, payload=req.parameters or {}, lease_seconds=ports.lease_seconds)
-    await ports.submit(start)
-    return {"execution_id": start.execution_id, "id": start.execution_id,
-            "catalog_id": f"{entry.path}:{entry.version}", "path": entry.path, "playbook_id": entry.path,
-            "playbook_name": playbook.name, "version": str(entry.version), "type": "playbook",
-            "execution_type": "playbook", "status": "running", "timestamp": _iso(now), "start_time": None,
-            "end_time": None, "progress": 0, "result": None, "error": None}
+    execution_id = req.execution_id or ports.new_id()
+    answer = {"execution_id": execution_id, "id": execution_id,
+              "catalog_id": f"{entry.path}:{entry.version}", "path": entry.path, "playbook_id": entry.path,
+              "playbook_name": playbook.name, "version": str(entry.version), "type": "playbook",
+              "execution_type": "playbook", "status": "running", "timestamp": _iso(now), "start_time": None,
+              "end_time": None, "progress": 0, "result": None, "error": None}
+    if scope is not None:
+        assert ports.idempotency is not None and ports.known is not None
+        if req.execution_id is not None and await ports.known(execution_id):
+            raise Conflict(f"execution_id {execution_id!r} already names another execution")
+        prior = await ports.idempotency.claim(Claim(scope=scope, request_hash=digest, execution_id=execution_id,
+                                                    request=request, answer=answer, created_at=now))
+        if prior is not None:   # a concurrent request of the same scope recorded first
+            return await _again(ports, prior, digest)
+    await ports.submit(_start_message(ports, execution_id, now, entry, req.parameters or {}, principal))
+    return answer
 
 
-async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest) -> dict[str, Any]:
+def _start_message(ports: IngestPorts, execution_id: str, now: float, entry: Any,
+                   payload: dict[str, Any], principal: str | None = None) -> StartExecution:
+    # principal: the caller, set by the API from its credential (docs/security.md), never from the body
+    return StartExecution(execution_id=execution_id, time=now, playbook=entry.document, path=entry.path,
+                          version=entry.version, payload=payload, lease_seconds=ports.lease_seconds,
+                          lease_retries=ports.lease_retries, lease_retry_delay=ports.lease_retry_delay,
+                          principal=principal)
+
+
+async def _again(ports: IngestPorts, prior: Claim, digest: str) -> dict[str, Any]:
+    """A request of a recorded scope: the same answer; the start sent again (same id) unless the execution
+    is known, since the first request may have recorded it and then failed to submit it.
+
+    The re-send is stamped now, not with the first request's `time`: the broker dead-letters a start whose
+    record comes more than half its eviction grace after its `time` (a late duplicate), so a retry long
+    after a failed submit would be answered 200 and never run. An unknown execution was never folded, or
+    was folded so recently that the broker still holds it (eviction comes an hour after it *ends*, and the
+    read model keeps every execution), so the fold drops this start as a duplicate then."""
+    if prior.request_hash != digest:
+        what = "Idempotency-Key" if prior.scope.startswith("key:") else "execution_id"
+        raise Conflict(f"this {what} was used for another request (execution {prior.execution_id}); "
+                       "a retry must send the same request")
+    assert ports.known is not None
+    if not await ports.known(prior.execution_id):
+        path, version = prior.answer["path"], int(prior.answer["version"])
+        entry = await ports.catalog.get(path, version)
+        if entry is None:   # catalog versions are immutable; only a wiped catalog gets here
+            raise LookupError(f"playbook {path!r} version {version} is no longer in the catalog")
+        await ports.submit(_start_message(ports, prior.execution_id, ports.clock(), entry,
+                                          prior.request.get("parameters") or {}))
+    return prior.answer
+
+
+async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest,
+                 principal: str | None = None) -> dict[str, Any]:
     """Ask the fold to cancel. Asynchronous like everything the fold does: an execution already finished
     (or unknown) is left as it is; GET /api/executions/{id} shows the outcome."""
-    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason))
+    await ports.submit(CancelExecution(execution_id=execution_id, time=ports.clock(), reason=req.reason,
+                                       principal=principal))
     return {"execution_id": execution_id, "status": "cancel_requested", "reason": req.reason}
 
 
-async def post_event(ports: IngestPorts, body: Any) -> dict[str, Any]:
-    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it."""
+async def post_event(ports: IngestPorts, body: Any, principal: str | None = None) -> dict[str, Any]:
+    """An inbound message posted from outside: validated with the codec exactly as the fold decodes it.
+    A posted cancel records the caller as its principal (never what the body claims)."""
     if not isinstance(body, dict):
         raise DecodeError("the body must be a JSON object (an inbound message with `kind` and `execution_id`)")
     kind = body.get("kind")
     if kind in ("start", "timer_fired"):
         raise ValueError(f"kind {kind!r} cannot be posted here"
                          + (": use POST /api/executions/run" if kind == "start" else " (timers are internal)"))
+    if kind == "cancel":
+        body = {**body, "principal": principal}
     message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
     await ports.submit(message)
     return {"status": "accepted", "kind": message.kind, "execution_id": message.execution_id}
@@ -210,11 +293,19 @@ async def put_credential(ports: IngestPorts, req: CredentialRequest) -> dict[str
     return _public(await ports.credentials.put(req.name, req.type, req.data, req.description))
 
 
-async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None) -> dict[str, Any]:
+MAX_PAGE = 1000      # the largest page any list route answers (docs/security.md, Limits)
+
+
+async def list_credentials(ports: IngestPorts, type: str | None = None, q: str | None = None,
+                           limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    """One page of the matching credentials (no secret data); `total` counts every match."""
+    if not 1 <= limit <= MAX_PAGE or offset < 0:
+        raise ValueError(f"limit must be 1..{MAX_PAGE} and offset at least 0")
     items = [c for c in await ports.credentials.list()
              if (type is None or c.type == type)
              and (not q or q.lower() in c.name.lower() or q.lower() in (c.description or "").lower())]
-    return {"items": [_public(c) for c in items], "filter": {"type": type, "q": q}}
+    return {"items": [_public(c) for c in items[offset:offset + limit]], "filter": {"type": type, "q": q},
+            "total": len(items), "limit": limit, "offset": offset}
 
 
 async def get_credential(ports: IngestPorts, name: str, include_data: bool = False) -> dict[str, Any]:

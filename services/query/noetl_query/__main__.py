@@ -21,24 +21,28 @@ import logging
 import sys
 from typing import Any
 
-from noetl_runtime.http_ops import run_service
+from noetl_runtime.http_ops import http_server, run_service
 from noetl_runtime.settings import Settings
 
 log = logging.getLogger("noetl.query")
 
 
 async def serve(settings: Settings) -> int:
-    from noetl_ingest.kafka_ports import ensure_topics, http_server, open_pool
     from noetl_query.consumer import QueryConsumer
     from noetl_query.postgres_reads import PostgresReadModel
     from noetl_query.projector import Projector
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.kafka_io import ensure_topics_best_effort
+    from noetl_runtime.postgres_store import open_pool
+    from noetl_runtime.tokens import PostgresTokens
 
     pool = await open_pool(settings)
     consumer: QueryConsumer | None = None
     try:
-        await ensure_topics(settings)
+        await ensure_topics_best_effort(settings)
         consumer = QueryConsumer(settings, Projector(pool, settings.database_schema))
-        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer)
+        app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer,
+                                 Authenticator(PostgresTokens(pool, settings.database_schema)), settings.broker_url)
         await consumer.start()
         server = http_server(app, settings)
         serving = asyncio.create_task(server.serve(), name="query-http")
@@ -58,15 +62,10 @@ async def serve(settings: Settings) -> int:
         log.info("query stopped")
 
 
-def create_service_app(read: Any, consumer: Any) -> Any:
-    """The read API (the query app's router) + ops, with the projection's counters on /metrics."""
-    from fastapi import FastAPI
+def create_service_app(read: Any, consumer: Any, auth: Any, broker_url: str | None = None) -> Any:
+    """The read API (the query app) with the projection's readiness and counters on /ready and /metrics."""
+    from noetl_query.app import create_app
 
-    from noetl_runtime.http_ops import install_ops
-    from noetl_query.app import router
-
-    app = FastAPI(title="noetl query", version="1")
-    app.include_router(router(read))
     stats = consumer.stats
     gauges = {f"noetl_query_{name}": (doc, (lambda n=name: float(stats[n]))) for name, doc in (
         ("records", "records consumed from noetl.events and noetl.catalog and applied"),
@@ -74,8 +73,9 @@ def create_service_app(read: Any, consumer: Any) -> Any:
         ("dead_letters", "records sent to noetl.dlq"),
         ("batches", "batches applied and committed"),
         ("retries", "batch attempts retried after a Postgres error"))}
-    install_ops(app, service="query", ready=consumer.not_ready, gauges=gauges)
-    return app
+    from noetl_query.broker_explain import BrokerExplainer
+    return create_app(read, auth=auth, ready=consumer.not_ready, gauges=gauges,
+                      explainer=BrokerExplainer(broker_url) if broker_url else None)
 
 
 def main() -> int:

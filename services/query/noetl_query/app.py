@@ -1,18 +1,22 @@
 """The query service's HTTP transport: each route decodes, calls one handler, encodes.
 
-    router(read)      the /api read routes, to mount in any app (`noetl server` mounts every service's router)
-    create_app(read)  a standalone app: the router + /health, /ready, /metrics
+    router(read)      the /api read routes, mounted by noetl_frontend.app.build_api too
+    create_app(read)  the app of `python -m noetl_query`: the router + /health, /ready, /metrics
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
+from noetl_runtime.auth import Authenticator
+from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops
 from noetl_query import handlers as h
-from noetl_query.handlers import ExecutionFilters, Page, ReadModel
+from noetl_query.handlers import ExecutionFilters, Explainer, NoLiveState, Page, ReadModel
 
 
 def _version(value: str | None) -> int | None:
@@ -40,7 +44,15 @@ async def _playbook(read: ReadModel, playbook_id: str, version: str | None) -> A
     return await h.catalog_playbook(read, playbook_id, parsed)
 
 
-def router(read: ReadModel) -> APIRouter:
+async def _explain(read: ReadModel, explainer: Explainer | None, execution_id: str) -> Any:
+    try:
+        return await h.explain_execution(read, explainer, execution_id, time.time())
+    except NoLiveState as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
+    """`explainer` answers /explain from live execution states (None: only finished executions are explained)."""
     api = APIRouter(prefix="/api", tags=["query"])
 
     @api.get("/executions")
@@ -61,6 +73,11 @@ def router(read: ReadModel) -> APIRouter:
     async def execution_events(execution_id: str, after_seq: int = Query(-1, ge=-1)) -> Any:
         return await answer(h.execution_events(read, execution_id, after_seq))
 
+    @api.get("/executions/{execution_id}/explain")
+    async def explain_execution(execution_id: str) -> Any:
+        """What a running execution waits for, and until when (noetl_common.explain); `noetl status` prints it."""
+        return await answer(_explain(read, explainer, execution_id))
+
     @api.get("/execution/data/{execution_id}")
     async def execution_data(execution_id: str) -> Any:
         return await answer(h.execution_data(read, execution_id))
@@ -74,8 +91,16 @@ def router(read: ReadModel) -> APIRouter:
         return await answer(h.execution_data(read, execution_id))
 
     @api.get("/catalog/list")
-    async def catalog_list(resource_type: str | None = None) -> Any:
-        return await answer(h.catalog_list(read, resource_type))
+    async def catalog_list(response: Response, resource_type: str | None = None, limit: int = 50, offset: int = 0,
+                           include_content: bool = False) -> Any:
+        """A page of registered versions, newest first, without content unless include_content=true; the
+        total is in X-Total-Count and `total`."""
+        async def listing() -> Any:
+            body = await h.catalog_list(read, resource_type, Page.model_validate({"limit": limit, "offset": offset}),
+                                        include_content)
+            response.headers["X-Total-Count"] = str(body["total"])
+            return body
+        return await answer(listing())
 
     @api.get("/catalog/playbook")
     async def catalog_playbook(playbook_id: str, version: str | None = None) -> Any:
@@ -84,8 +109,9 @@ def router(read: ReadModel) -> APIRouter:
     return api
 
 
-def create_app(read: ReadModel, *, ready: ReadyCheck | None = None) -> FastAPI:
+def create_app(read: ReadModel, *, auth: Authenticator, ready: ReadyCheck | None = None,
+               gauges: Mapping[str, GaugeFn] | None = None, explainer: Explainer | None = None) -> FastAPI:
     app = FastAPI(title="noetl query", version="1")
-    app.include_router(router(read))
-    install_ops(app, service="query", ready=ready)
+    app.include_router(router(read, explainer))
+    install_ops(app, service="query", auth=auth, ready=ready, gauges=gauges)
     return app

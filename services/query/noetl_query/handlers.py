@@ -7,12 +7,14 @@ Handlers raise LookupError for an unknown execution or playbook (404); pydantic 
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from noetl_common import projection
+from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
 
@@ -110,8 +112,15 @@ async def get_execution(read: ReadModel, execution_id: str, include_events: bool
             raise LookupError(f"no execution {execution_id!r}")
         return execution_out(summary)
     events = await _events_or_404(read, execution_id)
-    return {**execution_out(projection.summary(events)), "steps": projection.steps(events),
-            "events": [event_out(e) for e in events]}
+    return {**execution_out(projection.summary(events)), "started_by": _started_by(events),
+            "steps": projection.steps(events), "events": [event_out(e) for e in events]}
+
+
+def _started_by(events: list[Event]) -> str | None:
+    """The principal that started the execution (execution_start's meta; docs/security.md); None for a
+    child execution (its parent's start names the principal) and for executions from before authentication."""
+    start = next((e for e in events if e.event_type == "execution_start"), None)
+    return (start.meta or {}).get("principal") if start is not None else None
 
 
 async def execution_events(read: ReadModel, execution_id: str, after_seq: int = -1) -> dict[str, Any]:
@@ -137,22 +146,67 @@ async def events_summary(read: ReadModel, execution_id: str) -> dict[str, Any]:
                                         "counts": counts, "skipped": skipped, "errors": errors}}
 
 
+# ----------------------------------------------------------------------------------------------- explain
+# (execution_id, now) -> noetl_common.explain.explain(state, now) as JSON, or None when this process does not
+# hold the execution's live state. Embedded: the runtime's states; `noetl server --kafka`: the broker's table.
+Explainer = Callable[[str, float], Awaitable[dict[str, Any] | None]]
+
+
+class NoLiveState(RuntimeError):
+    """The execution is running but this process cannot see its state (a 503: ask a process that can)."""
+
+
+async def explain_execution(read: ReadModel, explainer: Explainer | None, execution_id: str,
+                            now: float) -> dict[str, Any]:
+    """GET /api/executions/{id}/explain: what a running execution waits for (items with kind, step, fields
+    and a sentence, plus `text`, the sentences one per line). A finished one has nothing to wait for: its
+    projected summary says so (terminal is final), without asking the explainer."""
+    summary = await read.execution(execution_id)
+    status = summary.get("status") if summary is not None else None
+    if summary is not None and status in ("COMPLETED", "FAILED", "CANCELLED"):
+        end = summary.get("end_time")
+        finished = datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() if end else None
+        return finished_explanation(execution_id, status, now, finished, summary.get("error")).as_json()
+    live = await explainer(execution_id, now) if explainer is not None else None
+    if live is not None:
+        return live
+    if summary is None:   # (or accepted and not folded yet)
+        raise LookupError(f"no execution {execution_id!r}")
+    raise NoLiveState(f"execution {execution_id!r} is {status}, but this process does not hold its live state "
+                      f"and has no broker to ask (NOETL_BROKER_URL; see docs/query.md)")
+
+
 # ----------------------------------------------------------------------------------------------- catalog
 def _entry_out(entry: CatalogEntry, *, with_payload: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"path": entry.path, "kind": "Playbook", "version": entry.version,
                            "catalog_id": f"{entry.path}:{entry.version}", "content": entry.content,
-                           "meta": None, "created_at": iso(datetime.fromtimestamp(entry.created_at, timezone.utc))}
+                           "meta": None, "created_at": iso(datetime.fromtimestamp(entry.created_at, timezone.utc)),
+                           "registered_by": entry.registered_by}
     if with_payload:
         out["payload"] = entry.document
     return out
 
 
-async def catalog_list(read: ReadModel, resource_type: str | None = None) -> dict[str, Any]:
-    """Every registered version, newest first (NoETL's order)."""
+# A page with every version's content can be megabytes per entry: a smaller page size when content is asked for.
+MAX_CATALOG_PAGE_WITH_CONTENT = 100
+
+
+async def catalog_list(read: ReadModel, resource_type: str | None = None, page: Page | None = None,
+                       include_content: bool = False) -> dict[str, Any]:
+    """Registered versions, newest first (NoETL's order), one page at a time (`total` counts them all).
+    Without include_content an entry has no `content`/`payload`: GET /api/catalog/playbook gives those."""
+    page = page or Page()
+    if include_content and page.limit > MAX_CATALOG_PAGE_WITH_CONTENT:
+        raise ValueError(f"limit must be at most {MAX_CATALOG_PAGE_WITH_CONTENT} with include_content=true")
     if resource_type not in (None, "", "Playbook", "playbook"):
-        return {"entries": []}
+        return {"entries": [], "total": 0, "limit": page.limit, "offset": page.offset}
     entries = sorted(await read.catalog(), key=lambda e: (e.created_at, e.version), reverse=True)
-    return {"entries": [_entry_out(e) for e in entries]}
+    window = entries[page.offset:page.offset + page.limit]
+    out = [_entry_out(e) for e in window]
+    if not include_content:
+        for entry in out:
+            del entry["content"], entry["payload"]
+    return {"entries": out, "total": len(entries), "limit": page.limit, "offset": page.offset}
 
 
 async def catalog_playbook(read: ReadModel, playbook_id: str, version: int | None = None) -> dict[str, Any]:

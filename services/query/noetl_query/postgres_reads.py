@@ -14,7 +14,8 @@ from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
 from noetl_query.handlers import ExecutionFilters, Page
-from noetl_query.postgres_schema import DEFAULT_SCHEMA, connection, qualify
+from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
+from noetl_runtime.postgres_store import read_events
 
 _SUMMARY_COLUMNS = ("execution_id, parent_execution_id, path, version, playbook_name, status, start_time,"
                     " end_time, duration, progress, result::text AS result, error, last_event_time, quarantined")
@@ -58,7 +59,8 @@ def _summary(row: Any) -> dict[str, Any]:
 
 def _entry(row: Any) -> CatalogEntry:
     return CatalogEntry(path=row["path"], version=row["version"], content=row["content"],
-                        document=json.loads(row["document"]), created_at=row["created_at"])
+                        document=json.loads(row["document"]), created_at=row["created_at"],
+                        registered_by=row.get("registered_by"))
 
 
 class PostgresReadModel:
@@ -125,17 +127,13 @@ class PostgresReadModel:
 
     async def _events(self, conn: Any, execution_id: str, after_seq: int = -1,
                       limit: int | None = None) -> list[Event]:
-        sql = (f"SELECT body::text FROM {self._q}.event WHERE execution_id = $1 AND seq > $2"
-               ' ORDER BY seq, event_id COLLATE "C"')
-        if limit is not None:
-            sql += f" LIMIT {max(0, int(limit))}"
-        return [Event.model_validate_json(body) for (body,) in await conn.fetch(sql, execution_id, after_seq)]
+        return await read_events(conn, self.schema, execution_id, after_seq, limit)
 
     async def catalog(self) -> list[CatalogEntry]:
         """Every registered version, by path then version (as the embedded catalog lists them)."""
         async with connection(self.pool) as conn:
             rows = await conn.fetch(f"SELECT path, version, content, document::text AS document,"
-                                    f" extract(epoch FROM created_at)::float8 AS created_at"
+                                    f" extract(epoch FROM created_at)::float8 AS created_at, registered_by"
                                     f" FROM {self._q}.catalog ORDER BY path, version")
         return [_entry(r) for r in rows]
 
@@ -144,7 +142,8 @@ class PostgresReadModel:
     async def playbook(self, path: str, version: int | str | None = None) -> CatalogEntry | None:
         """One registration: the given version, or the latest for None / "latest"."""
         sql = (f"SELECT path, version, content, document::text AS document,"
-               f" extract(epoch FROM created_at)::float8 AS created_at FROM {self._q}.catalog WHERE path = $1")
+               f" extract(epoch FROM created_at)::float8 AS created_at, registered_by"
+               f" FROM {self._q}.catalog WHERE path = $1")
         async with connection(self.pool) as conn:
             if version is None or (isinstance(version, str) and version.strip().lower() in ("", "latest")):
                 row = await conn.fetchrow(sql + " ORDER BY version DESC LIMIT 1", path)

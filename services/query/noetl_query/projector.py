@@ -30,7 +30,7 @@ import pydantic_core
 from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
-from noetl_query.postgres_schema import DEFAULT_SCHEMA, connection, qualify
+from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
 
 DEFAULT_CACHE_EVENTS = 100_000
 _TERMINAL = frozenset(projection.TERMINAL_STATUS.values())
@@ -108,13 +108,14 @@ class Projector:
                 last_event_time = excluded.last_event_time, last_seq = excluded.last_seq,
                 event_count = excluded.event_count, quarantined = excluded.quarantined, updated_at = now()"""
         self._sql_catalog = f"""
-            INSERT INTO {q}.catalog (path, version, content, document, created_at)
-            SELECT p, v, c, d::jsonb, to_timestamp(t)
-            FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[]) AS u(p, v, c, d, t)
+            INSERT INTO {q}.catalog (path, version, content, document, created_at, registered_by)
+            SELECT p, v, c, d::jsonb, to_timestamp(t), r
+            FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::float8[], $6::text[])
+                AS u(p, v, c, d, t, r)
             ON CONFLICT (path, version) DO UPDATE SET content = excluded.content, document = excluded.document,
-                created_at = excluded.created_at
-            WHERE (catalog.content, catalog.document, catalog.created_at)
-                  IS DISTINCT FROM (excluded.content, excluded.document, excluded.created_at)
+                created_at = excluded.created_at, registered_by = excluded.registered_by
+            WHERE (catalog.content, catalog.document, catalog.created_at, catalog.registered_by)
+                  IS DISTINCT FROM (excluded.content, excluded.document, excluded.created_at, excluded.registered_by)
             RETURNING path"""
 
     # ------------------------------------------------------------------------------------------- events
@@ -225,10 +226,10 @@ class Projector:
             latest[(entry.path, entry.version)] = entry  # the last message for a key wins (compacted topic)
         if not latest:
             return 0
-        columns: list[list[Any]] = [[], [], [], [], []]
+        columns: list[list[Any]] = [[], [], [], [], [], []]
         for (path, version), entry in sorted(latest.items()):
             for column, value in zip(columns, (path, version, entry.content, to_jsonb_text(entry.document),
-                                               entry.created_at)):
+                                               entry.created_at, entry.registered_by)):
                 column.append(value)
         async with connection(self.pool) as conn, conn.transaction():
             return len(await conn.fetch(self._sql_catalog, *columns))

@@ -1,7 +1,7 @@
 """The context-render service's HTTP transport.
 
-    router(ports)      POST /api/context/render, to mount in any app (`noetl server` mounts it)
-    create_app(ports)  a standalone app: the router + /health, /ready, /metrics
+    router(ports)      POST /api/context/render, mounted by noetl_frontend.app.build_api too
+    create_app(ports)  the app of `python -m noetl_render`: the router + /health, /ready, /metrics
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
+from noetl_runtime.auth import Authenticator
 from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
 from noetl_render import handlers as h
 from noetl_render.handlers import RenderPorts, RenderRequest
@@ -24,8 +25,8 @@ def router(ports: RenderPorts) -> APIRouter:
     return api
 
 
-def create_app(ports: RenderPorts, *, ready: ReadyCheck | None = None) -> FastAPI:
+def create_app(ports: RenderPorts, *, auth: Authenticator, ready: ReadyCheck | None = None) -> FastAPI:
     app = FastAPI(title="noetl context-render", version="1")
     app.include_router(router(ports))
-    install_ops(app, service="render", ready=ready)
+    install_ops(app, service="render", auth=auth, ready=ready)
     return app

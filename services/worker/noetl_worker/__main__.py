@@ -11,6 +11,8 @@ Reads the Settings (NOETL_*: Kafka, pool, concurrency, HTTP port ...) plus the w
     NOETL_WORKER_SHUTDOWN_GRACE    seconds in-flight commands get on SIGTERM (default 30)
     NOETL_WORKER_PYTHON_PROCESSES  processes of the python step pool (default: the CPU count)
     NOETL_WORKER_CREATE_TOPICS     create missing topics at start (default true)
+    NOETL_STEP_*                   how step code is confined: step user, limits, log bound, DuckDB folders
+                                   (docs/security.md)
 """
 from __future__ import annotations
 

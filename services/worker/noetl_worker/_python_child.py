@@ -1,14 +1,15 @@
-"""The loop that runs inside each python pool process (DSL §2.1).
+"""What runs inside a step process: one python step at a time (DSL §2.1), and the pool's framing.
 
-Started as a script (`python _python_child.py REQ_FD REPLY_FD`), importing only the standard library: it
-needs neither the engine's package nor the parent's `__main__` (multiprocessing's spawn/forkserver would
-re-import that, which breaks any embedding script without a `__main__` guard), and a replacement for a
-killed worker boots as fast as the interpreter does.
+Imports only the standard library: the slot supervisor (`_python_slot.py`) loads this file by path and
+forks step processes from itself, so neither needs the engine's package nor the parent's `__main__`.
 
-Protocol on two private pipes (not stdin/stdout: user code and its subprocesses may write to fd 1):
-frames of a 4-byte big-endian length + payload. Requests are pickled `(code, data)`; an empty frame
-stops the child. Replies are JSON `[ok, result, error, log]`: encoding the result is the
-JSON-serialisability check the DSL demands, and the parent gets exactly what a JSON bus would carry.
+Frames (every pipe of the pool): a 4-byte big-endian length, then the payload. `pack(header, body)` makes
+a payload of a small header and an opaque body, so a supervisor can route a call without decoding (or
+holding as objects) the step's data. A step process gets calls as `(workdir, limits)` + pickled
+`(code, data, context)` and answers its CPU time so far + JSON `[ok, result, error]`: encoding the result
+is the JSON-serialisability check the DSL demands, and the parent gets exactly what a JSON bus would carry.
+Step output is not captured here: stdout and stderr are the step process's fd 1 and 2, a pipe the
+supervisor reads (subprocesses and C code included) and bounds.
 """
 from __future__ import annotations
 
@@ -17,46 +18,63 @@ import inspect
 import io
 import json
 import linecache
+import marshal
 import math
 import os
 import pickle
-import signal
+import resource
 import struct
 import sys
 import traceback
 from typing import Any
 
-_CODE_CACHE_SIZE = 256        # distinct step codes kept compiled per process
-_LOG_LIMIT = 256 * 1024       # a runaway print loop must not blow up the result message
+_CODE_CACHE_SIZE = 256        # distinct step codes kept compiled per step process
 _FILENAME = "<step code>"
+CUT_MARKER = "\n… [output cut here: {} bytes dropped] …\n"   # where bounded output lost its middle
+RLIMITS = {                   # limit name -> (resource, unit in bytes or 1)
+    "memory_mb": (resource.RLIMIT_AS, 1 << 20),
+    "cpu_seconds": (resource.RLIMIT_CPU, 1),
+    "processes": (resource.RLIMIT_NPROC, 1),
+    "open_files": (resource.RLIMIT_NOFILE, 1),
+    "file_size_mb": (resource.RLIMIT_FSIZE, 1 << 20),
+}
 
 
-class _BindError(Exception):
-    """main()'s parameters cannot be bound from data: reported as-is, without a traceback."""
+# --- framing ----------------------------------------------------------------------------------------
+def pack(header: Any, body: bytes = b"") -> bytes:
+    """A payload of a small header and an opaque body. marshal is fast and is only ever read from the
+    engine's own processes (engine -> supervisor -> step process, supervisor -> engine); what a step
+    process sends back (`answer`) is a fixed binary header that needs no decoder."""
+    head = marshal.dumps(header)
+    return struct.pack(">I", len(head)) + head + body
 
 
-def child_main(req_fd: int, reply_fd: int) -> None:
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides when children stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    codes: dict[str, Any] = {}
-    plans: dict[Any, tuple] = {}
-    while True:
-        header = _read_exact(req_fd, 4)
-        if header is None:
-            return
-        size = struct.unpack(">I", header)[0]
-        payload = _read_exact(req_fd, size) if size else None
-        if payload is None:
-            return
-        code, data = pickle.loads(payload)
-        reply = run_one(code, data, codes, plans).encode()
-        _write_all(reply_fd, struct.pack(">I", len(reply)) + reply)
+def unpack(payload: bytes) -> tuple[Any, bytes]:
+    size = struct.unpack_from(">I", payload)[0]
+    return marshal.loads(payload[4:4 + size]), payload[4 + size:]
 
 
-def _read_exact(fd: int, n: int) -> bytes | None:
+def answer(cpu_seconds: float, reply: bytes) -> bytes:
+    return struct.pack(">d", cpu_seconds) + reply
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def read_frame(fd: int) -> bytes | None:
+    """The next frame's payload from a blocking fd; None at end of file."""
+    header = read_exact(fd, 4)
+    if header is None:
+        return None
+    size = struct.unpack(">I", header)[0]
+    return read_exact(fd, size) if size else b""
+
+
+def read_exact(fd: int, n: int) -> bytes | None:
     chunks = []
     while n:
-        chunk = os.read(fd, n)
+        chunk = os.read(fd, min(n, 1 << 20))
         if not chunk:
             return None
         chunks.append(chunk)
@@ -64,45 +82,113 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def run_one(code: str, data: dict, codes: dict, plans: dict) -> str:
-    """The JSON reply `[ok, result, error, log]` for one call."""
-    out = io.StringIO()
-    saved = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = out
-    try:
+# --- the step process's loop ------------------------------------------------------------------------
+class _BindError(Exception):
+    """main()'s parameters cannot be bound from data: reported as-is, without a traceback."""
+
+
+def step_main(call_fd: int, reply_fd: int, base_env: dict[str, str]) -> None:
+    """Serve calls until the supervisor closes the pipe. Hard limits, user and session are already set.
+
+    A step process serves one execution: what a step leaves behind (a variable in os.environ, a patched
+    module) only the same execution's later steps can meet, so per call only what differs is set again."""
+    out = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                           line_buffering=True)
+    # A process the step forks must not hold the call and answer pipes: the engine reads the end of the
+    # answer pipe as "the step process died", and later calls are not its business.
+    os.register_at_fork(after_in_child=lambda: [os.close(fd) for fd in (call_fd, reply_fd)])
+    codes: dict[str, Any] = {}
+    plans: dict[Any, tuple] = {}
+    entered: list[Any] = [None, None, None]   # the folder, limits and CPU soft limit the last call set
+    while True:
+        payload = read_frame(call_fd)
+        if not payload:
+            return
+        (workdir, limits), blob = unpack(payload)
+        _enter(workdir, base_env, limits, entered)
+        sys.stdout = sys.stderr = out
         try:
-            value = _call(code, data, codes, plans)
-        except _BindError as exc:
-            return _reply(False, None, str(exc), _log(out))
-        except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code are errors too
-            # Registered only now (one name, many codes): the traceback then shows the user's lines.
-            linecache.cache[_FILENAME] = (len(code), None, code.splitlines(True), _FILENAME)
-            tb = exc.__traceback__
-            while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-                tb = tb.tb_next  # the user's frames only: ours are noise in a step log
-            traceback.print_exception(type(exc), exc, tb)
-            return _reply(False, None, _describe(exc), _log(out))
-    finally:
-        sys.stdout, sys.stderr = saved
-    log = _log(out)
+            code, data, context = pickle.loads(blob)
+            reply = run_one(code, data, context, codes, plans)
+        except BaseException as exc:   # even unpickling is the step's own business (its data)
+            reply = _reply(False, None, f"step data cannot be read: {_describe(exc)}")
+        finally:
+            out.flush()
+        write_all(reply_fd, frame(answer(cpu_used(), reply.encode())))
+
+
+def _enter(workdir: str, base_env: dict[str, str], limits: dict[str, int], entered: list[Any]) -> None:
+    """The attempt's own folder (HOME and TMPDIR too), the scrubbed environment and the step's limits."""
+    if workdir != entered[0]:
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir)
+        tempfile = sys.modules.get("tempfile")
+        if tempfile is not None:
+            tempfile.tempdir = workdir    # it caches the folder it picked first
+        entered[0] = workdir
+    os.chdir(workdir)
+    used = cpu_used()
+    for name, value in limits.items():
+        which, unit = RLIMITS[name]
+        soft = value * unit
+        if name == "cpu_seconds":
+            # CPU time counts over the process's life: the step's budget starts now. Renewed only when
+            # less than 90% of it is left (a trivial step need not pay two system calls for it).
+            soft += math.ceil(used)
+            if entered[2] is not None and entered[2] - used >= 0.9 * value and entered[1].get(name) == value:
+                continue
+            entered[2] = soft
+        elif entered[1] is not None and entered[1].get(name) == value:
+            continue
+        hard = resource.getrlimit(which)[1]
+        try:
+            resource.setrlimit(which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+        except (ValueError, OSError):
+            pass   # an earlier step of this execution lowered the hard limit: that one holds
+    entered[1] = limits
+
+
+def cpu_used() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_one(code: str, data: dict, context: dict | None, codes: dict, plans: dict) -> str:
+    """The JSON reply `[ok, result, error]` for one call; output goes to sys.stdout/sys.stderr."""
     try:
-        return json.dumps([True, value, None, log], allow_nan=False)
+        value = _call(code, data, context, codes, plans)
+    except _BindError as exc:
+        return _reply(False, None, str(exc))
+    except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code are errors too
+        # Registered only now (one name, many codes): the traceback then shows the user's lines.
+        linecache.cache[_FILENAME] = (len(code), None, code.splitlines(True), _FILENAME)
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next  # the user's frames only: ours are noise in a step log
+        try:
+            traceback.print_exception(type(exc), exc, tb)
+        except BaseException:   # a hostile __str__ or a closed stderr must not lose the error itself
+            pass
+        return _reply(False, None, _describe(exc))
+    try:
+        return json.dumps([True, value, None], allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         why = first_unserialisable(value, "result") or str(exc)
-        return _reply(False, None, f"result is not JSON-serialisable: {why}", log)
+        return _reply(False, None, f"result is not JSON-serialisable: {why}")
 
 
-def _reply(ok: bool, value: Any, error: str | None, log: str) -> str:
-    return json.dumps([ok, value, error, log])
+def _reply(ok: bool, value: Any, error: str | None) -> str:
+    return json.dumps([ok, value, error])
 
 
-def _call(code: str, data: dict, codes: dict, plans: dict) -> Any:
+def _call(code: str, data: dict, context: dict | None, codes: dict, plans: dict) -> Any:
     compiled = codes.get(code)
     if compiled is None:
         compiled = compile(code, _FILENAME, "exec")
@@ -111,7 +197,10 @@ def _call(code: str, data: dict, codes: dict, plans: dict) -> Any:
         codes[code] = compiled
     # A fresh namespace per call: module-level state never leaks from one step (or iteration) to the next,
     # and imports and helpers defined at module level are globals of main (one namespace).
-    namespace = {"__name__": "__noetl_step__", "__builtins__": builtins}
+    namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
+    frozen = freeze(context) if context is not None else None
+    if frozen is not None:
+        namespace["context"] = frozen       # NoETL's read-only `context` global (issue 11)
     exec(compiled, namespace)
     main = namespace.get("main")
     if not callable(main):
@@ -124,6 +213,8 @@ def _call(code: str, data: dict, codes: dict, plans: dict) -> Any:
             if len(plans) >= _CODE_CACHE_SIZE:
                 plans.pop(next(iter(plans)))
             plans[fcode] = plan
+    if frozen is not None and "context" not in data:
+        data = {**data, "context": frozen}  # a `context` parameter, or **kwargs, receives it too
     args, kwargs = _bind(plan, data)
     return main(*args, **kwargs)
 
@@ -183,16 +274,46 @@ def _bind(plan: tuple, data: dict) -> tuple[list, dict]:
 
 
 def _describe(exc: BaseException) -> str:
-    message = str(exc)
+    try:
+        message = str(exc)
+    except BaseException:
+        message = ""
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _log(out: io.StringIO) -> str:
-    text = out.getvalue()
-    if len(text) > _LOG_LIMIT:
-        half = _LOG_LIMIT // 2
-        text = f"{text[:half]}\n… [{len(text) - _LOG_LIMIT} characters of log dropped] …\n{text[-half:]}"
-    return text
+# --- NoETL's read-only `context` ----------------------------------------------------------------------
+def _read_only(*_: Any, **__: Any) -> Any:
+    raise TypeError("NoETL's context is read-only (copy it first: dict(context))")
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses changes, with the DSL's lenient `data`/`result` lookups (§5): a key that is
+    missing answers with the mapping itself, so `context.get("step", {}).get("data")` reads a result."""
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+    def __missing__(self, key: Any) -> Any:
+        if key in ("data", "result"):
+            return self
+        raise KeyError(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            return dict.__getitem__(self, key)
+        return self if key in ("data", "result") else default
+
+
+class ReadOnlyList(list):
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+    __iadd__ = __imul__ = _read_only
+
+
+def freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ReadOnlyDict((k, freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ReadOnlyList(freeze(v) for v in value)
+    return value
 
 
 def first_unserialisable(value: Any, path: str, depth: int = 0) -> str:
@@ -218,11 +339,3 @@ def first_unserialisable(value: Any, path: str, depth: int = 0) -> str:
                 return found
         return ""
     return f"{type(value).__name__} at {path}" if path != "result" else type(value).__name__
-
-
-if __name__ == "__main__":
-    # Started with -P, so this script's folder (the engine's modules) cannot shadow the user's imports.
-    try:
-        child_main(int(sys.argv[1]), int(sys.argv[2]))
-    except (BrokenPipeError, ConnectionResetError):
-        pass   # the parent is gone (killed): nobody is waiting for this answer

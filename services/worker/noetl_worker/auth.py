@@ -3,7 +3,8 @@
 Forms accepted (after the fold rendered them; they name credentials, they never hold secrets):
 - `"pg_local"`: the stored credential of that name;
 - `{source: credential|secret|env|inline, key|name: ..., type|service: ..., fields: {...}, scope: ...}`:
-  one spec (the presence of any spec key says so);
+  one spec (the presence of any spec key says so); `env` reads NOETL_SECRET_<NAME> only, never the
+  engine's other variables nor its master key (NOETL_SECRET_KEY);
 - `{alias: spec, ...}`: several, by alias (DuckDB turns each into a SECRET). A spec may be a bare name.
 Resolution happens only here, inside the worker; the values go to `Secrets` for redaction.
 """
@@ -90,7 +91,12 @@ async def _resolve_spec(spec: dict[str, Any], secrets: Secrets, alias: str | Non
             raise AuthError(f"auth {_label(label)}: an env spec needs `name`")
         value = secrets.env_value(str(name))
         if value is None:
-            raise AuthError(f"environment variable {str(name)!r} is not set")
+            bare = str(name).upper().removeprefix("NOETL_SECRET_")
+            if bare == "KEY":
+                raise AuthError(f"auth {_label(label)}: NOETL_SECRET_KEY is the engine's master key; it is never "
+                                f"given to steps")
+            raise AuthError(f"auth {_label(label)}: `source: env` reads only NOETL_SECRET_* variables (never "
+                            f"the engine's own, such as its master key): set NOETL_SECRET_{bare}")
         data = {"value": value}
     elif source == "inline":
         data = dict(spec.get("fields") or {k: v for k, v in spec.items() if k not in _SPEC_KEYS})

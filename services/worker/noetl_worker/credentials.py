@@ -1,26 +1,30 @@
 """Secret and credential lookup for one command, and the redaction that keeps them out of its reports.
 
 Invariant 7 (architecture §2): secret values are resolved only inside the worker and never leave it in
-clear. So every value this object hands out is remembered, and `redact` replaces each of them with `***`
-in whatever the worker is about to emit (errors, logs, results, saved data).
+clear. So every value this object hands out is remembered, and `redact` replaces each of them, in every
+form `redaction.forms` lists, with `***` in whatever the worker is about to emit (errors, logs, results,
+saved data); the process's log records are redacted too (`redaction.register_process_secret`).
 
 `{{ secret.NAME }}` needs an async lookup (the credential store), but Jinja renders synchronously. The
 templates are therefore rendered twice: a probe pass with a mapping that records which names are read,
 then the real pass once those names are fetched. A template whose secret names depend on other secrets'
-values (never seen in practice) gets a few probe rounds.
+values (never seen in practice) gets a few probe rounds. The `secret` namespace answers only by name: it
+cannot be listed, iterated, printed or serialised whole, so no template can walk every secret.
 """
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 from noetl_common.ports import Credential, CredentialPort
 from noetl_common.render import TemplateError, referenced_names, render
 
-REDACTED = "***"
+from noetl_worker.redaction import REDACTED, Redactor, register_process_secret
+
+__all__ = ["REDACTED", "Secrets", "ENV_PREFIX", "MASTER_KEY_ENV"]
+
 # Credential fields that locate a service rather than unlock it: redacting them would garble every error
 # (a database named "test" would turn "conf_test_table" into "conf_***_table") and protect nothing.
 _COORDINATES = frozenset({
@@ -28,8 +32,19 @@ _COORDINATES = frozenset({
     "db_user", "db_name", "pg_host", "pg_port", "pg_user", "pg_database", "sslmode", "schema", "scope",
     "region", "endpoint", "url", "header", "header_name", "type", "service", "description",
 })
-_ENV_PREFIX = "NOETL_SECRET_"
+ENV_PREFIX = "NOETL_SECRET_"
+MASTER_KEY_ENV = "NOETL_SECRET_KEY"   # the store's master key: shares the prefix, is never a playbook secret
 _PROBE_ROUNDS = 3
+
+
+def secret_env_name(name: str, env: Mapping[str, str]) -> str | None:
+    """The NOETL_SECRET_* variable that holds secret `name` (as written, then upper-cased), never the
+    master key. `name` may carry the prefix already (`auth: {source: env, name: NOETL_SECRET_API}`)."""
+    bare = name[len(ENV_PREFIX):] if name.upper().startswith(ENV_PREFIX) else name
+    for candidate in (ENV_PREFIX + bare, ENV_PREFIX + bare.upper()):
+        if candidate.upper() != MASTER_KEY_ENV and candidate in env:
+            return candidate
+    return None
 
 
 class Secrets:
@@ -40,8 +55,7 @@ class Secrets:
         self._env = env
         self._credentials: dict[str, Credential | None] = {}
         self._secrets: dict[str, Any] = {}      # name -> value (None: not found)
-        self._values: set[str] = set()
-        self._pattern: re.Pattern | None = None
+        self._redactor = Redactor()
 
     # --- lookup ------------------------------------------------------------------------------------
     async def credential(self, name: str) -> Credential | None:
@@ -56,9 +70,8 @@ class Secrets:
         """NOETL_SECRET_<NAME> first (exact, then upper-case), then credential <name>: its data's
         `value` or `token`, else the whole data. None when neither exists."""
         if name not in self._secrets:
-            # NOETL_SECRET_KEY is the store's master key, not a playbook secret: never hand it out.
-            env_names = [] if name.upper() == "KEY" else [_ENV_PREFIX + name, _ENV_PREFIX + name.upper()]
-            value = next((self._env[n] for n in env_names if n in self._env), None)
+            variable = secret_env_name(name, self._env) if name.upper() != "KEY" else None
+            value = self._env[variable] if variable is not None else None
             if value is None:
                 cred = await self.credential(name)
                 if cred is None and name.upper() != name:   # uploaded from NOETL_SECRET_<NAME>: upper case
@@ -71,8 +84,10 @@ class Secrets:
         return self._secrets[name]
 
     def env_value(self, name: str) -> str | None:
-        """An `auth: {source: env}` value: a secret too, so it is remembered."""
-        value = self._env.get(name)
+        """An `auth: {source: env}` value: only NOETL_SECRET_* variables (not the master key), so a step
+        cannot send the engine's own configuration (database URL, master key) anywhere. Remembered."""
+        variable = secret_env_name(name, self._env)
+        value = self._env[variable] if variable is not None else None
         self.remember(value)
         return value
 
@@ -80,8 +95,8 @@ class Secrets:
     def remember(self, value: Any) -> None:
         if isinstance(value, str):
             if value:
-                self._values.add(value)
-                self._pattern = None
+                self._redactor.add(value)
+                register_process_secret(value)
         elif isinstance(value, Mapping):
             for v in value.values():
                 self.remember(v)
@@ -98,26 +113,16 @@ class Secrets:
 
     @property
     def active(self) -> bool:
-        return bool(self._values)
+        return self._redactor.active
 
     def redact(self, value: Any) -> Any:
-        """value with every remembered secret replaced by *** (strings inside dicts/lists too)."""
-        if not self._values or value is None:
-            return value
-        if self._pattern is None:
-            # Longest first, so a secret that contains another is replaced whole.
-            ordered = sorted(self._values, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
-        return self._redact(value)
+        """value with every remembered secret (in each of its forms) replaced by *** (strings inside
+        dicts/lists too)."""
+        return self._redactor.value(value)
 
-    def _redact(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self._pattern.sub(REDACTED, value)
-        if isinstance(value, dict):
-            return {self._redact(k) if isinstance(k, str) else k: self._redact(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._redact(v) for v in value]
-        return value
+    def redact_cut(self, text: str, marker: str) -> str:
+        """`text` that was cut at `marker` (bounded output), redacted including secrets cut in two there."""
+        return self._redactor.text(self._redactor.cut_edges(text, marker))
 
     # --- rendering with `secret`, `uuid`, `now` ----------------------------------------------------
     async def render(self, value: Any, context: Mapping[str, Any], now: float) -> Any:
@@ -144,7 +149,7 @@ class Secrets:
         except TemplateError as exc:
             missing = sorted(n for n, v in self._secrets.items() if v is None)
             if missing:
-                hint = ", ".join(f"{n} (set {_ENV_PREFIX}{n.upper()} or store a credential named {n!r})"
+                hint = ", ".join(f"{n} (set {ENV_PREFIX}{n.upper()} or store a credential named {n!r})"
                                  for n in missing)
                 reason = str(exc).rsplit(" in template ", 1)[0]
                 raise TemplateError(exc.template, f"{reason}; secret not found: {hint}") from exc
@@ -159,41 +164,59 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-class _Probe(Mapping):
-    """Records every name read; answers with the value when already known, else a placeholder."""
+class _Namespace(Mapping):
+    """`secret` in templates: a value by name, nothing else. Listing, iterating, printing, pickling or
+    JSON-encoding it fails, so `{{ secret | tojson }}`, `{{ secret | list }}` or `{% for k in secret %}`
+    cannot walk the secrets; its state sits in underscore attributes the sandbox refuses to read."""
+
+    __slots__ = ("_known",)
 
     def __init__(self, known: dict[str, Any]) -> None:
-        self.known = known
-        self.read: list[str] = []
+        self._known = known
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError("the secret namespace cannot be listed: read one secret by name (secret.NAME)")
+
+    def __len__(self) -> int:
+        raise TypeError("the secret namespace has no length: read one secret by name (secret.NAME)")
+
+    def __repr__(self) -> str:
+        return "<secret namespace: read one secret by name>"
+
+    __str__ = __repr__
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError("the secret namespace cannot be serialised: read one secret by name (secret.NAME)")
+
+
+class _Probe(_Namespace):
+    """Records every name read; answers with the value when already known, else a placeholder."""
+
+    __slots__ = ("_read",)
+
+    def __init__(self, known: dict[str, Any]) -> None:
+        super().__init__(known)
+        self._read: list[str] = []
+
+    @property
+    def read(self) -> list[str]:
+        return self._read
 
     def __getitem__(self, key: str) -> Any:
         if not isinstance(key, str):
             raise KeyError(key)
-        self.read.append(key)
-        value = self.known.get(key)
+        self._read.append(key)
+        value = self._known.get(key)
         return "" if value is None else value
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
 
-    def __len__(self) -> int:
-        return 0
-
-
-class _Known(Mapping):
+class _Known(_Namespace):
     """The resolved secrets: a missing one is an undefined name, so `default(...)` still works."""
 
-    def __init__(self, known: dict[str, Any]) -> None:
-        self.known = known
+    __slots__ = ()
 
     def __getitem__(self, key: str) -> Any:
-        value = self.known.get(key)
+        value = self._known.get(key) if isinstance(key, str) else None
         if value is None:
             raise KeyError(key)
         return value
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k, v in self.known.items() if v is not None)
-
-    def __len__(self) -> int:
-        return sum(1 for v in self.known.values() if v is not None)

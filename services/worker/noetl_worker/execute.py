@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ from noetl_common.messages import (ActionCompleted, ActionFailed, ActionHeartbea
 from noetl_common.render import TemplateError, missing_paths, unwrap
 from pydantic import BaseModel
 
-from noetl_worker._python_child import first_unserialisable
+from noetl_worker._python_child import CUT_MARKER, first_unserialisable
 from noetl_worker.actions import duckdb as duckdb_action
 from noetl_worker.actions import http as http_action
 from noetl_worker.actions import postgres as postgres_action
@@ -141,13 +143,15 @@ async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionComp
         return _failed(inv, str(exc), exc.status_code, exc.result, exc.log)
     except Exception as exc:
         log.debug("action %s of %s raised", cmd.action.type, cmd.command_id, exc_info=True)
-        return _failed(inv, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        # Not an expected failure: its traceback goes into the attempt's log (redacted like the rest).
+        return _failed(inv, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                       log_text="".join(traceback.format_exception(exc)))
     if isinstance(done, _ChildStarted):
         return None
     return ActionCompleted(
         execution_id=cmd.execution_id, command_id=cmd.command_id, time=time.time(),
         result=secrets.redact(done.result), saved=secrets.redact(done.saved),
-        variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv.notes, secrets))
+        variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv))
 
 
 async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
@@ -223,7 +227,7 @@ def _failed(inv: Invocation, error: str, status_code: int | None = None, result:
     s = inv.secrets
     return ActionFailed(execution_id=inv.cmd.execution_id, command_id=inv.cmd.command_id, time=time.time(),
                         error=s.redact(error), status_code=status_code, result=s.redact(result),
-                        log=_join_log(log_text, inv.notes, s))
+                        log=_join_log(log_text, inv))
 
 
 def _concat(*parts: str | None) -> str | None:
@@ -233,8 +237,29 @@ def _concat(*parts: str | None) -> str | None:
     return "\n".join(p.rstrip("\n") for p in present) + "\n"
 
 
-def _join_log(action_log: str | None, notes: list[str], secrets: Secrets) -> str | None:
-    return secrets.redact(_concat(action_log, *notes))
+_CUT = re.compile(re.escape(CUT_MARKER).replace(re.escape("{}"), r"\d+"))
+
+
+def _join_log(action_log: str | None, inv: Invocation) -> str | None:
+    """The attempt's log (the action's output, then worker notes): redacted first, then bounded to
+    NOETL_STEP_LOG_MAX_BYTES (its start and its end), so a cut never splits a secret that then escapes
+    redaction. Output the python pool already cut is redacted around the cut as well."""
+    text = _concat(action_log, *inv.notes)
+    if text is None:
+        return None
+    cut = _CUT.search(text)
+    text = inv.secrets.redact_cut(text, cut.group(0)) if cut else inv.secrets.redact(text)
+    return bounded(text, inv.ports.step_settings.log_max_bytes)
+
+
+def bounded(text: str, limit: int) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit + 128:   # the pool's own cut (limit + its marker) is not cut again
+        return text
+    half = limit // 2
+    dropped = len(raw) - 2 * half
+    return (raw[:half].decode("utf-8", "ignore") + CUT_MARKER.format(dropped)
+            + raw[-half:].decode("utf-8", "ignore"))
 
 
 class _Heartbeat:

@@ -18,7 +18,8 @@ def ops_app(ready: Callable[[], str | None], in_flight: Callable[[], int], concu
     from noetl_runtime.http_ops import install_ops   # the ops endpoints every service shares
 
     app = FastAPI(title="noetl worker", version="1")
-    registry = install_ops(app, service="worker", ready=ready, gauges={
+    # auth=None: this listener serves only the probes and /metrics ("its own listener", docs/security.md)
+    registry = install_ops(app, service="worker", auth=None, ready=ready, gauges={
         "noetl_worker_commands_in_flight": ("commands running now", lambda: float(in_flight())),
         "noetl_worker_concurrency": ("commands this worker runs at once at most", lambda: float(concurrency)),
     })

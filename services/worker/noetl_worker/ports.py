@@ -2,7 +2,7 @@
 
 The runtime (embedded loop or Kafka consumer) builds it once per worker; tests build it from in-memory
 doubles. Kept separate from `noetl_common.ports` because it bundles worker-only things (the python pool,
-the environment that holds NOETL_SECRET_* values).
+the environment that holds NOETL_SECRET_* values, the step isolation settings).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from noetl_common.ports import CatalogPort, CredentialPort, Emit
+from noetl_runtime.settings import StepSettings, load_step_settings
 
 if TYPE_CHECKING:
     from noetl_worker.python_pool import PythonPool
@@ -29,3 +30,6 @@ class WorkerPorts:
     announce_after: float = 0.05
     # Where NOETL_SECRET_<NAME> values come from; os.environ unless a test or an embedding app says so.
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    # How step code is confined (NOETL_STEP_*): log bound, DuckDB directories and extensions. The python
+    # pool reads the same settings for its limits and user.
+    step_settings: StepSettings = field(default_factory=load_step_settings)

@@ -98,6 +98,11 @@ spec:
             - name: NOETL_BROKER_COMMIT_INTERVAL
               value: {{ $v.commitInterval | quote }}
             {{- end }}
+            {{- if has $role (list "ingest" "query") }}
+            # GET /api/executions/{id}/explain asks the brokers (any pod: it forwards to the owner)
+            - name: NOETL_BROKER_URL
+              value: {{ printf "http://%s:%v" (include "noetl.componentName" (dict "root" $root "role" "broker")) $root.Values.broker.service.port | quote }}
+            {{- end }}
             {{- if eq $role "worker" }}
             - name: NOETL_WORKER_POOL
               value: {{ .pool | quote }}

@@ -76,9 +76,10 @@ noetl.io/pool: {{ .pool }}
 {{- end -}}
 {{- end -}}
 
-{{/* The Python module each role runs: python -m <module> */}}
+{{/* The Python module each role runs: python -m <module>. The ingest role (the API's entry point: every
+write, and the reads for one-URL clients) runs the HTTP frontend, which composes every service's routes. */}}
 {{- define "noetl.module" -}}
-{{- get (dict "ingest" "noetl_ingest" "query" "noetl_query" "render" "noetl_render" "broker" "noetl_broker" "worker" "noetl_worker") . -}}
+{{- get (dict "ingest" "noetl_frontend" "query" "noetl_query" "render" "noetl_render" "broker" "noetl_broker" "worker" "noetl_worker") . -}}
 {{- end -}}
 
 {{/* Which roles get which secrets (least privilege: the broker never sees the database or the key). */}}

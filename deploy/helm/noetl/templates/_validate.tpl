@@ -28,6 +28,23 @@ message naming the values to change. Included once, from deployments.yaml.
 {{- if and .Values.ingest.autoscaling.enabled (gt (int .Values.ingest.autoscaling.minReplicas) (int .Values.ingest.autoscaling.maxReplicas)) -}}
 {{- fail (printf "ingest.autoscaling.minReplicas (%d) must be <= ingest.autoscaling.maxReplicas (%d)" (int .Values.ingest.autoscaling.minReplicas) (int .Values.ingest.autoscaling.maxReplicas)) -}}
 {{- end -}}
+{{- if .Values.ingress.enabled -}}
+{{- $covered := false -}}
+{{- range .Values.ingress.tls -}}{{- if has $.Values.ingress.host .hosts -}}{{- $covered = true -}}{{- end -}}{{- end -}}
+{{- if not $covered -}}
+{{- fail (printf "ingress.enabled needs TLS for ingress.host (%q): add it to the hosts of an ingress.tls entry. The chart ships no Ingress in clear text (docs/kubernetes.md, \"Exposure\")" .Values.ingress.host) -}}
+{{- end -}}
+{{- end -}}
+{{- $envs := list (dict "n" "ingest" "e" .Values.ingest.extraEnv) (dict "n" "query" "e" .Values.query.extraEnv) (dict "n" "render" "e" .Values.render.extraEnv) (dict "n" "broker" "e" .Values.broker.extraEnv) (dict "n" "workerDefaults" "e" .Values.workerDefaults.extraEnv) -}}
+{{- range $i, $p := .Values.workers -}}{{- $envs = append $envs (dict "n" (printf "workers[%d]" $i) "e" ($p.extraEnv | default list)) -}}{{- end -}}
+{{- range $envs -}}
+{{- $where := .n -}}
+{{- range .e -}}
+{{- if and (eq .name "NOETL_AUTH") (eq (lower (toString (.value | default ""))) "off" "false" "0" "no") -}}
+{{- fail (printf "%s.extraEnv sets NOETL_AUTH=off: the chart's services listen on the pod network, where authentication stays on (docs/security.md)" $where) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) -}}
 {{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" -}}
 {{- end -}}

@@ -1,9 +1,11 @@
-"""The playbook DSL: load (parse + normalise + validate) a `noetl.io/v1` playbook.
+"""The playbook DSL: load (parse + detect the dialect + normalise + validate) a `noetl.io/v1` playbook.
 
     playbook, problems = load_playbook(yaml_text_or_dict)
 
 `problems` holds every error and warning, each with its location path and YAML line where known;
 `playbook` is None exactly when at least one problem is an error. Loading never raises on a bad document.
+A document in a later NoETL dialect (v2, v10: `dialect.py`) is rejected with one error naming the dialect,
+never half-read as v1.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from .dialect import Dialect, detect_dialect
 from .models import Edge, IteratorSpec, Playbook, Problem, RetryPolicy, SaveSpec, Step
 from .normalise import normalise as normalise_document
+from .validate import identity as playbook_identity
 from .validate import validate as validate_document
 from .yaml_source import LineMap, line_for, parse_yaml
 
@@ -47,10 +51,23 @@ def _load(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
                 return None, problems
         else:
             data, lines, problems = source, {}, []
+        dialect = detect_dialect(data)
+        if dialect.name in ("v2", "v10"):
+            return None, problems + [unsupported_dialect(dialect, lines)]
         playbook, found = validate_document(data, lines)
         return playbook, problems + found
     except Exception as exc:   # last line of defence: a bad document must never surface as a traceback
         return None, [Problem(path="", message=f"could not load the playbook: {type(exc).__name__}: {exc}")]
+
+
+def unsupported_dialect(dialect: Dialect, lines: LineMap) -> Problem:
+    """The one error for a document in a dialect this engine does not run yet (no other problem is
+    reported: checking it against v1 rules would only list symptoms of reading it as the wrong dialect)."""
+    mixed = f"; it also has a v1 'type:' step at {dialect.type_step}" if dialect.type_step else ""
+    return Problem(path=dialect.path, line=line_for(lines, dialect.path),
+                   message=f"NoETL DSL {dialect.name} is not supported yet: this playbook is written in it "
+                           f"({dialect.reason}{mixed}); this engine runs the v1 dialect (steps with 'type:', "
+                           f"'next:' lists)")
 
 
 def problems_as_dicts(problems: list[Problem]) -> list[dict[str, Any]]:
@@ -58,6 +75,6 @@ def problems_as_dicts(problems: list[Problem]) -> list[dict[str, Any]]:
     return [p.model_dump() for p in problems]
 
 
-__all__ = ["Edge", "IteratorSpec", "LineMap", "Playbook", "Problem", "RetryPolicy", "SaveSpec", "Step",
-           "line_for", "load_playbook", "normalise_document", "parse_playbook_yaml", "parse_yaml",
-           "problems_as_dicts", "validate_document"]
+__all__ = ["Dialect", "Edge", "IteratorSpec", "LineMap", "Playbook", "Problem", "RetryPolicy", "SaveSpec", "Step",
+           "detect_dialect", "line_for", "load_playbook", "normalise_document", "parse_playbook_yaml", "parse_yaml",
+           "playbook_identity", "problems_as_dicts", "unsupported_dialect", "validate_document"]

@@ -64,7 +64,7 @@ class Step(_Model):
     name: str
     type: str | None = None            # None = control step; else one of ACTION_TYPES
     desc: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] | str = Field(default_factory=dict)   # str: one `{{ expr }}` giving the inputs (§5)
     next: list[Edge] = Field(default_factory=list)
     save: SaveSpec | None = None
     retry: RetryPolicy | None = None

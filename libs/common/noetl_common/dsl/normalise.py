@@ -6,21 +6,22 @@ best-effort model is still built so that `validate` can check every step.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from noetl_common.merge import deep_merge
 
-from .models import ACTION_TYPES, CONTROL_TYPES, SAVE_STORAGES, Edge, IteratorSpec, Playbook, RetryPolicy, \
-    SaveSpec, Step
-from .validate import AUTH_KEYS, CODE_KEYS, COMMON_KEYS, DATA_KEYS, SAVE_KEYS, SQL_KEYS, Issues, as_expr, \
-    fold_data, integer, join_sql, number
+from .models import ACTION_TYPES, CONTROL_TYPES, Edge, IteratorSpec, Playbook, RetryPolicy, Step
+from .save_block import code_of, headers_of, method_of, name_list, normalise_save
+from .validate import ACTION_KEYS, AUTH_KEYS, CODE_KEYS, COMMON_KEYS, DATA_KEYS, SAVE_KEYS, SQL_KEYS, Issues, \
+    as_expr, fold_data, identity, integer, join_sql, number
 
 EDGE_DATA_KEYS = ("input", "payload", "args", "with", "data")   # later wins
 EDGE_KEYS = frozenset({"step", "name", "when", "then", "else", *EDGE_DATA_KEYS})
 LOOP_OUTER = ("step", "loop", "next", "desc", "description", "max_visits", "result")
 MAX_WORKBOOK_DEPTH = 8
+# The highest max_visits a step may declare (docs/security.md, Limits): a loop's visits are events and
+# commands; a bound at load keeps one playbook from asking for millions. A constant: valid is valid everywhere.
+MAX_VISITS_LIMIT = 10_000
 
 
 # ---------------------------------------------------------------- document
@@ -63,12 +64,13 @@ def assemble(doc: dict, steps: list[Step]) -> Playbook:
     """The Playbook (the first definition of a duplicated step name wins)."""
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     version, description = meta.get("version"), meta.get("description", doc.get("description"))
+    name, path = identity(doc)
     by_name: dict[str, Step] = {}
     for step in steps:
         if step.name:
             by_name.setdefault(step.name, step)
     return Playbook(api_version=str(doc.get("apiVersion") or ""), kind=str(doc.get("kind") or "Playbook"),
-                    name=str(meta.get("name") or ""), path=str(meta.get("path") or ""),
+                    name=name, path=path,
                     version=None if version is None else str(version),
                     description=None if description is None else str(description),
                     workload=doc.get("workload") if isinstance(doc.get("workload"), dict) else {},
@@ -83,25 +85,46 @@ class _Ctx:
 
 
 def step_kind(raw: dict, path: str, issues: Issues, task: bool = False) -> str | None:
-    """The step's kind: an action type, "workbook", or None (control). Reports an unusable `type`."""
+    """The step's kind: an action type, "workbook", or None (control). Reports an unusable `type`, and
+    action keys on a step that would be a control step (it would run nothing, silently)."""
     value = raw.get("type")
     if value is None:
         if task and any(k in raw for k in CODE_KEYS):
             return "python"
         if task and "loop" not in raw:
             issues.error(path, "an iterator task needs an action type (type: python, http, …)")
+        elif "loop" not in raw:
+            _no_action_type(raw, path, issues, "it has no type")
         return None
     kind = value.strip().lower() if isinstance(value, str) else None
     if kind in CONTROL_TYPES:
         # `start`/`end`/`route` may carry an action: the unambiguous ones are inferred from their keys.
         if any(k in raw for k in CODE_KEYS):
             return "python"
-        return "http" if ("endpoint" in raw or "url" in raw) else None
+        if "endpoint" in raw or "url" in raw:
+            return "http"
+        if "loop" not in raw:
+            _no_action_type(raw, path, issues, f"type: {kind} is a control type")
+        return None
     if kind in ACTION_TYPES or kind == "workbook":
         return kind
     issues.error(f"{path}.type", f"unknown step type {value!r} (expected one of: "
                                  f"{', '.join((*ACTION_TYPES, 'workbook', *CONTROL_TYPES))})")
     return None
+
+
+def _no_action_type(raw: dict, path: str, issues: Issues, why: str) -> None:
+    """DSL §2: a control step runs nothing. One with an action key was meant to run something: an error
+    naming the key, never a step that completes at once while nothing ran."""
+    key = next((k for k in ACTION_KEYS if k in raw), None)
+    if key is None:
+        return
+    if key == "tool":
+        issues.error(f"{path}.{key}", f"'{key}:' is NoETL DSL v2/v10 syntax, which this engine does not run: a "
+                                      f"v1 step names its action with type: (python, http, postgres, …)")
+    else:
+        issues.error(f"{path}.{key}", f"'{key}' is an action key but {why}, so the step would run nothing: "
+                                      f"add {ACTION_KEYS[key]} (a step without an action type is a control step)")
 
 
 def _resolve_workbook(raw: dict, path: str, ctx: _Ctx, depth: int) -> dict | None:
@@ -122,10 +145,23 @@ def _resolve_workbook(raw: dict, path: str, ctx: _Ctx, depth: int) -> dict | Non
     entry_path, entry = ctx.workbook[ref]
     merged = {k: v for k, v in entry.items() if k != "name" and k not in DATA_KEYS}
     merged.update({k: v for k, v in raw.items() if k not in ("type", "name", "task", *DATA_KEYS)})
-    merged["data"] = deep_merge(fold_data(entry, entry_path, ctx.issues), fold_data(raw, path, ctx.issues))
+    merged["data"] = _merge_inputs(fold_data(entry, entry_path, ctx.issues, whole=True),
+                                   fold_data(raw, path, ctx.issues, whole=True), path, ctx.issues)
     if entry.get("type") is None:
         ctx.issues.error(entry_path, f"workbook entry '{ref}' has no type")
     return merged
+
+
+def _merge_inputs(entry: dict | str, step: dict | str, path: str, issues: Issues) -> dict | str:
+    """A workbook entry's inputs under the step's (deep merge, step wins). An input expression (text, rendered
+    at dispatch) only stands alone: merging it with a mapping would need values known only at run time."""
+    if isinstance(entry, dict) and isinstance(step, dict):
+        return deep_merge(entry, step)
+    if not entry or not step:
+        return step or entry
+    issues.error(f"{path}.data", "the workbook entry's inputs and the step's cannot be merged when one of them "
+                                 "is a template expression ({{ … }}): give them as mappings, or only one")
+    return step
 
 
 def normalise_step(raw: Any, name: str, path: str, ctx: _Ctx, *, task: bool = False, depth: int = 0) -> Step:
@@ -148,7 +184,7 @@ def normalise_step(raw: Any, name: str, path: str, ctx: _Ctx, *, task: bool = Fa
                 and not isinstance(raw.get("data"), dict):   # legacy: `data` is the collection
             raw = {**{k: v for k, v in raw.items() if k != "data"}, "collection": raw["data"]}
         iterator = _iterator(raw, raw.get("task"), name, path, f"{path}.task", ctx, depth, legacy=False)
-    data = fold_data(raw, path, issues)
+    data = fold_data(raw, path, issues, whole=True)
     save = raw.get("save")
     if kind == "save" and "storage" not in raw and isinstance(save, dict):
         save = None   # `type: save` with only a save block: that block is the action
@@ -162,18 +198,19 @@ def normalise_step(raw: Any, name: str, path: str, ctx: _Ctx, *, task: bool = Fa
         retry=_retry(raw.get("retry"), f"{path}.retry", issues),
         timeout=number(raw.get("timeout"), f"{path}.timeout", issues, "timeout", positive=True),
         assert_expects=expects, assert_returns=returns, auth=raw.get(auth_key) if auth_key else None,
-        max_visits=integer(raw.get("max_visits"), f"{path}.max_visits", issues, "max_visits") or 100,
+        max_visits=integer(raw.get("max_visits"), f"{path}.max_visits", issues, "max_visits",
+                           maximum=MAX_VISITS_LIMIT) or 100,
         has_result="result" in raw, result=raw.get("result"),
         config=_config(kind, raw, data, path, issues), iterator=iterator)
 
 
-def _config(kind: str | None, raw: dict, data: dict, path: str, issues: Issues) -> dict[str, Any]:
+def _config(kind: str | None, raw: dict, data: dict | str, path: str, issues: Issues) -> dict[str, Any]:
     """Each kind's own keys (their presence is checked by `validate` on the result)."""
     if kind == "python":
-        return {"code": _code(raw, path, issues)}
+        return {"code": code_of(raw, path, issues)}
     if kind == "http":
-        return {"endpoint": raw.get("endpoint", raw.get("url")), "method": _method(raw, "GET"),
-                "headers": _mapping(raw.get("headers"), f"{path}.headers", issues)}
+        return {"endpoint": raw.get("endpoint", raw.get("url")), "method": method_of(raw, "GET"),
+                "headers": headers_of(raw.get("headers"), f"{path}.headers", issues)}
     if kind in ("postgres", "duckdb"):
         key = next((k for k in SQL_KEYS if raw.get(k) is not None), None)
         return {"command": join_sql(raw[key], f"{path}.{key}", issues) if key else None,
@@ -237,7 +274,7 @@ def _iterator(src: dict, task_raw: Any, name: str, path: str, task_path: str, ct
                         where=where, order_by=order_by, limit=limit, chunk=chunk, task=task)
 
 
-# ---------------------------------------------------------------- next, retry, assert, save
+# ---------------------------------------------------------------- next, retry, assert
 
 def edges(value: Any, path: str, issues: Issues) -> list[Edge]:
     """`next` (or a then/else list): a list or a single entry; an entry is a step name or a mapping."""
@@ -308,93 +345,5 @@ def _assert(value: Any, path: str, issues: Issues) -> tuple[list[str], list[str]
     value = value if isinstance(value, dict) else {}
     for key in set(value) - {"expects", "returns"}:
         issues.warn(f"{path}.{key}", f"unknown assert key '{key}' (ignored)")
-    return _names(value.get("expects"), f"{path}.expects", issues), \
-        _names(value.get("returns"), f"{path}.returns", issues)
-
-
-def _names(value: Any, path: str, issues: Issues) -> list[str]:
-    """A name or a list of names (save keys, assert paths)."""
-    items = [value] if isinstance(value, str) else value or []
-    if isinstance(items, list) and all(isinstance(x, str) for x in items):
-        return items
-    issues.error(path, f"expected a name or a list of names, got {value!r}")
-    return []
-
-
-def normalise_save(value: Any, path: str, issues: Issues) -> SaveSpec | None:
-    """Flat (`storage: postgres, table, …`) and nested (`storage: {type, table, …}`, `data` beside it)."""
-    if value is None or value is False:
-        return None
-    if not isinstance(value, dict):
-        issues.error(path, "save must be a mapping")
-        return None
-    flat = {k: v for k, v in value.items() if k not in ("storage", "type")}
-    storage = value.get("storage", value.get("type"))
-    spec, where = flat, path
-    if isinstance(storage, dict):    # nested keys win; data falls back to the top level
-        nested = {k: v for k, v in storage.items() if k != "type"}
-        has_data = nested.get("data") is not None or nested.get("args") is not None
-        spec = {**flat, **nested, **({} if has_data else {"data": flat.get("data"), "args": flat.get("args")})}
-        storage, where = storage.get("type"), f"{path}.storage"
-    for key in spec:
-        if key not in SAVE_KEYS:
-            issues.warn(f"{where}.{key}", f"unknown save key '{key}' (ignored)")
-    if storage is None:
-        kind = "variable" if spec.get("name") is not None else "event"
-    else:
-        kind = {"event_log": "event"}.get(str(storage).strip().lower(), str(storage).strip().lower())
-        if kind not in SAVE_STORAGES:
-            issues.error(f"{path}.storage", f"unknown save storage {storage!r} (expected one of: "
-                                            f"{', '.join(SAVE_STORAGES)})")
-    data = spec.get("data", spec.get("args"))
-    if isinstance(spec.get("data"), dict) and isinstance(spec.get("args"), dict):
-        data = {**spec["args"], **spec["data"]}
-    keys = _names(spec.get("key", spec.get("keys")), f"{where}.key", issues)
-    mode = str(spec.get("mode") or "insert").strip().lower()
-    if mode not in ("insert", "upsert"):
-        issues.error(f"{where}.mode", f"unknown save mode {spec.get('mode')!r} (insert or upsert)")
-        mode = "insert"
-    sql_key = next((k for k in ("command", "commands", "sql", "statement") if spec.get(k) is not None), None)
-    command = join_sql(spec[sql_key], f"{where}.{sql_key}", issues) if sql_key else None
-    name, table, url = spec.get("name"), spec.get("table"), spec.get("url", spec.get("endpoint"))
-    if url is not None and not isinstance(url, str):
-        issues.error(f"{where}.url", f"save url must be a string, got {url!r}")
-        url = None
-    auth_key = next((k for k in AUTH_KEYS if spec.get(k) is not None), None)
-    code = _code({**spec, "code": spec.get("code", spec.get("script"))}, where, issues)
-    return SaveSpec(storage=kind if kind in SAVE_STORAGES else "event", name=None if name is None else str(name),
-                    data=data, table=None if table is None else str(table), mode=mode, key=keys,
-                    auth=spec.get(auth_key) if auth_key else None, url=url,
-                    method=_method(spec, "POST"), headers=_mapping(spec.get("headers"), f"{where}.headers", issues),
-                    code=code, command=command,
-                    database=None if spec.get("database") is None else str(spec["database"]))
-
-
-def _code(raw: dict, path: str, issues: Issues) -> str | None:
-    """`code`, else `code_b64`/`code_base64` decoded. Never rendered."""
-    code, b64_key = raw.get("code"), next((k for k in ("code_b64", "code_base64") if raw.get(k)), None)
-    if code is None and b64_key:
-        try:
-            return base64.b64decode(str(raw[b64_key]), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            issues.error(f"{path}.{b64_key}", f"{b64_key} is not valid base64-encoded UTF-8")
-            return None
-    if code is not None and not isinstance(code, str):
-        issues.error(f"{path}.code", "code must be a string")
-        return None
-    return code
-
-
-def _method(raw: dict, default: str) -> Any:
-    """Upper-cased; a template stays as written (validate checks plain values)."""
-    method = raw.get("method") or default
-    if not isinstance(method, str):
-        return str(method)       # reported by validate as an unknown method
-    return method.strip().upper() if "{" not in method else method
-
-
-def _mapping(value: Any, path: str, issues: Issues) -> dict[str, Any]:
-    if value is None or isinstance(value, dict):
-        return value or {}
-    issues.error(path, "headers must be a mapping")
-    return {}
+    return name_list(value.get("expects"), f"{path}.expects", issues), \
+        name_list(value.get("returns"), f"{path}.returns", issues)

@@ -36,6 +36,13 @@ KIND_KEYS: dict[str | None, frozenset[str]] = {
                            "chunk", "task", "enumerate"}),
     "save": SAVE_KEYS - {"type"},
 }
+# Keys that only make sense on a step that runs an action, with the type that runs them: on a step without
+# an action type they are errors (the step would run nothing), not ignored keys.
+ACTION_KEYS = {**{k: "type: python" for k in (*CODE_KEYS, "script")},
+               **{k: "type: postgres or type: duckdb" for k in SQL_KEYS},
+               "endpoint": "type: http", "url": "type: http",
+               **{k: "type: playbook" for k in ("path", "resource_path", "playbook_path", "return_step")},
+               "collection": "type: iterator", "tool": ""}
 CONTROL_ONLY = ("timeout", "assert", "auth")            # meaningless on a step that runs no action
 NOT_IN_TASK = frozenset({"next", "result", "max_visits"})   # an iterator task is not a workflow node
 RESERVED_NAMES = frozenset({"workload", "execution_id", "parent_execution_id", "vars", "secret", "env",
@@ -100,11 +107,19 @@ def check_header(doc: dict, key: str, issues: Issues) -> None:
         issues.error("kind", "kind is required: Playbook" if doc.get("kind") is None
                      else f"invalid kind {doc.get('kind')!r} (expected Playbook)")
     meta = doc.get("metadata")
-    if not isinstance(meta, dict):
+    if meta is not None and not isinstance(meta, dict):
+        issues.error("metadata", "metadata must be a mapping with name and path")
+    elif meta is None and not any(_text(doc.get(field)) for field in ("name", "path")):
         issues.error("metadata", "metadata is required: a mapping with name and path")
     else:
+        meta = meta or {}
         for field in ("name", "path"):
-            if not isinstance(meta.get(field), str) or not meta[field].strip():
+            if _text(meta.get(field)):
+                if field in doc:
+                    issues.warn(field, f"top-level '{field}' is ignored: metadata.{field} is used")
+            elif _text(doc.get(field)):   # the reference's catalog accepts this form (12 of its 21 examples)
+                issues.warn(field, f"top-level '{field}' belongs under metadata: (metadata.{field}); accepted")
+            else:
                 issues.error(f"metadata.{field}", f"metadata.{field} is required (a non-empty string), "
                                                   f"got {meta.get(field)!r}")
     if doc.get("workload") is not None and not isinstance(doc["workload"], dict):
@@ -129,6 +144,17 @@ def check_header(doc: dict, key: str, issues: Issues) -> None:
             issues.error(f"workbook[{i}].name", f"duplicate workbook entry '{name}' (first at {seen[name]})")
         else:
             seen[name] = f"workbook[{i}]"
+
+
+def identity(doc: dict) -> tuple[str, str]:
+    """(name, path) of the playbook: `metadata.name`/`metadata.path`, else the top-level keys."""
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    name, path = (meta.get(f) if _text(meta.get(f)) else doc.get(f) for f in ("name", "path"))
+    return str(name or ""), str(path or "")
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 def check_steps(steps: list[Step], key: str, issues: Issues) -> None:
@@ -210,6 +236,8 @@ def _warn_keys(raw: Any, step: Step, issues: Issues, task: bool) -> None:
         allowed = (allowed | {"task", "name"}) - NOT_IN_TASK
     what = "an iterator task" if task else "a control step" if step.type is None else f"a {step.type} step"
     for key in raw:
+        if step.type is None and key in ACTION_KEYS:
+            continue   # an error already (normalise.step_kind): the step would run nothing
         if key not in allowed or (step.type is None and key in CONTROL_ONLY):
             issues.warn(f"{step.path}.{key}", f"key '{key}' does not apply to {what} (ignored)")
     if step.iterator is not None:
@@ -277,16 +305,43 @@ def _with_tasks(step: Step) -> Iterator[Step]:
 
 # ---------------------------------------------------------------- coercions that report problems
 
-def fold_data(raw: dict, path: str, issues: Issues, keys: tuple[str, ...] = DATA_KEYS) -> dict[str, Any]:
-    """Merge the input aliases into one mapping; later keys in `keys` win."""
+def fold_data(raw: dict, path: str, issues: Issues, keys: tuple[str, ...] = DATA_KEYS,
+              whole: bool = False) -> dict[str, Any] | str:
+    """Merge the input aliases into one mapping; later keys in `keys` win.
+
+    With `whole` (a step's inputs), the inputs may instead be one template expression, `data: "{{ x.data }}"`:
+    DSL §5 gives a lone expression its native value, so it is kept as text here and rendered at dispatch,
+    where it must give a mapping. It cannot be merged with another alias given as a mapping (the merge
+    would depend on values only known at run time)."""
     merged: dict[str, Any] = {}
+    expr_key: str | None = None
     for key in keys:
         value = raw.get(key)
         if isinstance(value, dict):
             merged.update(value)
+        elif whole and is_lone_expression(value) and expr_key is None:
+            expr_key = key
         elif value is not None:
-            issues.error(f"{path}.{key}", f"'{key}' must be a mapping of named inputs, got {type(value).__name__}")
-    return merged
+            what = "a mapping of named inputs" + (" or one template expression ({{ … }})" if whole else "")
+            issues.error(f"{path}.{key}", f"'{key}' must be {what}, got {type(value).__name__}"
+                         + (f" (only one of {', '.join(keys)} may be an expression)" if expr_key else ""))
+    if expr_key is None:
+        return merged
+    if merged:
+        other = next(k for k in keys if isinstance(raw.get(k), dict))
+        issues.error(f"{path}.{expr_key}", f"'{expr_key}' is one template expression and cannot be merged with "
+                                           f"the mapping in '{other}': give the inputs in one of them")
+        return merged
+    return raw[expr_key]
+
+
+def is_lone_expression(value: Any) -> bool:
+    """`{{ expr }}` and nothing else (the rendering decides what the expression is)."""
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    return (text.startswith("{{") and text.endswith("}}") and text.count("{{") == 1
+            and "{%" not in text and "{#" not in text)
 
 
 def as_expr(value: Any, path: str, issues: Issues) -> str | None:
@@ -303,7 +358,8 @@ def as_expr(value: Any, path: str, issues: Issues) -> str | None:
     return value if ("{{" in value or "{%" in value) else "{{ " + value.strip() + " }}"
 
 
-def integer(value: Any, path: str, issues: Issues, what: str, minimum: int = 1) -> int | None:
+def integer(value: Any, path: str, issues: Issues, what: str, minimum: int = 1,
+            maximum: int | None = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -313,6 +369,9 @@ def integer(value: Any, path: str, issues: Issues, what: str, minimum: int = 1) 
         return None
     if value < minimum:
         issues.error(path, f"{what} must be >= {minimum}, got {value}")
+        return None
+    if maximum is not None and value > maximum:
+        issues.error(path, f"{what} must be <= {maximum:,}, got {value:,}")
         return None
     return value
 

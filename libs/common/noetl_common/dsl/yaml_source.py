@@ -18,11 +18,25 @@ LineMap = dict[str, int]
 
 _PARENT = re.compile(r"(.*)(?:\.[^.\[\]]*|\[\d+\])$")
 
+# Limits (docs/security.md): a playbook is a few kilobytes; these leave room for large inline data while
+# keeping one document from taking the server's memory. Aliases are counted as the copies they become
+# once the data is serialised (a 552-byte "billion laughs" document expands to billions of nodes).
+MAX_DOCUMENT_CHARS = 4 * 1024 * 1024
+MAX_EXPANDED_NODES = 1_000_000
+
+
+class _TooLarge(Exception):
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
 
 def parse_yaml(text: str) -> tuple[Any, LineMap, list[Problem]]:
     """Parse one YAML document. Returns (data, lines, problems); data is None when there are errors."""
     if not isinstance(text, str):
         return None, {}, [Problem(path="", message=f"expected YAML text, got {type(text).__name__}")]
+    if len(text) > MAX_DOCUMENT_CHARS:
+        return None, {}, [Problem(path="", line=1, message=(
+            f"the document is too large ({len(text):,} characters; the limit is {MAX_DOCUMENT_CHARS:,})"))]
     problems: list[Problem] = []
     lines: LineMap = {}
     try:
@@ -32,10 +46,13 @@ def parse_yaml(text: str) -> tuple[Any, LineMap, list[Problem]]:
             if node is None:
                 return None, {}, [Problem(path="", line=1, message="the document is empty")]
             lines[""] = node.start_mark.line + 1     # where problems of the whole document are reported
+            _count_expanded(node, {}, set())
             _index(node, "", lines, problems, set())
             data = loader.construct_document(node)
         finally:
             loader.dispose()
+    except _TooLarge as exc:
+        return None, {}, [exc.problem]
     except yaml.MarkedYAMLError as exc:
         return None, {}, [_syntax_problem(exc)]
     except yaml.YAMLError as exc:
@@ -75,6 +92,31 @@ def _syntax_problem(exc: yaml.MarkedYAMLError) -> Problem:
     mark = problem_mark or context_mark
     message = "invalid YAML: " + ("; ".join(parts) or str(exc))
     return Problem(path="", line=mark.line + 1 if mark else None, message=message)
+
+
+def _count_expanded(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The number of nodes the document holds once every alias is copied out; memoised per node, so the
+    count itself is linear in the written document. Refuses a recursive alias and an expansion over the
+    limit, naming the line of the node where the limit was crossed."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _TooLarge(Problem(path="", line=node.start_mark.line + 1,
+                                message="invalid YAML: an alias refers to a node that contains it (recursive alias)"))
+    total = 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        open_nodes.add(key)
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        for child in children:
+            total += _count_expanded(child, sizes, open_nodes)
+            if total > MAX_EXPANDED_NODES:
+                raise _TooLarge(Problem(path="", line=node.start_mark.line + 1, message=(
+                    f"the document expands to more than {MAX_EXPANDED_NODES:,} nodes (YAML aliases are counted "
+                    f"as the copies they make); refused at the node on this line")))
+        open_nodes.discard(key)
+    sizes[key] = total
+    return total
 
 
 def _key_text(node: yaml.Node) -> str:

@@ -2,10 +2,12 @@
 
 Templates that use action-side names (`secret`, `uuid`) stay raw and are listed in `deferred`; the worker
 renders them with the shipped `context`. `save` blocks are rendered on the worker too (they need the
-result), so the values their templates reference travel along. Only referenced names are shipped.
+result), so the values their templates reference travel along. Only referenced names are shipped, except
+for python code that reads NoETL's `context` global (issue 11): it gets the whole render context.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from noetl_common.dsl.models import Step
@@ -19,6 +21,9 @@ from noetl_common.state import ExecutionState, Work
 
 ACTION_SIDE = frozenset({"secret", "uuid"})
 WORKER_BOUND = frozenset({"secret", "uuid", "now", "result", "this"})   # the worker binds these itself
+# python code naming `context` reads NoETL's read-only context (execution_id, workload, step results...);
+# a word match is cheap and errs towards shipping (a comment that says "context" ships it too).
+_READS_CONTEXT = re.compile(r"\bcontext\b")
 
 
 def command_id(execution_id: str, step: str, visit: int, attempt: int, index: int | None = None,
@@ -33,16 +38,53 @@ def render_inputs(step: Step, context: dict[str, Any], edge_data: dict[str, Any]
                   ) -> tuple[dict[str, Any], list[list[Key]]]:
     """Render a step's `data` (edge data merged over it, edge wins). Returns (data, deferred paths)."""
     deferred: list[list[Key]] = []
-    data = _render_deferring(step.data, context, ("data", None), deferred)
+    if isinstance(step.data, str):
+        data = _inputs_from_expression(step.data, context)
+    else:
+        data = _render_deferring(step.data, context, ("data", None), deferred)
     if edge_data:
         data = {**data, **edge_data}
         # an input the edge replaced is no template any more: the worker must not render it
         deferred = [p for p in deferred if not (len(p) > 1 and p[1] in edge_data)]
     if step.assert_expects:
-        missing = missing_paths(data, step.assert_expects)
+        missing = _missing_expects(step, data, context)
         if missing:
             raise StepError(f"assert.expects: missing input(s) {', '.join(missing)}")
     return data, deferred
+
+
+def _inputs_from_expression(template: str, context: dict[str, Any]) -> dict[str, Any]:
+    """`data: "{{ x.data }}"`: the expression's value is the mapping of inputs (null: no inputs)."""
+    hidden = referenced_names(template) & ACTION_SIDE
+    if hidden:
+        raise StepError(f"data: {template!r} reads {', '.join(sorted(hidden))}, which only the worker may see: "
+                        f"give data as a mapping")
+    try:
+        value = render(template, context)
+    except TemplateError as exc:
+        raise StepError(f"data: {exc}") from exc
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StepError(f"data: {template!r} gave a {type(value).__name__}, not a mapping of named inputs")
+    return dict(value)
+
+
+def _missing_expects(step: Step, data: dict[str, Any], context: dict[str, Any]) -> list[str]:
+    """DSL §2.9 `assert.expects`: `x.y` names an input, and so does `data.x.y`; `auth.<alias>` names an
+    entry of the step's (rendered) `auth`."""
+    missing, auth = [], None
+    for path in step.assert_expects:
+        head, _, rest = path.partition(".")
+        if not missing_paths(data, [path]) or (head == "data" and rest and not missing_paths(data, [rest])):
+            continue
+        if head == "auth" and step.auth is not None:
+            if auth is None:
+                auth = _render_deferring(step.auth, {**context, "data": data}, ("auth", None), [])
+            if not rest or not missing_paths(auth, [rest]):
+                continue
+        missing.append(path)
+    return missing
 
 
 def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], deferred: list[list[Key]]
@@ -61,6 +103,8 @@ def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], defe
         names |= referenced_names(lookup({"data": data, "config": config, "auth": auth}, path))
     if save:
         names |= referenced_names({k: v for k, v in save.items() if k != "code"})
+    if _reads_context(step.config.get("code")) or (save and _reads_context(save.get("code"))):
+        names |= set(scope) - {"data"}   # the data arrives as main()'s arguments already
     shipped = {name: scope[name] for name in names - WORKER_BOUND if name in scope and not callable(scope[name])}
     return ActionSpec(type=step.type or "save", data=data, config=config, auth=auth, timeout=step.timeout,
                       assert_returns=step.assert_returns, save=save, deferred=deferred, context=shipped)
@@ -76,6 +120,10 @@ def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *,
         command_id=cid, execution_id=s.execution_id, parent_execution_id=s.parent_execution_id, step=step,
         visit=visit, attempt=attempt, index=index, phase=phase, result=result, action=action, time=tick.time,
         lease_seconds=s.lease_seconds))
+
+
+def _reads_context(code: Any) -> bool:
+    return isinstance(code, str) and _READS_CONTEXT.search(code) is not None
 
 
 def _render_deferring(value: Any, context: dict[str, Any], at: Any, deferred: list[list[Key]]) -> Any:

@@ -12,6 +12,7 @@ from noetl_common.dsl import load_playbook
 from noetl_common.engine import iterator
 from noetl_common.engine.actions import send
 from noetl_common.engine.dispatch import schedule
+from noetl_common.engine.leases import LEASE, LEASE_GRACE, RESEND, infra_retry_delay
 from noetl_common.engine.lifecycle import (cancel_execution, complete_execution, complete_step, document_name,
                                            fail_execution, fail_step, finished)
 from noetl_common.engine.retry import decide
@@ -21,7 +22,7 @@ from noetl_common.messages import (ActionCompleted, ActionFailed, ActionHeartbea
                                    ChildFinished, ChildStarted, Command, Event, StartExecution, TimerFired)
 from noetl_common.state import ExecutionState, Pending, Work
 
-LEASE_GRACE = 5.0   # seconds a worker gets beyond a step timeout before the fold declares the attempt lost
+__all__ = ["LEASE_GRACE", "Transition", "advance"]
 
 
 @dataclass
@@ -84,12 +85,14 @@ def _start(msg: StartExecution) -> Tick:
         execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
         workload=deep_merge(base, msg.payload), parent_execution_id=msg.parent_execution_id,
         parent_command_id=msg.parent_command_id, parent_step=msg.parent_step, return_step=msg.return_step,
-        lease_seconds=msg.lease_seconds, started=msg.time)
+        lease_seconds=msg.lease_seconds, lease_retries=msg.lease_retries, lease_retry_delay=msg.lease_retry_delay,
+        started=msg.time)
     tick = Tick(state, compile_state(state, playbook), msg.time)
     name = playbook.name if playbook else document_name(msg.playbook, msg.path)
     tick.emit("execution_start", name, "playbook", "STARTED", meta={
         "path": msg.path, "version": msg.version, "workload": state.workload,
-        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step})
+        "parent_execution_id": msg.parent_execution_id, "parent_step": msg.parent_step,
+        **({"principal": msg.principal} if msg.principal is not None else {})})
     if playbook is None:
         errors = "; ".join(f"{p.path}: {p.message}" for p in problems if p.severity == "error")
         fail_execution(tick, f"invalid playbook: {errors}")
@@ -99,7 +102,7 @@ def _start(msg: StartExecution) -> Tick:
 
 
 def _cancel(tick: Tick, msg: CancelExecution) -> None:
-    cancel_execution(tick, msg.reason)
+    cancel_execution(tick, msg.reason, principal=msg.principal)
 
 
 def _action_started(tick: Tick, msg: ActionStarted) -> None:
@@ -108,19 +111,23 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
         tick.stale = True
         return
     _mark_started(tick, work, msg.time, msg.worker_id)
+    if work.infra_retries:   # a worker holds the lost attempt again (e.g. Kafka redelivered it): no re-send
+        tick.clear_timer(f"{RESEND}{work.command_id}")
     tick.set_timer(f"lease:{work.command_id}", msg.time + _lease(tick, work))
 
 
 def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None) -> None:
     """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
-    work.started = started
-    if work.index is None and work.phase == "action":
+    work.started, work.worker_id = started, worker_id
+    if _is_attempt(tick, work):
         tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id,
                   worker_id=worker_id)
 
 
 def _heartbeat(tick: Tick, msg: ActionHeartbeat) -> None:
     work = tick.state.work.get(msg.command_id)
+    if work is not None and work.started is not None:
+        work.heartbeat = max(work.heartbeat or 0.0, msg.time)   # what the explainer reports as "last heartbeat"
     if work is None or work.started is None or _timeout(tick, work) is not None or work.child_execution_id:
         tick.stale = work is None
         return
@@ -156,7 +163,7 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
     if work is None:
         tick.stale = True
         return
-    tick.clear_timer(f"lease:{work.command_id}")
+    _release(tick, work)
     if work.started is None:
         _mark_started(tick, work, msg.started or msg.time, msg.worker_id)
     if msg.variables:
@@ -166,7 +173,7 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
     step = tick.playbook.steps[work.step]
     run = s.steps[work.step]
     action = _action_of(run, work)
-    if work.phase == "action" and work.index is None:
+    if _is_attempt(tick, work):
         meta = {k: v for k, v in (("log", msg.log), ("saved", msg.saved)) if v is not None}
         tick.emit("action_completed", work.step, "task", "COMPLETED", attempt=work.attempt, result=msg.result,
                   command_id=work.command_id, duration=msg.time - (work.started or work.dispatched),
@@ -187,7 +194,7 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
     if work is None:
         tick.stale = True
         return
-    tick.clear_timer(f"lease:{work.command_id}")
+    _release(tick, work)
     if work.started is None:
         _mark_started(tick, work, msg.started or msg.time, msg.worker_id)
     step = tick.playbook.steps[work.step]
@@ -206,7 +213,8 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
             return iterator.item_failed(tick, step, run, work.index, error)
         return fail_step(tick, work.step, error)
     tick.emit("action_retry", work.step, "step", "RETRYING", attempt=work.attempt, current_index=work.index,
-              result={"attempt": work.attempt, "next_attempt": work.attempt + 1, "delay": decision.delay})
+              result={"attempt": work.attempt, "next_attempt": work.attempt + 1, "delay": decision.delay,
+                      "kind": "policy"})
     key = f"retry:{work.step}" + (f":{work.index}" if work.index is not None else "")
     if work.index is None:
         run.attempt = work.attempt + 1
@@ -248,12 +256,74 @@ def _timer_fired(tick: Tick, msg: TimerFired) -> None:
         if work is None:
             return
         timeout = _timeout(tick, work)
-        error = (f"timed out after {timeout:g}s" if timeout is not None
-                 else f"worker lease expired: no heartbeat for {s.lease_seconds:g}s")
-        if work.child_execution_id:
+        if work.child_execution_id:   # the parent's bound on its child (no lease): the step timed out
+            error = f"timed out after {timeout:g}s"
             tick.requests.append(CancelExecution(execution_id=work.child_execution_id, time=msg.time, reason=error))
+        else:   # the worker went silent: neither a heartbeat nor its own report of the step timeout
+            error = (f"timed out after {timeout:g}s with no report from the worker" if timeout is not None
+                     else f"worker lease expired: no heartbeat for {s.lease_seconds:g}s")
+            if work.infra_retries < s.lease_retries:
+                return _lease_lost(tick, work, error)
+            if work.infra_retries:
+                error += f" (the attempt was sent {work.infra_retries + 1} times)"
         _action_failed(tick, ActionFailed(execution_id=s.execution_id, command_id=work.command_id,
                                           time=msg.time, error=error))
+    elif kind == "resend":
+        work = s.work.get(rest)
+        if work is not None and work.started is None:   # no worker announced the attempt since it was lost
+            _resend(tick, work)
+
+
+def _lease_lost(tick: Tick, work: Work, error: str) -> None:
+    """An infrastructure retry: the same attempt (same command id) is sent again after a backoff.
+
+    The attempt stays in `work` meanwhile, so whatever its first worker still reports (it may have been
+    healthy, e.g. behind a broker outage) is accepted, once, as the attempt's outcome; a second report for
+    the id is stale. The step's `retry` policy is not consulted and its attempt number does not change.
+    """
+    s = tick.state
+    n = work.infra_retries + 1
+    delay = infra_retry_delay(s.lease_retry_delay, n)
+    tick.emit("action_retry", work.step, "step", "RETRYING", attempt=work.attempt, error=error,
+              current_index=work.index, command_id=work.command_id,
+              result={"attempt": work.attempt, "next_attempt": work.attempt, "delay": delay,
+                      "kind": "infrastructure", "reason": "lease_expired", "infra_retry": n,
+                      "infra_retries": s.lease_retries})
+    work.infra_retries = n
+    work.started = None   # the next worker to announce the attempt holds its lease
+    if delay > 0:
+        tick.set_timer(f"{RESEND}{work.command_id}", tick.time + delay)
+    else:
+        _resend(tick, work)
+
+
+def _resend(tick: Tick, work: Work) -> None:
+    action = _action_of(tick.state.steps[work.step], work)
+    if action is None:   # an unfinished visit keeps its rendered action; if not, fail the attempt, never raise
+        return _action_failed(tick, ActionFailed(execution_id=tick.state.execution_id, command_id=work.command_id,
+                                                 time=tick.time, error="the lost attempt cannot be sent again"))
+    send(tick, work.step, work.visit, work.attempt, action, index=work.index, phase=work.phase, result=work.result)
+    tick.state.work[work.command_id].infra_retries = work.infra_retries
+
+
+def _release(tick: Tick, work: Work) -> None:
+    """The attempt reported: its lease and any pending infrastructure re-send are over."""
+    tick.clear_timer(f"{LEASE}{work.command_id}")
+    if work.infra_retries:
+        tick.clear_timer(f"{RESEND}{work.command_id}")
+
+
+def _is_attempt(tick: Tick, work: Work) -> bool:
+    """Whether this work is logged as an attempt of its step (`action_started`, then `action_completed` with
+    the saved data or `action_error`): a step's action, or the save of a step that has no action of its
+    own (a control step, an iterator's step-level save), which is then the step's only work on a worker.
+    Iteration items and the save after a child playbook are not (their items/action were logged)."""
+    if work.index is not None:
+        return False
+    if work.phase == "action":
+        return True
+    step = tick.playbook.steps[work.step]
+    return step.is_control or step.iterator is not None
 
 
 def _action_of(run: Any, work: Work) -> Any:

@@ -16,6 +16,12 @@ from noetl_common.render import TemplateError, evaluate, render, truthy
 from noetl_common.state import IteratorRun, StepRun
 
 
+# The most items one iterator may fan out to (docs/security.md, Limits): each is a command and a few events,
+# so a collection of millions would hold the fold and the event log for one execution's sake. A constant of
+# the core (a replayed fold must decide the same way everywhere), not a setting.
+MAX_ITERATOR_ITEMS = 100_000
+
+
 def start(tick: Tick, step: Step, run: StepRun, context: dict[str, Any]) -> None:
     spec = step.iterator
     assert spec is not None
@@ -36,6 +42,9 @@ def shape(spec: IteratorSpec, context: dict[str, Any]) -> list[Any]:
         else:
             raise StepError(f"iterator collection must be a list or a mapping, got {type(collection).__name__}: "
                             f"{str(collection)[:100]}")
+        if len(items) > MAX_ITERATOR_ITEMS:
+            raise StepError(f"iterator collection has {len(items):,} items, over the limit of "
+                            f"{MAX_ITERATOR_ITEMS:,} (filter it, or split the work across executions)")
         if spec.where:
             items = [it for it in items if truthy(evaluate(spec.where, {**context, spec.element: it}))]
         if spec.order_by:

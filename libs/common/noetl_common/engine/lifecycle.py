@@ -89,13 +89,13 @@ def complete_execution(tick: Tick) -> None:
     _tell_parent(tick)
 
 
-def cancel_execution(tick: Tick, reason: str) -> None:
+def cancel_execution(tick: Tick, reason: str, principal: str | None = None) -> None:
     s = tick.state
     s.status, s.error, s.finished = "CANCELLED", reason, tick.time
     for name in list(s.active):
         s.set_status(name, "cancelled")
     tick.emit("execution_cancelled", _playbook_name(tick), "playbook", "CANCELLED", error=reason,
-              duration=tick.time - s.started)
+              duration=tick.time - s.started, **({"meta": {"principal": principal}} if principal else {}))
     _stop_work(tick, reason)
     _tell_parent(tick)
 

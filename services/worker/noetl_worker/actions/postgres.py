@@ -47,10 +47,11 @@ async def run_statement(conn: asyncpg.Connection, statement: str) -> dict[str, A
 
 
 def describe(exc: asyncpg.PostgresError) -> str:
-    """The database's message, with its detail line when it adds one (e.g. which key conflicted)."""
-    message = str(exc).strip() or type(exc).__name__
-    detail = getattr(exc, "detail", None)
-    return f"{message} ({detail})" if detail else message
+    """The database's message, then its detail and hint when it gives them (e.g. which key conflicted),
+    each once: str(exc) already appends a DETAIL line, so the message is taken on its own."""
+    message = (getattr(exc, "message", None) or str(exc).strip().split("\n", 1)[0]).strip() or type(exc).__name__
+    extras = [str(x).strip() for x in (getattr(exc, "detail", None), getattr(exc, "hint", None)) if x]
+    return message + "".join(f" ({x})" for x in extras)
 
 
 async def connection_params(auth: Any, inv: Invocation) -> dict[str, Any]:

@@ -11,15 +11,21 @@ double quotes is kept exactly; both are then quoted, so no name can inject SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import decimal
 import json
 import re
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+from noetl_runtime.settings import StepSettings
 
 from noetl_worker.actions.base import ActionError, Invocation
+from noetl_worker.actions.duckdb import checked_database, confine, spill_folder
+from noetl_worker.actions.duckdb import connect as duckdb_connect
 from noetl_worker.actions.postgres import connect, describe, pg_params
 from noetl_worker.auth import AuthError, resolve_single
 from noetl_worker.sql import split_sql
@@ -214,11 +220,12 @@ _DUCK_TYPES = ((bool, "BOOLEAN"), (int, "BIGINT"), (float, "DOUBLE"), (dict, "JS
 
 
 async def save_duckdb(spec: dict[str, Any], data: Any, inv: Invocation) -> dict[str, Any]:
-    database = str(spec.get("database") or ":memory:")
+    settings = inv.ports.step_settings
+    database = checked_database(str(spec.get("database") or ":memory:"), settings)
     command, table = spec.get("command"), spec.get("table")
     if command:
         statements = split_sql(str(command))
-        return await asyncio.to_thread(_duck_commands, database, statements)
+        return await asyncio.to_thread(_duck_commands, database, statements, settings)
     if not table:
         raise ActionError("duckdb save needs `table` (or an explicit `command`)")
     rows = rows_of(data)
@@ -227,7 +234,7 @@ async def save_duckdb(spec: dict[str, Any], data: Any, inv: Invocation) -> dict[
     sql = insert_sql(str(table), columns, mode, keys, "${}")
     create = _create_sql(str(table), columns, rows, keys if mode == "upsert" else [])
     args = [[_duck_value(r.get(c)) for c in columns] for r in rows]
-    return await asyncio.to_thread(_duck_insert, database, create, sql, args, str(table))
+    return await asyncio.to_thread(_duck_insert, database, create, sql, args, str(table), settings)
 
 
 def _create_sql(table: str, columns: list[str], rows: list[dict], keys: list[str]) -> str:
@@ -246,11 +253,24 @@ def _duck_value(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
-def _duck_insert(database: str, create: str, sql: str, args: list[list[Any]], table: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def _confined(database: str, settings: StepSettings) -> Iterator[Any]:
+    """A DuckDB connection under the same confinement as a duckdb step (actions/duckdb.py)."""
+    spill = spill_folder(settings)
+    try:
+        with duckdb_connect(database) as con:
+            confine(con, settings, spill)
+            yield con
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _duck_insert(database: str, create: str, sql: str, args: list[list[Any]], table: str,
+                 settings: StepSettings) -> dict[str, Any]:
     import duckdb
 
     try:
-        with duckdb.connect(database) as con:
+        with _confined(database, settings) as con:
             con.execute(create)
             con.executemany(sql, args)
     except duckdb.Error as exc:
@@ -258,11 +278,11 @@ def _duck_insert(database: str, create: str, sql: str, args: list[list[Any]], ta
     return {"storage": "duckdb", "table": table, "rows": len(args), "database": database}
 
 
-def _duck_commands(database: str, statements: list[str]) -> dict[str, Any]:
+def _duck_commands(database: str, statements: list[str], settings: StepSettings) -> dict[str, Any]:
     import duckdb
 
     try:
-        with duckdb.connect(database) as con:
+        with _confined(database, settings) as con:
             for i, statement in enumerate(statements):
                 try:
                     con.execute(statement)

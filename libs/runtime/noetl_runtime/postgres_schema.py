@@ -1,4 +1,5 @@
-"""Schema migrations of the query service's Postgres read model.
+"""Schema migrations of the installation's Postgres database: the catalog and the credentials (ingest,
+workers) and the read models the query service projects (executions, events).
 
 Migrations are plain SQL files `migrations/NNNN_name.sql`, applied in number order, each at most once per
 schema, recorded in `<schema>.schema_migrations`. The files use unqualified names: they run with
@@ -10,7 +11,10 @@ takes a transaction-scoped advisory lock derived from the schema name, then appl
 that same transaction. A second caller waits for the lock and then finds nothing to do. Either every
 pending migration is applied or none is.
 
-    python -m noetl_query.postgres_schema --database-url postgresql://... [--schema noetl]
+    NOETL_DATABASE_URL=postgresql://... python -m noetl_runtime.postgres_schema [--schema noetl]
+    python -m noetl_runtime.postgres_schema --database-url-file /run/secrets/dsn [--schema noetl]
+
+(`--database-url DSN` works too, but argv is readable by every local user: prefer the two above.)
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from importlib import resources
 from typing import Any, AsyncIterator
 
 import asyncpg
+
+from noetl_runtime.dsn_file import read_dsn_file
 
 DEFAULT_SCHEMA = "noetl"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -88,7 +94,8 @@ async def migrate(conn_or_pool: Any, schema: str = DEFAULT_SCHEMA) -> list[int]:
     q = qualify(schema)
     files = migrations()
     async with connection(conn_or_pool) as conn, conn.transaction():
-        # Serialises migrators of this schema (also CREATE SCHEMA IF NOT EXISTS, which races otherwise).
+        # Serialises migrators of this schema (also CREATE SCHEMA IF NOT EXISTS, which races otherwise). The
+        # key keeps the name of the module's first home, so a replica of an older release locks the same key.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('noetl_query.migrate:' || $1, 0))",
                            schema)
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
@@ -125,15 +132,27 @@ async def _main(database_url: str, schema: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m noetl_query.postgres_schema",
-                                     description="Apply the query service's Postgres migrations.")
+    parser = argparse.ArgumentParser(prog="python -m noetl_runtime.postgres_schema",
+                                     description="Apply the installation's Postgres migrations.")
     parser.add_argument("--database-url", default=os.environ.get("NOETL_DATABASE_URL"),
-                        help="asyncpg DSN (default: $NOETL_DATABASE_URL)")
+                        help="asyncpg DSN (default: $NOETL_DATABASE_URL; prefer it or --database-url-file: "
+                             "a command line is readable by every local user)")
+    parser.add_argument("--database-url-file", default=os.environ.get("NOETL_DATABASE_URL_FILE"),
+                        metavar="PATH", help="a file holding the DSN (default: $NOETL_DATABASE_URL_FILE)")
     parser.add_argument("--schema", default=os.environ.get("NOETL_DATABASE_SCHEMA", DEFAULT_SCHEMA),
                         help="target schema (default: $NOETL_DATABASE_SCHEMA or noetl)")
     args = parser.parse_args(argv)
+    if args.database_url_file:
+        typed = [a for a in (argv if argv is not None else sys.argv[1:])
+                 if a == "--database-url" or a.startswith("--database-url=")]
+        if typed:    # the file wins over an exported NOETL_DATABASE_URL, not over a typed DSN
+            parser.error("give the DSN once: --database-url or --database-url-file, not both")
+        try:
+            args.database_url = read_dsn_file(args.database_url_file)
+        except ValueError as exc:
+            parser.error(str(exc))
     if not args.database_url:
-        parser.error("--database-url or NOETL_DATABASE_URL is required")
+        parser.error("NOETL_DATABASE_URL, --database-url-file or --database-url is required")
     try:
         check_schema(args.schema)
     except ValueError as exc:

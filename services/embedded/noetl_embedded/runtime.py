@@ -19,8 +19,11 @@ from noetl_common.batch import BatchOutput, Record, dead_letter, fold_batch
 from noetl_common.codec import DecodeError, decode_command, decode_inbound, encode
 from noetl_common.engine.actions import redeliver
 from noetl_common.engine.lifecycle import child_finished
+from noetl_common.engine.leases import recovered_fire_time
 from noetl_common.engine.quarantine import quarantine
-from noetl_common.messages import CancelExecution, Event, StartExecution
+from noetl_common.explain import explain
+from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, CancelExecution, Event,
+                                   StartExecution)
 from noetl_common.state import ExecutionState
 from noetl_common.topics import Topics
 from noetl_runtime.bus import InMemoryBus
@@ -37,12 +40,15 @@ EventListener = Callable[[Event], None]
 
 class EmbeddedRuntime:
     def __init__(self, store: SqliteStore, *, concurrency: int = 64, python_processes: int | None = None,
-                 lease_seconds: float = 30.0, batch_size: int = 1000, resume: bool = True) -> None:
+                 lease_seconds: float = 30.0, batch_size: int = 1000, resume: bool = True,
+                 lease_retries: int = DEFAULT_LEASE_RETRIES, lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
+                 ) -> None:
         self.resume = resume   # `noetl server` resumes in-flight executions; `noetl run` runs only its own
         self.store = store
         self.topics = Topics()
         self.bus = InMemoryBus()
         self.lease_seconds = lease_seconds
+        self.lease_retries, self.lease_retry_delay = lease_retries, lease_retry_delay
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.python_processes = python_processes or max(2, os.cpu_count() or 2)
@@ -97,8 +103,9 @@ class EmbeddedRuntime:
                                                                     f"{type(exc).__name__}: {exc}")
                 continue
             self.states[execution_id] = state
+            now = time.time()   # the workers that held its leases died with the process: a full lease each
             for key, due in state.timers.items():
-                self.timers.schedule(execution_id, key, due)
+                self.timers.schedule(execution_id, key, recovered_fire_time(key, due, state.lease_seconds, now))
             children = {w.command_id: w.child_execution_id for w in state.work.values() if w.child_execution_id}
             for command in commands:
                 child_id = children.get(command.command_id)
@@ -148,7 +155,8 @@ class EmbeddedRuntime:
     def start_message(self, document: dict[str, Any], path: str, version: int | None, payload: dict[str, Any],
                       now: float, execution_id: str | None = None) -> StartExecution:
         return StartExecution(execution_id=execution_id or str(uuid.uuid4()), time=now, playbook=document,
-                              path=path, version=version, payload=payload, lease_seconds=self.lease_seconds)
+                              path=path, version=version, payload=payload, lease_seconds=self.lease_seconds,
+                              lease_retries=self.lease_retries, lease_retry_delay=self.lease_retry_delay)
 
     def cancel(self, execution_id: str, now: float, reason: str = "cancelled by request") -> None:
         self._publish_inbound(CancelExecution(execution_id=execution_id, time=now, reason=reason))
@@ -162,6 +170,11 @@ class EmbeddedRuntime:
         future: asyncio.Future[ExecutionState] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(execution_id, []).append(future)
         return await future
+
+    async def explain(self, execution_id: str, now: float) -> dict[str, Any] | None:
+        """What the execution waits for, from its live state (None if this runtime never held it)."""
+        state = self.states.get(execution_id) or self.final.get(execution_id)
+        return explain(state, now).as_json() if state is not None else None
 
     def add_listener(self, listener: EventListener) -> None:
         self._listeners.append(listener)
