@@ -169,8 +169,9 @@ def test_a_snapshot_that_cannot_be_encoded_fails_the_execution_at_the_message_th
     # action_started folded fine and keeps its event; action_completed's effects (its step_completed and the
     # next step's command) are dropped: the execution fails at that message, from the state before it
     assert kinds(out, "a") == ["action_started", "execution_failed"]
-    assert out.events[1].error.startswith(f"its state could not be saved after message 'action_completed' of "
-                                          f"command {cmd.command_id}: PydanticSerializationError")
+    failed = [e for e in out.events if e.execution_id == "a"][-1]
+    assert failed.error.startswith(f"its state could not be saved after message 'action_completed' of "
+                                   f"command {cmd.command_id}: PydanticSerializationError")
     assert [c.execution_id for c in out.commands] == ["b"]
     state = table.state("a")
     assert state.status == "FAILED" and "bad" not in state.variables
@@ -286,3 +287,19 @@ def test_event_ids_and_effects_are_those_of_advance(table: Table) -> None:
     out = table.fold([start("a")])
     assert [Event.model_validate_json(raw) for raw in out.event_bytes] == out.events
     assert out.partitions == {"a": None} and out.timers == {"a": {}}
+
+
+@pytest.mark.parametrize("when", ["NaN", "Infinity", "1e300", "-1"])
+def test_a_message_with_an_impossible_time_is_a_dead_letter_and_changes_nothing(table: Table, when: str) -> None:
+    """The fold stamps events with a message's time: NaN or 1e300 used to make even the quarantine fail."""
+    (cmd,) = table.fold([start("a")]).commands
+    before = table.rows["a"]
+    raw = ('{"kind": "action_started", "execution_id": "a", "command_id": "%s", "time": %s}'
+           % (cmd.command_id, when)).encode()
+    out = table.fold([raw, *done(cmd)])
+    assert [d.reason.split(":")[0] for d in out.dead_letters] == ["invalid message"]
+    assert kinds(out, "a") == ["action_started", "action_completed", "step_completed", "step_started"]
+    assert table.rows["a"] != before and not out.failures
+    lease = ('{"kind": "start", "execution_id": "z", "time": 1, "path": "p", "playbook": {}, "lease_seconds": %s}'
+             % ("NaN" if when == "NaN" else "-1")).encode()
+    assert table.fold([lease]).dead_letters

@@ -107,7 +107,9 @@ class Miniature:
             batch.append(self.history[self.draw("pick") % len(self.history)])
         elif kind == 1:                                                  # garbage of every sort
             garbage = [b"", b"{", b"\xff\xfe", b'{"kind": "start"}', b'{"kind": "nope", "execution_id": "e"}',
-                       b"[1, 2, 3]", b'{"kind": "cancel", "execution_id": 5, "time": 1}', b"null"]
+                       b"[1, 2, 3]", b'{"kind": "cancel", "execution_id": 5, "time": 1}', b"null",
+                       b'{"kind": "cancel", "execution_id": "canary", "time": NaN}',
+                       b'{"kind": "heartbeat", "execution_id": "h0", "command_id": "h0:s0:1:1", "time": 1e300}']
             batch.append(garbage[self.draw("pick") % len(garbage)])
         elif kind == 2 and known:                                        # a stale or unknown attempt
             eid = known[self.draw("pick") % len(known)]
@@ -159,9 +161,11 @@ class Miniature:
         if command.execution_id == "canary" or command.phase == "save":
             answer = 0
         result = self.script["results"][self.draw("pick") % len(self.script["results"])]
-        if answer == 0:                                      # completes, with a result of its own
+        if answer == 0:                                      # completes, with a result (and variables) of its own
             value = {"y": command.action.data.get("x", 0) + 1} if eid == "canary" else result
-            self._deliver(started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=value))
+            variables = {} if eid == "canary" or not isinstance(result, dict) else result
+            self._deliver(started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=value,
+                                                   variables=variables))
         elif answer == 1:                                    # fails, maybe with an http status
             self._deliver(started, ActionFailed(execution_id=eid, command_id=cid, time=t, error="it broke \ud7ff",
                                                 status_code=500, result=result))

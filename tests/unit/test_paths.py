@@ -60,18 +60,13 @@ def test_dotted_paths_of_older_versions_are_read_with_their_rule():
         paths.from_dotted("config.urls.9", ROOT)
 
 
-def test_an_action_spec_reads_old_dotted_paths_and_refuses_impossible_ones():
-    spec = ActionSpec(type="http", config={"headers": {"X.Partner.Token": "{{ secret.p }}"}},
-                      deferred=["config.headers.X.Partner.Token"])
-    assert spec.deferred == [["config", "headers", "X.Partner.Token"]]
-    assert ActionSpec.model_validate_json(spec.model_dump_json()).deferred == spec.deferred
+def test_commands_of_older_folds_keep_their_dotted_paths_for_the_worker_to_read():
     raw = ('{"command_id": "c", "execution_id": "e", "step": "s", "visit": 1, "attempt": 1, "time": 1,'
-           ' "lease_seconds": 30, "action": {"type": "http", "deferred": ["config.nope"]}}')
-    from noetl_common.codec import DecodeError, decode_command
-    with pytest.raises(DecodeError, match="deferred"):
-        decode_command(raw.encode())
-    assert Command.model_validate_json(raw.replace('"config.nope"', '["config", "x"]')).action.deferred == [
-        ["config", "x"]]
+           ' "lease_seconds": 30, "action": {"type": "http", "deferred": ["config.headers.X.Token", '
+           '["config", "headers", "X.Token"]]}}')
+    assert Command.model_validate_json(raw).action.deferred == ["config.headers.X.Token",
+                                                                ["config", "headers", "X.Token"]]
+    assert ActionSpec(type="http", deferred=[["data", 0, ""]]).deferred == [["data", 0, ""]]
 
 
 # ------------------------------------------------------------------------------------------ the worker's side
@@ -131,3 +126,14 @@ async def test_a_deferred_path_missing_from_the_action_fails_the_attempt_not_the
     (failed,) = [m for m in await _execute(broken, {}) if m.kind != "action_started"]
     assert failed.kind == "action_failed" and failed.error == (
         "deferred template: path data.y does not exist (no 'y' at data) in the action")
+
+
+async def test_the_worker_reads_an_older_dotted_path_and_fails_the_attempt_on_an_impossible_one(http):
+    from test_worker_support import command
+    old = command("http", config={"endpoint": f"{http.url}/echo", "headers": {"X.Token": "{{ secret.TOKEN }}"}},
+                  deferred=["config.headers.X.Token"])
+    (done,) = [m for m in await _execute(old, {"NOETL_SECRET_TOKEN": "old-s3cr3t"}) if m.kind != "action_started"]
+    assert done.kind == "action_completed" and http.calls[-1]["headers"]["x.token"] == "old-s3cr3t"
+    impossible = command("python", data={"k": "{{ uuid() }}"}, deferred=["data.nope"], config={"code": "x"})
+    (failed,) = [m for m in await _execute(impossible, {}) if m.kind != "action_started"]
+    assert failed.kind == "action_failed" and failed.error == "deferred template: path 'data.nope' does not exist in the action"

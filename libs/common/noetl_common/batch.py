@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,6 +33,8 @@ from noetl_common.engine.quarantine import clean_text, quarantine
 from noetl_common.messages import Command, DeadLetter, Event, StartExecution
 from noetl_common.state import ExecutionState
 from noetl_common.state_access import States
+
+MAX_EPOCH = 253_402_300_799.0   # the last second a timestamp can show (messages.Epoch)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class BatchOutput:
     deadlines: list[tuple[str, str, float]] = field(default_factory=list)   # (execution, key, due) set by the batch
     terminal: set[str] = field(default_factory=set)            # executions that ended in this batch
     finished: dict[str, float] = field(default_factory=dict)  # of those: when (state.finished, epoch s)
-    # The effects, in fold order per execution, each with its encoding (*_bytes[i] encodes the i-th).
+    # The effects, each with its encoding (*_bytes[i] encodes the i-th): events and commands in fold order,
+    # requests after them, by execution.
     events: list[Event] = field(default_factory=list)
     event_bytes: list[bytes] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
@@ -76,44 +79,49 @@ class BatchOutput:
     stale: int = 0                                             # of those, duplicates / out of date
 
 
-@dataclass
 class _Working:
-    """One execution while a batch folds it: its state and the effects of its messages so far."""
-    state: ExecutionState | None
-    partition: int | None
-    was_terminal: bool = False
-    changed: bool = False
-    dead: bool = False                      # not even a quarantine could be written: nothing is, this batch
-    raw: bytes | None = None                # its snapshot, when a failure path encoded it already
-    done: list[Any] = field(default_factory=list)     # messages folded without error (a replay's input)
-    marks: list[tuple[int, ...]] = field(default_factory=list)   # effect counts before each of `done`
-    events: list[Event] = field(default_factory=list)
-    event_bytes: list[bytes] = field(default_factory=list)
-    commands: list[Command] = field(default_factory=list)
-    command_bytes: list[bytes] = field(default_factory=list)
-    requests: list[Any] = field(default_factory=list)
-    request_bytes: list[bytes] = field(default_factory=list)
-    deadlines: list[tuple[str, str, float]] = field(default_factory=list)
+    """One execution while a batch folds it. Its events, commands and deadlines go straight to the batch's
+    output (they carry its id, so a failure path can take them out again); its requests, which are
+    addressed to other executions, are kept here until the end of the batch (there are rarely any)."""
+    __slots__ = ("state", "partition", "was_terminal", "changed", "dead", "raw", "done", "requests")
 
-    def add(self, eid: str, transition: Transition, encoded: tuple[list[bytes], list[bytes], list[bytes]]) -> None:
-        self.events += transition.events
-        self.commands += transition.commands
-        self.requests += transition.requests
-        self.event_bytes += encoded[0]
-        self.command_bytes += encoded[1]
-        self.request_bytes += encoded[2]
-        if transition.timers:
-            self.deadlines += [(eid, key, due) for key, due in transition.timers.items()]
+    def __init__(self, state: ExecutionState | None, partition: int | None, was_terminal: bool = False) -> None:
+        self.state = state
+        self.partition = partition
+        self.was_terminal = was_terminal
+        self.changed = False
+        self.dead = False                           # not even a quarantine could be written: nothing is
+        self.raw: bytes | None = None               # its snapshot, when a failure path encoded it already
+        self.done: list[Any] = []                   # messages folded without error (a replay's input)
+        self.requests: list[tuple[Any, bytes]] | None = None
 
-    def mark(self) -> tuple[int, ...]:
-        return len(self.events), len(self.commands), len(self.requests), len(self.deadlines)
 
-    def truncate(self, mark: tuple[int, ...]) -> None:
-        """Drop the effects added since `mark`."""
-        events, commands, requests, deadlines = mark
-        del self.events[events:], self.event_bytes[events:], self.commands[commands:]
-        del self.command_bytes[commands:], self.requests[requests:], self.request_bytes[requests:]
-        del self.deadlines[deadlines:]
+def _add(out: BatchOutput, work: _Working, eid: str, transition: Transition,
+         encoded: tuple[list[bytes], list[bytes], list[bytes]]) -> None:
+    """Collect one message's effects."""
+    if transition.events:
+        out.events += transition.events
+        out.event_bytes += encoded[0]
+    if transition.commands:
+        out.commands += transition.commands
+        out.command_bytes += encoded[1]
+    if transition.requests:
+        work.requests = (work.requests or []) + list(zip(transition.requests, encoded[2]))
+    if transition.timers:
+        out.deadlines += [(eid, key, due) for key, due in transition.timers.items()]
+
+
+def _drop(out: BatchOutput, work: _Working, eid: str) -> None:
+    """Take every effect of this execution in this batch out again (a failure path then decides anew)."""
+    keep = [i for i, e in enumerate(out.events) if e.execution_id != eid]
+    if len(keep) < len(out.events):
+        out.events[:], out.event_bytes[:] = [out.events[i] for i in keep], [out.event_bytes[i] for i in keep]
+    keep = [i for i, c in enumerate(out.commands) if c.execution_id != eid]
+    if len(keep) < len(out.commands):
+        out.commands[:], out.command_bytes[:] = ([out.commands[i] for i in keep],
+                                                 [out.command_bytes[i] for i in keep])
+    out.deadlines[:] = [d for d in out.deadlines if d[0] != eid]
+    work.requests = None
 
 
 def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float,
@@ -157,49 +165,44 @@ def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float
             out.dead_letters.append(dead_letter(record, f"execution {eid} could not be quarantined; see the "
                                                         f"earlier dead letter", now))
             continue
-        mark = work.mark()
         try:
             transition = advance(work.state, msg)
             encoded = _encode(transition)
         except Exception as exc:
-            work.truncate(mark)
             _fail(work, eid, msg, record, f"{_what(msg)} could not be folded: {_why(exc)}", now, out, states,
                   traceback.format_exc())
             continue
         out.folded += 1
         out.stale += transition.stale
         work.done.append(msg)
-        work.marks.append(mark)
         if transition.state is not None:
             work.state = transition.state
         if not transition.stale or transition.events or transition.commands or transition.requests:
             work.changed = True
             work.raw = None
-        work.add(eid, transition, encoded)
+        _add(out, work, eid, transition, encoded)
     for eid, work in working.items():
         _finish(eid, work, states, now, out)
     return out
 
 
 def _finish(eid: str, work: _Working, states: States, now: float, out: BatchOutput) -> None:
-    """Encode a changed state (or fail the execution if it cannot be), give it back, collect its effects."""
+    """Encode a changed state (or fail the execution if it cannot be), give it back, collect its requests."""
     if work.state is not None and work.changed and work.raw is None:
         try:
             work.raw = work.state.to_bytes()
         except Exception as exc:
             _unsaveable(eid, work, states, _why(exc), now, out, traceback.format_exc())
     if work.dead or work.state is None:
+        if work.dead:
+            _drop(out, work, eid)
         states.give_back(eid, None, None)
         return
     state = work.state
     states.give_back(eid, work.raw if work.changed else None, state)
-    out.events += work.events
-    out.event_bytes += work.event_bytes
-    out.commands += work.commands
-    out.command_bytes += work.command_bytes
-    out.requests += work.requests
-    out.request_bytes += work.request_bytes
-    out.deadlines += work.deadlines
+    if work.requests:
+        out.requests += [request for request, _ in work.requests]
+        out.request_bytes += [raw for _, raw in work.requests]
     if not work.changed or work.raw is None:
         return
     out.states[eid] = work.raw
@@ -232,39 +235,45 @@ def _fail(work: _Working, eid: str, msg: Any, record: Record, reason: str, now: 
                     raw=None, trace=trace)
         return
     work.state, work.raw, work.changed = transition.state, raw, True
-    work.add(eid, transition, encoded)
+    _add(out, work, eid, transition, encoded)
     out.failures.append(Failure(eid, reason, False, trace))
 
 
 def _quarantine(work: _Working, eid: str, msg: Any, record: Record, reason: str, now: float, out: BatchOutput,
                 raw: bytes | None, trace: str) -> None:
+    if record.key is None:   # a bare message of the in-memory bus: its letter is filed under its execution
+        record = replace(record, key=eid.encode())
     out.dead_letters.append(dead_letter(record, clean_text(f"execution {eid} quarantined: {reason}"), now))
     out.failures.append(Failure(eid, reason, True, trace))
     try:
-        transition = quarantine(eid, reason, getattr(msg, "time", now), raw=raw, msg=msg)
+        at = getattr(msg, "time", None)
+        transition = quarantine(eid, reason, at if isinstance(at, float) and 0 <= at <= MAX_EPOCH else now,
+                                raw=raw, msg=msg)
         encoded = _encode(transition)
         snapshot = transition.state.to_bytes() if transition.state is not None else None
     except Exception:   # cannot happen with the minimal state; if it does, nothing is written for it
         work.state, work.changed, work.dead = None, False, True
         return
-    work.truncate((0, 0, 0, 0))   # whatever it did before in this batch is superseded
+    _drop(out, work, eid)   # whatever it did before in this batch is superseded
     work.state, work.raw, work.changed = transition.state, snapshot, True
-    work.add(eid, transition, encoded)
+    _add(out, work, eid, transition, encoded)
 
 
 def _unsaveable(eid: str, work: _Working, states: States, why: str, now: float, out: BatchOutput,
                 trace: str) -> None:
     """The state after the batch cannot be encoded: find the first message after which it could not be
-    (one replay, encoding after each message), drop that message's effects and the later ones', and fail
-    the execution on it, from the state before it."""
+    (one replay from the snapshot, encoding after each message, collecting the effects again), keep the
+    effects of the messages before it and fail the execution on it, from the state before it."""
     snapshot = _snapshot(states, eid)
-    culprit = len(work.done) - 1
+    done = work.done
+    _drop(out, work, eid)
+    culprit = len(done) - 1
     try:
-        if not work.done:
+        if not done:
             raise RuntimeError("no message of this batch changed it")
         state = None if snapshot is None else ExecutionState.from_bytes(snapshot)
         good = snapshot
-        for i, msg in enumerate(work.done):
+        for i, msg in enumerate(done):
             transition = advance(state, msg)
             if transition.state is not None:
                 state = transition.state
@@ -274,16 +283,16 @@ def _unsaveable(eid: str, work: _Working, states: States, why: str, now: float, 
                 culprit = i
                 break
             good = raw
+            _add(out, work, eid, transition, _encode(transition))
         clean = None if good is None else ExecutionState.from_bytes(good)
     except Exception as exc:
-        msg = work.done[culprit] if work.done else None
+        msg = done[culprit] if done else None
         record = Record(value=encode(msg) if msg is not None else None, key=eid.encode())
         _quarantine(work, eid, msg, record, f"its state could not be saved ({why}) nor rebuilt ({_why(exc)})",
                     now, out, raw=snapshot, trace=trace)
         return
-    msg = work.done[culprit]
-    work.truncate(work.marks[culprit])
-    del work.done[culprit:], work.marks[culprit:]
+    msg = done[culprit]
+    work.done = done[:culprit]
     work.raw = None
     _fail(work, eid, msg, Record(value=encode(msg), key=eid.encode()),
           f"its state could not be saved after {_what(msg)}: {why}", now, out, states, trace, clean=clean)
@@ -309,8 +318,8 @@ def _replay(raw: bytes | None, done: list[Any]) -> ExecutionState | None:
 
 def _encode(transition: Transition) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """Every effect of one message, encoded now: one that cannot be fails this message, not the batch."""
-    return ([encode(e) for e in transition.events], [encode(c) for c in transition.commands],
-            [encode(r) for r in transition.requests])
+    return ([*map(encode, transition.events)], [*map(encode, transition.commands)],
+            [*map(encode, transition.requests)])
 
 
 def _what(msg: Any) -> str:

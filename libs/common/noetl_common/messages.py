@@ -9,15 +9,19 @@ from __future__ import annotations
 from base64 import b64decode
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from noetl_common.paths import PathError, from_dotted
+from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 DEFAULT_LEASE_RETRIES = 3           # infrastructure retries of an attempt whose lease expired (NOETL_LEASE_RETRIES)
 DEFAULT_LEASE_RETRY_DELAY = 1.0     # seconds before the first of them, doubling (NOETL_LEASE_RETRY_DELAY)
 MAX_LEASE_RETRIES = 100
 MAX_LEASE_RETRY_DELAY = 3600.0
+
+# An instant, epoch seconds, on a message from outside the fold: finite and within what a timestamp can show
+# (year 9999). A `time` of NaN or 1e300 would otherwise reach the fold, which stamps events with it.
+Epoch = Annotated[float, Field(ge=0, le=253_402_300_799)]
+# A duration: finite and not negative (a NaN deadline would break every timer heap's order).
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 EventType = Literal[
     "execution_start", "step_started", "action_started", "action_completed", "action_error", "action_retry",
@@ -71,23 +75,10 @@ class ActionSpec(_Msg):
     save: dict[str, Any] | None = None   # SaveSpec dump, templates unrendered (needs result/this)
     # Templates that need action-side names (`secret`, `uuid`): paths into {data, config, auth} whose
     # string values are still raw templates, each a list of keys (`noetl_common.paths`: a str is a mapping
-    # key, dots and all; an int a list index). The worker renders them with `context` + secrets.
-    deferred: list[list[str | int]] = Field(default_factory=list)
+    # key, dots and all; an int a list index). The worker renders them with `context` + secrets. A str is the
+    # dotted text of commands and snapshots written before paths were structured (`paths.from_dotted`).
+    deferred: list[list[str | int] | str] = Field(default_factory=list)
     context: dict[str, Any] = Field(default_factory=dict)  # the names deferred templates and `save` use
-
-    @model_validator(mode="before")
-    @classmethod
-    def _structured_paths(cls, data: Any) -> Any:
-        """Commands and snapshots written before paths were structured hold dotted text: read it against
-        this spec's own values, the way those versions' worker did (noetl_common.paths.from_dotted)."""
-        if isinstance(data, dict) and any(isinstance(p, str) for p in data.get("deferred") or ()):
-            root = {"data": data.get("data") or {}, "config": data.get("config") or {}, "auth": data.get("auth")}
-            try:
-                paths = [from_dotted(p, root) if isinstance(p, str) else p for p in data["deferred"]]
-            except PathError as exc:   # a ValueError is what pydantic turns into a validation error
-                raise ValueError(f"deferred: {exc}") from None
-            data = {**data, "deferred": paths}
-        return data
 
 
 class Command(_Msg):
@@ -107,12 +98,13 @@ class Command(_Msg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Inbound (noetl.requests + noetl.results): everything the fold consumes, keyed by execution_id.
+# Inbound (noetl.requests + noetl.results): everything the fold consumes, keyed by execution_id. Times
+# are checked here, at the boundary (Epoch, Seconds): a message with an impossible one is a dead letter.
 # ---------------------------------------------------------------------------------------------------------
 class StartExecution(_Msg):
     kind: Literal["start"] = "start"
     execution_id: str
-    time: float
+    time: Epoch
     playbook: dict[str, Any]             # the playbook document as parsed YAML (the fold normalises it)
     path: str
     version: int | None = None
@@ -121,7 +113,7 @@ class StartExecution(_Msg):
     parent_command_id: str | None = None   # the parent's command that started this child
     parent_step: str | None = None
     return_step: str | None = None
-    lease_seconds: float = 30.0
+    lease_seconds: Seconds = 30.0
     principal: str | None = None           # who started it (set by the API from the caller, never the body)
     # A lease lost to an infrastructure fault (the worker went silent) re-sends the same attempt this many
     # times, after lease_retry_delay × 2^(n-1) s, before the step's own `retry` policy counts it as a failure.
@@ -132,7 +124,7 @@ class StartExecution(_Msg):
 class CancelExecution(_Msg):
     kind: Literal["cancel"] = "cancel"
     execution_id: str
-    time: float
+    time: Epoch
     reason: str = "cancelled"
     principal: str | None = None           # who cancelled it (set by the API from the caller)
 
@@ -141,7 +133,7 @@ class ActionStarted(_Msg):
     kind: Literal["action_started"] = "action_started"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
     worker_id: str | None = None
 
 
@@ -149,16 +141,16 @@ class ActionHeartbeat(_Msg):
     kind: Literal["heartbeat"] = "heartbeat"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
 
 
 class ActionCompleted(_Msg):
     kind: Literal["action_completed"] = "action_completed"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
     result: Any = None                   # the unwrapped result (after assert.returns and save)
-    started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
+    started: Epoch | None = None         # set when no ActionStarted was sent (a quick attempt)
     worker_id: str | None = None         # who ran it (events carry it; a quick attempt sent no ActionStarted)
     saved: Any = None                    # rendered data of an `event` save
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
@@ -169,12 +161,12 @@ class ActionFailed(_Msg):
     kind: Literal["action_failed"] = "action_failed"
     execution_id: str
     command_id: str
-    time: float
+    time: Epoch
     error: str
     status_code: int | None = None       # http: visible to retry_when
     result: Any = None                   # what the failed attempt produced, if anything
     log: str | None = None
-    started: float | None = None         # set when no ActionStarted was sent (a quick attempt)
+    started: Epoch | None = None         # set when no ActionStarted was sent (a quick attempt)
     worker_id: str | None = None         # who ran it; None when the fold itself failed the attempt (lease)
 
 
@@ -184,7 +176,7 @@ class ChildStarted(_Msg):
     execution_id: str
     command_id: str
     child_execution_id: str
-    time: float
+    time: Epoch
 
 
 class ChildFinished(_Msg):
@@ -196,14 +188,14 @@ class ChildFinished(_Msg):
     status: Literal["COMPLETED", "FAILED", "CANCELLED"]
     result: Any = None                   # return_step's result, else the child's execution result
     error: str | None = None
-    time: float
+    time: Epoch
 
 
 class TimerFired(_Msg):
     kind: Literal["timer_fired"] = "timer_fired"
     execution_id: str
     timer: str                           # the key of the deadline in the state
-    time: float
+    time: Epoch
 
 
 Inbound = Annotated[

@@ -195,8 +195,7 @@ class EmbeddedRuntime:
     async def _fold_batch(self, batch: list[tuple[str, bytes]]) -> None:
         """One batch through the shared batch fold (whatever a message does, it harms only its execution),
         then one SQLite transaction, then the effects: no worker ever runs an attempt the store does not know."""
-        out = fold_batch(self._view, [Record(value=raw, key=key.encode(), topic="inbound") for key, raw in batch],
-                         now=time.time())
+        out = fold_batch(self._view, [raw for _key, raw in batch], now=time.time())
         _log_problems(out)
         if not (out.states or out.events or out.dead_letters):
             return

@@ -210,6 +210,8 @@ async def _render_deferred(inv: Invocation) -> None:
     context = inv.cmd.action.context
     for path in inv.cmd.action.deferred:
         try:
+            if isinstance(path, str):   # a command of an older fold: dotted text
+                path = paths.from_dotted(path, root)
             template = paths.lookup(root, path)
             root = paths.replace(root, path, await inv.secrets.render(template, context, inv.cmd.time))
         except paths.PathError as exc:

@@ -41,7 +41,7 @@ def render_inputs(step: Step, context: dict[str, Any], edge_data: dict[str, Any]
     if isinstance(step.data, str):
         data = _inputs_from_expression(step.data, context)
     else:
-        data = _render_deferring(step.data, context, ["data"], deferred)
+        data = _render_deferring(step.data, context, ("data", None), deferred)
     if edge_data:
         data = {**data, **edge_data}
         # an input the edge replaced is no template any more: the worker must not render it
@@ -80,7 +80,7 @@ def _missing_expects(step: Step, data: dict[str, Any], context: dict[str, Any]) 
             continue
         if head == "auth" and step.auth is not None:
             if auth is None:
-                auth = _render_deferring(step.auth, {**context, "data": data}, ["auth"], [])
+                auth = _render_deferring(step.auth, {**context, "data": data}, ("auth", None), [])
             if not rest or not missing_paths(auth, [rest]):
                 continue
         missing.append(path)
@@ -93,10 +93,10 @@ def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], defe
     deferred = list(deferred)
     scope = {**context, "data": data}
     raw_config = {k: v for k, v in step.config.items() if k != "code"}
-    config = _render_deferring(raw_config, scope, ["config"], deferred)
+    config = _render_deferring(raw_config, scope, ("config", None), deferred)
     if "code" in step.config:
         config["code"] = step.config["code"]
-    auth = _render_deferring(step.auth, scope, ["auth"], deferred)
+    auth = _render_deferring(step.auth, scope, ("auth", None), deferred)
     save = step.save.model_dump() if step.save else None
     names: set[str] = set()
     for path in deferred:
@@ -126,20 +126,29 @@ def _reads_context(code: Any) -> bool:
     return isinstance(code, str) and _READS_CONTEXT.search(code) is not None
 
 
-def _render_deferring(value: Any, context: dict[str, Any], path: list[Key], deferred: list[list[Key]]) -> Any:
+def _render_deferring(value: Any, context: dict[str, Any], at: Any, deferred: list[list[Key]]) -> Any:
+    """`at` is where `value` sits: (key, parent's `at`), a chain made into a path only when needed."""
     if isinstance(value, dict):
-        return {k: _render_deferring(v, context, [*path, k], deferred) for k, v in value.items()}
+        return {k: _render_deferring(v, context, (k, at), deferred) for k, v in value.items()}
     if isinstance(value, list):
-        return [_render_deferring(v, context, [*path, i], deferred) for i, v in enumerate(value)]
+        return [_render_deferring(v, context, (i, at), deferred) for i, v in enumerate(value)]
     if isinstance(value, str) and ("{{" in value or "{%" in value):
         if referenced_names(value) & ACTION_SIDE:
-            deferred.append(path)
+            deferred.append(_path(at))
             return value
         try:
             return render(value, context)
         except TemplateError as exc:
-            raise StepError(f"{path_text(path)}: {exc}") from exc
+            raise StepError(f"{path_text(_path(at))}: {exc}") from exc
     return value
+
+
+def _path(at: Any) -> list[Key]:
+    path: list[Key] = []
+    while at is not None:
+        key, at = at
+        path.append(key)
+    return path[::-1]
 
 
 def redeliver(state: ExecutionState, include_children: bool = False) -> list[Command]:
