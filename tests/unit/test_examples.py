@@ -35,7 +35,7 @@ def _retried(report: dict[str, Any]) -> bool:
     """flaky timed out, then raised, then succeeded: three real attempts."""
     errors = [e["error"] for e in report["events"] if e["event_type"] == "action_error"]
     return (report["result"] == {"succeeded_on_attempt": 3} and report["steps"]["flaky"]["attempts"] == 3
-            and len(errors) == 2 and errors[0] == "timed out after 1s" and "transient failure" in errors[1])
+            and len(errors) == 2 and errors[0] == "timed out after 3s" and "transient failure" in errors[1])
 
 
 # example file -> a check of its report (the execution result, and for the retry example its attempts)
