@@ -155,6 +155,7 @@ class ActionCompleted(_Msg):
     saved: Any = None                    # rendered data of an `event` save
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
     log: str | None = None               # captured stdout/stderr (python)
+    tasks: list[dict[str, Any]] | None = None   # v10 pipeline: one entry per task attempt (engine/v10.trail)
 
 
 class ActionFailed(_Msg):
@@ -168,6 +169,7 @@ class ActionFailed(_Msg):
     log: str | None = None
     started: Epoch | None = None         # set when no ActionStarted was sent (a quick attempt)
     worker_id: str | None = None         # who ran it; None when the fold itself failed the attempt (lease)
+    tasks: list[dict[str, Any]] | None = None   # v10 pipeline: one entry per task attempt (engine/v10.trail)
 
 
 class ChildStarted(_Msg):

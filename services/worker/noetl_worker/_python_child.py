@@ -114,8 +114,8 @@ def step_main(call_fd: int, reply_fd: int, base_env: dict[str, str]) -> None:
         _enter(workdir, base_env, limits, entered)
         sys.stdout = sys.stderr = out
         try:
-            code, data, context = pickle.loads(blob)
-            reply = run_one(code, data, context, codes, plans)
+            code, data, context, script = pickle.loads(blob)
+            reply = run_one(code, data, context, codes, plans, script)
         except BaseException as exc:   # even unpickling is the step's own business (its data)
             reply = _reply(False, None, f"step data cannot be read: {_describe(exc)}")
         finally:
@@ -160,10 +160,15 @@ def cpu_used() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_one(code: str, data: dict, context: dict | None, codes: dict, plans: dict) -> str:
+def run_one(code: str, data: dict, context: dict | None, codes: dict, plans: dict, script: str | None = None
+            ) -> str:
     """The JSON reply `[ok, result, error]` for one call; output goes to sys.stdout/sys.stderr."""
     try:
-        value = _call(code, data, context, codes, plans)
+        if script is not None:
+            code = _script_source(code)
+            value = _call_script(code, script, data, context, codes, plans)
+        else:
+            value = _call(code, data, context, codes, plans)
     except _BindError as exc:
         return _reply(False, None, str(exc))
     except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code are errors too
@@ -217,6 +222,56 @@ def _call(code: str, data: dict, context: dict | None, codes: dict, plans: dict)
         data = {**data, "context": frozen}  # a `context` parameter, or **kwargs, receives it too
     args, kwargs = _bind(plan, data)
     return main(*args, **kwargs)
+
+
+def _script_source(code: str) -> str:
+    """V10-3.1: code with a top-level `return` runs as the body of a function whose value is the result."""
+    try:
+        compile(code, _FILENAME, "exec")
+        return code
+    except SyntaxError as exc:
+        if "outside function" not in str(exc.msg):
+            raise
+    body = "".join("    " + line if line.strip() else line for line in code.splitlines(True))
+    return f"def __noetl_body__():\n{body}\n    return None\nresult = __noetl_body__()\n"
+
+
+def _call_script(code: str, prelude: str, data: dict, context: dict | None, codes: dict, plans: dict) -> Any:
+    """NoETL DSL v10 python (V10-3.1..3.5): the inputs, `input_data`, `context`, the prelude's modules and
+    helpers are globals of one namespace; a callable `main` is called (bound by name), else the value of
+    `result` is the task result (null when the code never assigns it)."""
+    namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
+    exec(_compiled(prelude, codes), namespace)
+    frozen = freeze(context) if context is not None else None
+    namespace["context"] = frozen
+    namespace["input_data"] = data
+    namespace["data"] = data.get("data")
+    for key, value in data.items():
+        if isinstance(key, str) and key.isidentifier():
+            namespace[key] = value
+    exec(_compiled(code, codes), namespace)
+    main = namespace.get("main")
+    if callable(main) and "result" not in namespace:
+        bound = {**(dict(context) if context else {}), **data}
+        if frozen is not None:
+            bound["context"] = frozen
+        args, kwargs = _bind(_plan(main), bound)
+        value = main(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            import asyncio
+            value = asyncio.run(value)
+        return value
+    return namespace.get("result")
+
+
+def _compiled(code: str, codes: dict) -> Any:
+    compiled = codes.get(code)
+    if compiled is None:
+        compiled = compile(code, _FILENAME, "exec")
+        if len(codes) >= _CODE_CACHE_SIZE:
+            codes.pop(next(iter(codes)))
+        codes[code] = compiled
+    return compiled
 
 
 def _plan(main: Any) -> tuple:

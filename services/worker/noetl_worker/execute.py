@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from noetl_worker._python_child import CUT_MARKER, first_unserialisable
 from noetl_worker.actions import duckdb as duckdb_action
 from noetl_worker.actions import http as http_action
+from noetl_worker.actions import pipeline as pipeline_action
 from noetl_worker.actions import postgres as postgres_action
 from noetl_worker.actions import python as python_action
 from noetl_worker.actions import secrets as secrets_action
@@ -51,6 +52,7 @@ ACTIONS: dict[str, Callable[[Invocation], Awaitable[ActionOutput]]] = {
     "postgres": postgres_action.run,
     "duckdb": duckdb_action.run,
     "secrets": secrets_action.run,
+    "pipeline": pipeline_action.run,
 }
 
 
@@ -60,6 +62,7 @@ class _Done:
     saved: Any = None
     variables: dict[str, Any] | None = None
     log: str | None = None
+    tasks: list[dict[str, Any]] | None = None   # v10 pipeline: its task attempts
 
 
 class _ChildStarted:
@@ -140,7 +143,9 @@ async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionComp
             return _failed(inv, f"timed out after {format_seconds(timeout or 0)}s")
         return _failed(inv, f"{type(exc).__name__}: {exc}" if str(exc) else "TimeoutError")
     except ActionError as exc:
-        return _failed(inv, str(exc), exc.status_code, exc.result, exc.log)
+        failed = _failed(inv, str(exc), exc.status_code, exc.result, exc.log)
+        tasks = getattr(exc, "tasks", None)   # a v10 pipeline's task attempts
+        return failed.model_copy(update={"tasks": inv.secrets.redact(tasks)}) if tasks else failed
     except Exception as exc:
         log.debug("action %s of %s raised", cmd.action.type, cmd.command_id, exc_info=True)
         # Not an expected failure: its traceback goes into the attempt's log (redacted like the rest).
@@ -151,7 +156,8 @@ async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionComp
     return ActionCompleted(
         execution_id=cmd.execution_id, command_id=cmd.command_id, time=time.time(),
         result=secrets.redact(done.result), saved=secrets.redact(done.saved),
-        variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv))
+        variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv),
+        tasks=secrets.redact(done.tasks) if done.tasks else None)
 
 
 async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
@@ -170,6 +176,9 @@ async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
                               f"save, secrets)")
         output = await action(inv)
 
+    if inv.type == "pipeline":   # NoETL DSL v10: results are stored as returned (V10-6.2), ctx patches
+        return _Done(output.result, variables=getattr(output, "variables", None) or None, log=output.log,
+                     tasks=getattr(output, "tasks", None) or None)
     result = unwrap(output.result)
     try:
         json.dumps(result, allow_nan=False)

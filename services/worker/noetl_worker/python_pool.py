@@ -170,15 +170,16 @@ class PythonPool:
 
     async def run(self, code: str, data: dict[str, Any], timeout: float | None = None, *,
                   execution: str | None = None, limits: Any = None,
-                  context: Mapping[str, Any] | None = None) -> PythonOutcome:
+                  context: Mapping[str, Any] | None = None, script: str | None = None) -> PythonOutcome:
         """`execution`: the step processes of one execution are reused for its later steps; None gets a
-        process of its own. `limits`: the step's overrides. `context`: NoETL's read-only `context`."""
+        process of its own. `limits`: the step's overrides. `context`: NoETL's read-only `context`.
+        `script`: run NoETL DSL v10 style (the code's `result`, or its `main`), after this prelude."""
         try:
             granted = step_limits(self.settings, limits)
         except LimitError as exc:
             return PythonOutcome(False, error=str(exc))
         try:
-            blob = pickle.dumps((code, data, dict(context) if context is not None else None),
+            blob = pickle.dumps((code, data, dict(context) if context is not None else None, script),
                                 protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             return PythonOutcome(False, error=f"step data cannot be sent to python: {type(exc).__name__}: {exc}")

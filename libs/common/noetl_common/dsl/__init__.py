@@ -1,11 +1,11 @@
-"""The playbook DSL: load (parse + detect the dialect + normalise + validate) a `noetl.io/v1` playbook.
+"""The playbook DSL: load (parse + detect the dialect + normalise + validate) a NoETL playbook.
 
     playbook, problems = load_playbook(yaml_text_or_dict)
 
 `problems` holds every error and warning, each with its location path and YAML line where known;
 `playbook` is None exactly when at least one problem is an error. Loading never raises on a bad document.
-A document in a later NoETL dialect (v2, v10: `dialect.py`) is rejected with one error naming the dialect,
-never half-read as v1.
+A document in a later NoETL dialect (v2, v10: `dialect.py`) goes to the second front end (`v10.py`), never
+half-read as v1.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 from .dialect import Dialect, detect_dialect
 from .models import Edge, IteratorSpec, Playbook, Problem, RetryPolicy, SaveSpec, Step
 from .normalise import normalise as normalise_document
+from .v10 import normalise_v10
+from .validate import Issues, locate
 from .validate import identity as playbook_identity
 from .validate import validate as validate_document
 from .yaml_source import LineMap, line_for, parse_yaml
@@ -53,11 +55,26 @@ def _load(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
             data, lines, problems = source, {}, []
         dialect = detect_dialect(data)
         if dialect.name in ("v2", "v10"):
-            return None, problems + [unsupported_dialect(dialect, lines)]
+            return problems_v10(data, dialect, lines, problems)
         playbook, found = validate_document(data, lines)
         return playbook, problems + found
     except Exception as exc:   # last line of defence: a bad document must never surface as a traceback
         return None, [Problem(path="", message=f"could not load the playbook: {type(exc).__name__}: {exc}")]
+
+
+def problems_v10(data: dict, dialect: Dialect, lines: LineMap, problems: list[Problem]
+                 ) -> tuple[Playbook | None, list[Problem]]:
+    """The second front end (dsl/v10.py): a v2/v10 document is read only by it, never half as v1."""
+    issues = Issues()
+    if dialect.type_step:
+        issues.error(dialect.type_step, f"this document mixes v1 'type:' steps ({dialect.type_step}) with NoETL "
+                                        f"DSL {dialect.name} steps ({dialect.reason}): use one dialect (V10-1.1)")
+        return None, problems + locate(issues.problems, lines)
+    playbook = normalise_v10(data, dialect.name, issues)
+    found = locate(issues.problems, lines)
+    if any(p.severity == "error" for p in found):
+        return None, problems + found
+    return playbook, problems + found
 
 
 def unsupported_dialect(dialect: Dialect, lines: LineMap) -> Problem:

@@ -40,6 +40,7 @@ class Edge(_Model):
     data: dict[str, Any] = Field(default_factory=dict)   # edge data (templates), merged over the target's data
     then: list[Edge] | None = None
     otherwise: list[Edge] | None = None   # the `else` list
+    set: dict[str, Any] = Field(default_factory=dict)    # v10 arc `set` (V10-5.4): scope.key -> template
     path: str = ""                     # location, e.g. "workflow[3].next[0]"
 
 
@@ -82,6 +83,10 @@ class Step(_Model):
     iterator: IteratorSpec | None = None
     path: str = ""                     # location, e.g. "workflow[3]"
     line: int | None = None
+    # v2/v10 (docs/dialect-v10.md): how `next` fires ("all" = v1 §3; "exclusive" = first match;
+    # "inclusive" = every match) and the step-level `set` applied after a successful visit.
+    next_mode: Literal["all", "exclusive", "inclusive"] = "all"
+    set: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def is_control(self) -> bool:
@@ -98,6 +103,9 @@ class IteratorSpec(_Model):
     limit: int | None = None
     chunk: int | None = None
     task: Step                         # the nested action (name = the iterator step's name)
+    # v10 `loop:` (V10-8.4/8.5): every iteration runs whatever fails, and the step result is
+    # {results, stats} instead of the list of results.
+    collect_all: bool = False
 
 
 class Playbook(_Model):
@@ -109,6 +117,9 @@ class Playbook(_Model):
     description: str | None = None
     workload: dict[str, Any] = Field(default_factory=dict)
     steps: dict[str, Step]             # workflow steps by name, in document order
+    dialect: Literal["v1", "v2", "v10"] = "v1"
+    entry: str = "start"               # the first step (v10: executor.spec.entry_step or the first step)
+    ctx: dict[str, Any] = Field(default_factory=dict)   # v10 root `ctx:` (V10-7.5): seeds the ctx map
 
     def step(self, name: str) -> Step:
         return self.steps[name]

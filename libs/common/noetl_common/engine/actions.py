@@ -90,6 +90,9 @@ def _missing_expects(step: Step, data: dict[str, Any], context: dict[str, Any]) 
 def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], deferred: list[list[Key]]
                  ) -> ActionSpec:
     """The rendered action of one step visit (or one iteration). `code` is never rendered."""
+    if step.type == "pipeline":   # v10: the worker renders each task just before it runs (V10-4.2)
+        shipped = {k: v for k, v in context.items() if not callable(v)}
+        return ActionSpec(type="pipeline", data=data, config=step.config, timeout=step.timeout, context=shipped)
     deferred = list(deferred)
     scope = {**context, "data": data}
     raw_config = {k: v for k, v in step.config.items() if k != "code"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from noetl_common.engine import iterator
 from noetl_common.engine.actions import build_action, render_inputs, send
 from noetl_common.engine.errors import StepError
+from noetl_common.engine.v10 import noop_result as v10_noop_result
 from noetl_common.engine.graph import ready_steps
 from noetl_common.engine.lifecycle import complete_step, fail_step
 from noetl_common.engine.tick import Tick
@@ -46,7 +47,9 @@ def dispatch(tick: Tick, name: str) -> None:
         if step.type == "iterator":
             return iterator.start(tick, step, run, {**context, "data": run.data})
         if step.is_control and step.save is None:
-            return complete_step(tick, name, None)
+            # a v10 `kind: noop` step's result is its rendered `result` key (V10 §2.2), else null
+            result = v10_noop_result(step, context) if tick.playbook.dialect != "v1" else None
+            return complete_step(tick, name, result)
         run.action = build_action(step, context, run.data, deferred)
     except StepError as exc:
         return fail_step(tick, name, str(exc))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from noetl_common.dsl import load_playbook
-from noetl_common.engine import iterator
+from noetl_common.engine import iterator, v10
 from noetl_common.engine.actions import send
 from noetl_common.engine.dispatch import schedule
 from noetl_common.engine.leases import LEASE, LEASE_GRACE, RESEND, infra_retry_delay
@@ -97,7 +97,10 @@ def _start(msg: StartExecution) -> Tick:
         errors = "; ".join(f"{p.path}: {p.message}" for p in problems if p.severity == "error")
         fail_execution(tick, f"invalid playbook: {errors}")
     else:
-        state.pending["start"] = Pending(arrivals=[{}])
+        if playbook.dialect != "v1":   # V10-7.5: root `ctx:` and the payload's `ctx` seed the ctx map
+            payload_ctx = msg.payload.get("ctx") if isinstance(msg.payload.get("ctx"), dict) else {}
+            state.variables = deep_merge(playbook.ctx, payload_ctx)
+        state.pending[playbook.entry] = Pending(arrivals=[{}])
     return tick
 
 
@@ -175,6 +178,8 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
     step = tick.playbook.steps[work.step]
     run = s.steps[work.step]
     action = _action_of(run, work)
+    if msg.tasks:
+        v10.trail(tick, work.step, msg.tasks, work.index, failed=False)
     if _is_attempt(tick, work):
         meta = {k: v for k, v in (("log", msg.log), ("saved", msg.saved)) if v is not None}
         tick.emit("action_completed", work.step, "task", "COMPLETED", attempt=work.attempt, result=msg.result,
@@ -205,6 +210,8 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
         policy = step.iterator.task.retry if work.index is not None else None
     else:
         policy = step.retry
+    if msg.tasks:
+        v10.trail(tick, work.step, msg.tasks, work.index, failed=True)
     tick.emit("action_error", work.step, "task", "FAILED", attempt=work.attempt, error=msg.error,
               result=msg.result, current_index=work.index, command_id=work.command_id, worker_id=msg.worker_id,
               meta={"status_code": msg.status_code} if msg.status_code is not None else None)

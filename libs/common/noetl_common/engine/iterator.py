@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from noetl_common.dsl.models import IteratorSpec, Step
+from noetl_common.engine import v10
 from noetl_common.engine.actions import build_action, render_inputs, send
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.lifecycle import complete_step, fail_step
@@ -63,6 +64,8 @@ def shape(spec: IteratorSpec, context: dict[str, Any]) -> list[Any]:
 def item_context(context: dict[str, Any], step: Step, index: int, item: Any, size: int) -> dict[str, Any]:
     spec = step.iterator
     assert spec is not None
+    if spec.collect_all:   # a v10 `loop:` (V10-8.1): iter, loop_index, loop
+        return v10.loop_scope(context, spec.element, index, item, size)
     loop = {"index": index, "count": index + 1, "size": size, "item": item}
     return {**context, spec.element: item, "_loop": loop, "index": index, step.name: {"result_index": index}}
 
@@ -72,7 +75,7 @@ def fill(tick: Tick, step: Step, run: StepRun) -> None:
     spec, it = step.iterator, run.iteration
     assert spec is not None and it is not None
     cap = spec.concurrency if spec.mode == "async" else 1
-    while not it.failed and it.next_index < it.size and len(it.attempts) < cap:
+    while (not it.failed or spec.collect_all) and it.next_index < it.size and len(it.attempts) < cap:
         index = it.next_index
         it.next_index += 1
         item = it.items[index]
@@ -85,10 +88,13 @@ def fill(tick: Tick, step: Step, run: StepRun) -> None:
             it.failed[index] = str(exc)
             tick.emit("iteration_failed", step.name, "iteration", "FAILED", current_index=index,
                       current_item=item, error=str(exc))
+            if spec.collect_all:
+                continue
             break
         it.attempts[index] = 1
         send(tick, step.name, run.visit, 1, it.actions[index], index=index)
-    if not it.attempts and (it.failed or len(it.results) == it.size):
+    settled = len(it.results) + len(it.failed) == it.size if spec.collect_all else it.failed
+    if not it.attempts and (settled or len(it.results) == it.size):
         _finish(tick, step, run)
 
 
@@ -116,7 +122,9 @@ def item_failed(tick: Tick, step: Step, run: StepRun, index: int, error: str) ->
 
 def _finish(tick: Tick, step: Step, run: StepRun) -> None:
     it = run.iteration
-    assert it is not None
+    assert it is not None and step.iterator is not None
+    if step.iterator.collect_all:
+        return _finish_v10(tick, step, run)
     if it.failed:
         detail = "; ".join(f"[{i}] {err}" for i, err in sorted(it.failed.items()))
         return fail_step(tick, step.name, f"iteration(s) {', '.join(map(str, sorted(it.failed)))} failed: {detail}")
@@ -126,4 +134,19 @@ def _finish(tick: Tick, step: Step, run: StepRun) -> None:
         action = build_action(Step(name=step.name, type="save", save=step.save), tick.context(), {}, [])
         send(tick, step.name, run.visit, run.attempt, action, phase="save", result=result)
         return
+    complete_step(tick, step.name, result)
+
+
+def _finish_v10(tick: Tick, step: Step, run: StepRun) -> None:
+    """V10-8.4/8.5: every iteration ran; the result is {results, stats} in collection order (null for a
+    failed iteration), and the step fails, naming the failed indexes, if any iteration failed."""
+    it = run.iteration
+    assert it is not None
+    results = [it.results.get(i) for i in range(it.size)]
+    result = {"results": results, "stats": {"total": it.size, "success": len(it.results), "failed": len(it.failed)}}
+    if it.failed:
+        tick.state.results[step.name] = result
+        detail = "; ".join(f"[{i}] {err}" for i, err in sorted(it.failed.items()))
+        return fail_step(tick, step.name, f"iteration(s) {', '.join(map(str, sorted(it.failed)))} failed: {detail}")
+    tick.emit("iterator_completed", step.name, "iterator", "COMPLETED", result=result)
     complete_step(tick, step.name, result)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from noetl_common.engine import v10
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.graph import edge_data, fire
 from noetl_common.engine.tick import Tick
@@ -20,6 +21,8 @@ def step_scope(tick: Tick, result: Any, data: dict[str, Any] | None = None) -> d
 def complete_step(tick: Tick, name: str, result: Any) -> None:
     """Store the result, route (`next`), and at `end` render the execution result. A routing or result
     template that fails fails the step instead (it is never silently false)."""
+    if tick.playbook.dialect != "v1":
+        return _complete_v10(tick, name, result)
     step = tick.playbook.steps[name]
     run = tick.state.steps[name]
     tick.state.results[name] = result     # its own `next` and `result:` may name it (`{{ envelope.x }}`)
@@ -67,7 +70,63 @@ def fail_step(tick: Tick, name: str, error: str) -> None:
     run.error = error
     _forget_inputs(run)
     tick.emit("step_failed", name, "step", "FAILED", error=error, attempt=run.attempt)
+    if tick.playbook.dialect != "v1" and _route_failure(tick, name, error):
+        return
     fail_execution(tick, f"step '{name}' failed: {error}")
+
+
+# ---------------------------------------------------------------- NoETL DSL v2/v10 (engine/v10.py)
+
+def _complete_v10(tick: Tick, name: str, result: Any) -> None:
+    """V10-7.1/5.2: the step `set` (before routing), then exclusive/inclusive arcs and their `set`s. A step
+    without `next` (or whose arcs all miss) ends its branch; the last one to complete gives the result."""
+    s, step, run = tick.state, tick.playbook.steps[name], tick.state.steps[name]
+    s.results[name] = result
+    tick.invalidate()
+    event = "loop.done" if step.iterator is not None else "call.done"
+    try:
+        patch = {}
+        if step.set:
+            writes = v10.render_sets(step.set, v10.step_scope(tick.context(), step, result, None, event), "step")
+            patch = v10.apply_writes(s.variables, writes)
+            tick.invalidate()
+        scope = v10.step_scope(tick.context(), step, result, None, event)
+        arrivals = []
+        for edge in v10.fire(step, scope):
+            if edge.set:
+                patch.update(v10.apply_writes(s.variables, v10.render_sets(edge.set, scope, edge.path)))
+            arrivals.append((edge.step, edge_data(edge, scope)))
+        tick.invalidate()
+    except StepError as exc:
+        return fail_step(tick, name, str(exc))
+    s.set_status(name, "completed")
+    run.result, run.error = result, None
+    _forget_inputs(run)
+    meta = {"set": patch} if patch else None
+    tick.emit("step_completed", name, "step", "COMPLETED", result=result, duration=tick.time - run.started, meta=meta)
+    if not arrivals:
+        s.result = result
+    for target, data in arrivals:
+        s.pending.setdefault(target, Pending()).arrivals.append(data)
+
+
+def _route_failure(tick: Tick, name: str, error: str) -> bool:
+    """V10-5.8: arcs with a `when` are evaluated on a failed step; if one fires the run goes on (a cleanup
+    path) and the execution still ends FAILED with this step's error (`ExecutionState.error`, sticky)."""
+    s, step = tick.state, tick.playbook.steps[name]
+    if not any(edge.when for edge in step.next):
+        return False
+    scope = v10.step_scope(tick.context(), step, s.results.get(name), error, "call.error")
+    try:
+        fired = v10.fire(step, scope, failed=True)
+    except StepError:
+        return False
+    if not fired:
+        return False
+    s.error = s.error or f"step '{name}' failed: {error}"
+    for edge in fired:
+        s.pending.setdefault(edge.step or "", Pending()).arrivals.append({})
+    return True
 
 
 def fail_execution(tick: Tick, error: str) -> None:
@@ -83,6 +142,8 @@ def fail_execution(tick: Tick, error: str) -> None:
 
 def complete_execution(tick: Tick) -> None:
     s = tick.state
+    if s.error:   # a v10 step failed and a failure arc ran a cleanup path (V10-5.8): the run still failed
+        return fail_execution(tick, s.error)
     s.status, s.finished = "COMPLETED", tick.time
     tick.emit("execution_complete", _playbook_name(tick), "playbook", "COMPLETED", result=s.result,
               duration=tick.time - s.started)

@@ -8,6 +8,7 @@ from typing import Any
 
 from noetl_common.dsl import load_playbook
 from noetl_common.dsl.models import Playbook
+from noetl_common.engine import v10
 from noetl_common.engine.graph import Reach
 from noetl_common.messages import Command, Event
 from noetl_common.state import ExecutionState
@@ -74,6 +75,10 @@ class Tick:
 
     def context(self) -> dict[str, Any]:
         """The render context of DSL §5 (without per-step names). Rebuilt after results/variables change."""
+        if self._context is None and self.compiled is not None and self.compiled.playbook.dialect != "v1":
+            s = self.state
+            self._context = v10.context(s.variables, s.results, s.workload, s.execution_id,
+                                        s.parent_execution_id, self._now)
         if self._context is None:
             s = self.state
             ctx: dict[str, Any] = {**s.variables, **s.results}
