@@ -91,8 +91,8 @@ def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], defe
                  ) -> ActionSpec:
     """The rendered action of one step visit (or one iteration). `code` is never rendered."""
     if step.type == "pipeline":   # v10: the worker renders each task just before it runs (V10-4.2)
-        shipped = {k: v for k, v in context.items() if not callable(v)}
-        return ActionSpec(type="pipeline", data=data, config=step.config, timeout=step.timeout, context=shipped)
+        return ActionSpec(type="pipeline", data=data, config=step.config, timeout=step.timeout,
+                          context=_pipeline_context(step, context))
     deferred = list(deferred)
     scope = {**context, "data": data}
     raw_config = {k: v for k, v in step.config.items() if k != "code"}
@@ -111,6 +111,27 @@ def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], defe
     shipped = {name: scope[name] for name in names - WORKER_BOUND if name in scope and not callable(scope[name])}
     return ActionSpec(type=step.type or "save", data=data, config=config, auth=auth, timeout=step.timeout,
                       assert_returns=step.assert_returns, save=save, deferred=deferred, context=shipped)
+
+
+# Always shipped to a pipeline: small, and read by its policies, `set`s and python `context` helpers.
+_PIPELINE_NAMES = frozenset({"ctx", "workload", "vars", "iter", "job", "execution_id", "catalog_id",
+                             "parent_execution_id", "loop_index", "loop"})
+
+
+def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
+    """The names a pipeline's templates use (a large step result is shipped only to the steps that read
+    it), or the whole context when python code reads NoETL's `context`."""
+    tasks = step.config.get("tasks") or []
+    if any(_reads_context(task.get("config", {}).get("code")) for task in tasks):
+        return {k: v for k, v in context.items() if not callable(v)}
+    templates = [{k: v for k, v in task.get("config", {}).items() if k != "code"} for task in tasks]
+    templates += [[task.get("set"), task.get("rules")] for task in tasks]
+    names = referenced_names(templates) | _PIPELINE_NAMES
+    names |= {k for k in context if k not in context.get("workload", {}) and k in names}
+    element = context.get("iter")
+    if isinstance(element, dict):   # the bare iterator name of a loop
+        names |= {k for k in element if not k.startswith("_")}
+    return {k: context[k] for k in names if k in context and not callable(context[k])}
 
 
 def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *, index: int | None = None,
