@@ -1,0 +1,156 @@
+"""The v10 pipeline action (noetl_worker/actions/pipeline.py) end to end through execute(), with the real
+python pool: script python, task chaining, policies (retry/jump/break/continue/fail), ctx/iter writes, and
+hostile input (bad libs, runaway jumps, status: error results)."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from noetl_common.dsl import load_playbook
+from noetl_common.messages import ActionCompleted, ActionFailed
+from noetl_worker.actions import pipeline
+from noetl_worker.execute import execute
+from noetl_worker.python_pool import PythonPool
+
+from test_worker_execute import make_ports
+from test_worker_support import command
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = PythonPool(2)
+    yield p
+    p.close()
+
+
+def step_config(tool: str, extra: str = "") -> dict:
+    doc = yaml.safe_load(f"""
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {{name: t, path: t}}
+workflow:
+  - step: s
+{extra}    tool: {tool}
+""")
+    playbook, problems = load_playbook(doc)
+    assert playbook is not None, problems
+    return playbook.steps["s"].config
+
+
+async def run(pool, tool: str, data: dict | None = None, context: dict | None = None):
+    cmd = command("pipeline", data=data or {}, config=step_config(tool),
+                  context={"execution_id": "exec-1", "ctx": {}, "workload": {}, **(context or {})})
+    ports = make_ports(pool)
+    await execute(cmd, ports)
+    return ports.emit.last()
+
+
+async def test_script_python_reads_inputs_input_data_and_context_and_returns_result(pool):
+    done = await run(pool, """
+      kind: python
+      input: {a: 2, b: "{{ workload.x }}"}
+      code: |
+        total = a * b
+        def twice(v):
+            return v * total      # a module-level name, visible inside functions (V10-3.3)
+        result = {"t": twice(1), "keys": sorted(input_data), "eid": context["execution_id"]}
+""", context={"workload": {"x": 5}, "ctx": {"x": 5}})
+    assert isinstance(done, ActionCompleted), done
+    assert done.result == {"t": 10, "keys": ["a", "b"], "eid": "exec-1"}
+
+
+async def test_top_level_return_and_main_conventions(pool):
+    done = await run(pool, "{kind: python, input: {n: 3}, code: 'return n + 1'}")
+    assert isinstance(done, ActionCompleted) and done.result == 4
+    done = await run(pool, "{kind: python, input: {n: 3}, code: 'def main(n):\n    return n * 2'}")
+    assert isinstance(done, ActionCompleted) and done.result == 6
+    done = await run(pool, "{kind: python, code: 'x = 1'}")     # never assigns result: null
+    assert isinstance(done, ActionCompleted) and done.result is None
+
+
+async def test_pipeline_chains_prev_results_and_overlays_the_last_result(pool):
+    done = await run(pool, """
+      - {name: one, kind: python, code: "result = {'v': 1}"}
+      - {name: two, kind: python, input: {p: "{{ _prev.v }}", o: "{{ one.v }}"}, code: "result = {'v': p + o}"}
+""")
+    assert isinstance(done, ActionCompleted), done
+    assert done.result["v"] == 2 and done.result["status"] == "ok"
+    assert done.result["results"] == {"one": {"v": 1}, "two": {"v": 2}}
+
+
+async def test_a_failing_task_stops_the_pipeline_and_names_the_task(pool):
+    done = await run(pool, """
+      - {name: boom, kind: python, code: "raise ValueError('nope')"}
+      - {name: never, kind: python, code: "result = 1"}
+""")
+    assert isinstance(done, ActionFailed) and done.error == "boom: ValueError: nope"
+    assert [t["task"] for t in done.tasks] == ["boom"]
+
+
+async def test_status_error_mapping_fails_the_task_and_continue_handles_it(pool):
+    done = await run(pool, """
+      - {name: soft, kind: python, code: "result = {'status': 'error', 'message': 'soft fail'}"}
+""")
+    assert isinstance(done, ActionFailed) and done.error == "soft: soft fail"
+    done = await run(pool, """
+      - name: soft
+        kind: python
+        code: "result = {'status': 'error', 'message': 'soft fail'}"
+        spec: {policy: {rules: [{when: "{{ output.status == 'error' }}", then: {do: continue}}]}}
+      - {name: after, kind: python, input: {p: "{{ _prev }}"}, code: "result = {'prev': p}"}
+""")
+    assert isinstance(done, ActionCompleted) and done.result["prev"] is None   # the handled task is no _prev
+    assert "soft" not in done.result["results"]
+
+
+async def test_retry_counts_attempts_and_reports_each_task_attempt(pool):
+    done = await run(pool, """
+      kind: python
+      code: "result = {'status': 'error', 'error': 'flaky'}"
+      spec: {policy: {rules: [{when: "{{ output.status == 'error' }}", then: {do: retry, attempts: 3}}]}}
+""")
+    assert isinstance(done, ActionFailed) and done.error == "s_task: flaky"
+    assert [(t["attempt"], t["directive"]) for t in done.tasks] == [(1, "retry"), (2, "retry"), (3, "fail")]
+
+
+async def test_policy_set_writes_ctx_as_a_patch_and_iter_stays_local(pool):
+    done = await run(pool, """
+      - name: a
+        kind: python
+        code: "result = {'n': 7}"
+        set: {row: "{{ output }}"}
+        spec:
+          policy:
+            rules:
+              - else: {then: {do: continue, set: {ctx.total: "{{ output.data.n }}", iter.seen: true}}}
+      - {name: b, kind: python, input: {r: "{{ row.n }}", s: "{{ iter.seen }}"}, code: "result = [r, s]"}
+""", context={"iter": {"x": 1}})
+    assert isinstance(done, ActionCompleted), done
+    assert done.result["value"] == [7, True]
+    assert done.variables == {"row": {"n": 7}, "total": 7}   # iter.seen is not a ctx write
+
+
+async def test_break_ends_the_pipeline_successfully(pool):
+    done = await run(pool, """
+      - {name: a, kind: python, code: "result = 1", spec: {policy: {rules: [{when: true, then: {do: break}}]}}}
+      - {name: b, kind: python, code: "raise ValueError('must not run')"}
+""")
+    assert isinstance(done, ActionCompleted) and done.result["status"] == "break"
+
+
+async def test_a_runaway_jump_loop_fails_the_step_naming_the_limit(pool, monkeypatch):
+    monkeypatch.setattr(pipeline, "MAX_TASK_RUNS", 6)
+    done = await run(pool, """
+      - {name: a, kind: python, code: "result = 1"}
+      - {name: b, kind: python, code: "result = 2", spec: {policy: {rules: [{when: true, then: {do: jump, to: a}}]}}}
+""")
+    assert isinstance(done, ActionFailed) and "ran 6 tasks (the limit)" in done.error
+
+
+async def test_hostile_libs_and_templates_fail_the_task_with_a_clear_error(pool):
+    done = await run(pool, "{kind: python, libs: {x: 'os; import sys'}, code: 'result = 1'}")
+    assert isinstance(done, ActionFailed) and "not an importable module name" in done.error
+    done = await run(pool, "{kind: python, input: {a: '{{ nope.deeper }}'}, code: 'result = 1'}")
+    assert isinstance(done, ActionFailed) and "nope" in done.error
+    done = await run(pool, "{kind: python, input: '{{ [1, 2] }}', code: 'result = 1'}")
+    assert isinstance(done, ActionFailed) and "input must be a mapping" in done.error
