@@ -163,8 +163,8 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
                                      f"for pure routing)" + _misplaced(raw))
         return Step(name=name, path=path)   # still a step, so arcs to it are not reported as well
     action = _action(name, tool, f"{path}.tool", workbook, issues)
-    if action is None:
-        return None
+    if action is None:   # still a step, so its arcs (and arcs to it) are checked too
+        return Step(name=name, path=path, next=edges)
     if dialect == "v2":   # V10-9.5: v2 step retry/timeout are v1's
         timeout = duration(raw["timeout"], f"{path}.timeout", issues) if raw.get("timeout") is not None else timeout
     common = dict(name=name, desc=_text(raw.get("desc", raw.get("description"))), path=path, next=edges,
