@@ -217,3 +217,22 @@ workflow:
     assert [t["name"] for t in action.config["tasks"]] == ["a", "b"]
     assert action.config["tasks"][0]["config"]["input"] == {"c": "{{ city }}"}   # rendered by the worker
     assert action.context["workload"] == {"city": "Paris"} and action.context["job"]["uuid"] == "e1"
+
+
+def test_lookups_on_undefined_values_are_undefined_in_v10_templates_and_printing_one_still_fails():
+    doc = pb("""
+workflow:
+  - step: first
+    input: {a: "{{ never_ran.rows[0].x | default('none') }}", b: "{{ 1 if never_ran else 2 }}"}
+    tool: {kind: python, code: "result = 1"}
+    next: {arcs: [{step: second}]}
+  - step: second
+    input: {c: "{{ first.missing.deeper }}"}
+    tool: {kind: python, code: "result = 2"}
+""")
+    sim = Simulation(lambda cmd: Outcome(result={"ok": True}))
+    sim.start(doc)
+    sim.run()
+    assert sim.commands[0].action.data == {"a": "none", "b": 2}
+    state = sim.state()
+    assert state.status == "FAILED" and "undefined name 'missing'" in (state.error or "")

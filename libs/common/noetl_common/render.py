@@ -286,6 +286,31 @@ _ENV.filters.pop("random", None)
 _ENV.globals.pop("lipsum", None)
 
 
+class _ChainUndefined(_Undefined):
+    """NoETL DSL v10 (V10-4.3): a lookup on an undefined value is undefined and a boolean test of one is
+    false, so `{{ m.a.b | default('') }}` and `{{ s.x if s else t.x }}` work; printing, comparing or
+    computing with one still fails naming it. Used when the context carries LENIENT (v10 contexts)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name[:2] == "__":
+            raise AttributeError(name)
+        return self
+
+    def __getitem__(self, _name: Any) -> Any:
+        return self
+
+    def __bool__(self) -> bool:
+        return False
+
+
+LENIENT = "__noetl_lenient__"   # a context key: render with _ChainUndefined (set by the v10 fold context)
+_ENV_LENIENT = _Env(undefined=_ChainUndefined, autoescape=False, keep_trailing_newline=True, finalize=_finalize)
+_ENV_LENIENT.filters.update(_ENV.filters)
+_ENV_LENIENT.globals.pop("lipsum", None)
+
+
 # --- compilation (cached per template string) --------------------------------------------
 
 class _Compiled:
@@ -314,22 +339,24 @@ def _is_pure_path(node: nodes.Node) -> bool:
             return False
 
 
-def _compile(text: str) -> _Compiled:
-    entry = _compiled.get(text)
+def _compile(text: str, lenient: bool = False) -> _Compiled:
+    key: Any = ("lenient", text) if lenient else text
+    entry = _compiled.get(key)
     if entry is None:
-        entry = _compile_uncached(text)
+        entry = _compile_uncached(text, _ENV_LENIENT if lenient else _ENV)
         if len(_compiled) >= _CACHE_MAX:
             _compiled.clear()
-        _compiled[text] = entry
+        _compiled[key] = entry
     if isinstance(entry, TemplateError):
         # A fresh exception per raise: re-raising the cached one would grow its traceback.
         raise TemplateError(entry.template, entry.cause)
     return entry
 
 
-def _compile_uncached(text: str) -> _Compiled | TemplateError:
+def _compile_uncached(text: str, env: Any = None) -> _Compiled | TemplateError:
+    env = env or _ENV
     try:
-        ast = _ENV.parse(text)
+        ast = env.parse(text)
         lone = _LONE.match(text)
         if lone and len(ast.body) == 1 and isinstance(ast.body[0], nodes.Output):
             exprs = [n for n in ast.body[0].nodes
@@ -337,9 +364,9 @@ def _compile_uncached(text: str) -> _Compiled | TemplateError:
             if len(exprs) == 1 and not isinstance(exprs[0], nodes.TemplateData):
                 # compile_expression gives a template that stores the value in vars['result'];
                 # we run that template ourselves to avoid TemplateExpression's context copy.
-                expr = _ENV.compile_expression(lone.group(1), undefined_to_none=False)
+                expr = env.compile_expression(lone.group(1), undefined_to_none=False)
                 return _Compiled(expr._template, True, _is_pure_path(exprs[0]), lone.group(1).strip())
-        return _Compiled(_ENV.from_string(ast), False, False)
+        return _Compiled(env.from_string(ast), False, False)
     except _JinjaSyntaxError as exc:    # includes unknown filters/tests (TemplateAssertionError)
         return TemplateError(text, exc)
     except RecursionError:              # Jinja's parser recurses per nesting level: `[[[[...` 90 deep
@@ -354,7 +381,7 @@ _TRUSTED = (dict, list)   # containers a pure path reads from the context: decod
 
 
 def _render_str(text: str, context: Mapping[str, Any]) -> Any:
-    entry = _compile(text)
+    entry = _compile(text, LENIENT in context)
     template = entry.template
     try:
         ctx = template.new_context(context, shared=True)    # shared: no copy of the context

@@ -16,7 +16,7 @@ from noetl_common.engine.tick import Tick
 from noetl_common.messages import ActionSpec, Command
 from noetl_common.paths import Key, lookup
 from noetl_common.paths import text as path_text
-from noetl_common.render import TemplateError, missing_paths, referenced_names, render
+from noetl_common.render import LENIENT, TemplateError, missing_paths, referenced_names, render
 from noetl_common.state import ExecutionState, Work
 
 ACTION_SIDE = frozenset({"secret", "uuid"})
@@ -115,7 +115,7 @@ def build_action(step: Step, context: dict[str, Any], data: dict[str, Any], defe
 
 # Always shipped to a pipeline: small, and read by its policies, `set`s and python `context` helpers.
 _PIPELINE_NAMES = frozenset({"ctx", "workload", "vars", "iter", "job", "execution_id", "catalog_id",
-                             "parent_execution_id", "loop_index", "loop"})
+                             "parent_execution_id", "loop_index", "loop", LENIENT})
 
 
 def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:

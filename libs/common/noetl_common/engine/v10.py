@@ -13,7 +13,7 @@ from typing import Any
 
 from noetl_common.dsl.models import Edge, Step
 from noetl_common.engine.errors import StepError
-from noetl_common.render import TemplateError, evaluate, render, truthy
+from noetl_common.render import LENIENT, TemplateError, evaluate, render, truthy
 
 ERROR_STATUSES = frozenset(("error", "failed", "failure"))
 
@@ -24,7 +24,7 @@ def context(variables: dict[str, Any], results: dict[str, Any], workload: dict[s
     map: the effective workload overlaid with every `set` write so far."""
     ctx = {**workload, **variables}
     scope: dict[str, Any] = {**ctx, **results}
-    scope.update(workload=ctx, ctx=ctx, vars=ctx, execution_id=execution_id, catalog_id=None,
+    scope.update(workload=ctx, ctx=ctx, vars=ctx, execution_id=execution_id, catalog_id=None, **{LENIENT: True},
                  parent_execution_id=parent_execution_id, now=now,
                  job={"uuid": execution_id, "execution_id": execution_id, "id": execution_id})
     return scope

@@ -15,7 +15,7 @@ from typing import Any
 
 from noetl_common.engine import v10 as core
 from noetl_common.engine.errors import StepError
-from noetl_common.render import TemplateError, render
+from noetl_common.render import LENIENT, TemplateError, render
 
 from noetl_worker.actions import duckdb as duckdb_action
 from noetl_worker.actions import http as http_action
@@ -302,7 +302,7 @@ async def _python(inv: Invocation, code: str, libs: Any, inputs: dict[str, Any],
     if pool is None:
         raise ActionError("this worker has no python pool, so it cannot run python code")
     prelude = HELPERS + "".join(_import_line(alias, module) for alias, module in (libs or {}).items())
-    context = {k: v for k, v in scope.items() if not callable(v) and k not in ("_prev", "results") or k == "_prev"}
+    context = {k: v for k, v in scope.items() if not callable(v) and k != LENIENT}
     outcome = await pool.run(code, inputs, timeout, execution=inv.cmd.execution_id, context=context,
                              script=prelude)
     if outcome.log:
