@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .models import Edge, IteratorSpec, Playbook, RetryPolicy, Step
+from .v10_tools import RUNNABLE_KINDS, UNSUPPORTED_KINDS, action_of, duration, sets_of  # noqa: F401 (re-exported)
 from .validate import Issues, identity
 
 
@@ -23,11 +24,7 @@ def v1_retry(value: Any, path: str, issues: Issues) -> RetryPolicy | None:
     from .normalise import _retry
     return _retry(value, path, issues)
 
-RUNNABLE_KINDS = ("python", "http", "postgres", "duckdb", "secrets")   # run by the worker's pipeline action
-# V10-2.14: kinds needing systems this project does not run: a load error naming step and kind.
-UNSUPPORTED_KINDS = ("shell", "nats", "snowflake", "snowflake_transfer", "transfer", "gcs", "container",
-                     "ducklake", "artifact", "subscription", "gateway", "agent", "mcp", "script", "rhai",
-                     "result_fetch", "task_sequence", "iterator")
+
 ROOT_KEYS = {"apiVersion", "kind", "metadata", "executor", "keychain", "workload", "workbook", "workflow", "ctx",
              "name", "path", "description"}
 STEP_KEYS = {"step", "desc", "description", "spec", "input", "args", "loop", "tool", "set", "set_ctx", "next",
@@ -36,8 +33,6 @@ LEGACY_STEP_KEYS = ("type", "when", "case", "result", "outcome", "set_iter", "si
 RESERVED = {"execution_id", "catalog_id", "job", "event", "output", "result", "iter", "ctx", "workload", "input",
             "keychain", "secret"}
 TOOL_KEYS = ("command", "code", "url", "query", "sql", "kind", "auth", "method", "headers", "path", "database")
-TASK_META_KEYS = ("kind", "name", "spec", "output", "set")
-MAX_TASKS = 100
 
 
 def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
@@ -147,7 +142,7 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
             issues.warn(f"{path}.{alias}", f"'{alias}' is an older v10 key: read as "
                                            f"{'input' if alias == 'args' else 'set with ctx. keys'}")
     data = _inputs(raw, path, issues)
-    sets = _sets(raw.get("set"), f"{path}.set", issues)
+    sets = sets_of(raw.get("set"), f"{path}.set", issues)
     if isinstance(raw.get("set_ctx"), dict):
         sets.update({f"ctx.{k}": v for k, v in raw["set_ctx"].items()})
     if dialect == "v2" and not isinstance(raw.get("next"), dict):   # V10-5.10: a v2 list is v1's next
@@ -162,7 +157,7 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
         issues.error(f"{path}.tool", f"step '{name}' has no tool: every v10 step has one (use `kind: noop` "
                                      f"for pure routing)" + _misplaced(raw))
         return Step(name=name, path=path)   # still a step, so arcs to it are not reported as well
-    action = _action(name, tool, f"{path}.tool", workbook, issues)
+    action = action_of(name, tool, f"{path}.tool", workbook, issues)
     if action is None:   # still a step, so its arcs (and arcs to it) are checked too
         return Step(name=name, path=path, next=edges)
     if dialect == "v2":   # V10-9.5: v2 step retry/timeout are v1's
@@ -232,34 +227,10 @@ def _inputs(raw: dict, path: str, issues: Issues) -> dict | str:
     return {}
 
 
-def _sets(value: Any, path: str, issues: Issues) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        issues.error(path, "set must be a mapping of scope.key: value")
-        return {}
-    return {str(k): v for k, v in value.items()}
-
-
 def _step_timeout(spec: Any, path: str, issues: Issues) -> float | None:
     if not isinstance(spec, dict) or spec.get("timeout") is None:
         return None
     return duration(spec["timeout"], f"{path}.timeout", issues)
-
-
-def duration(value: Any, path: str, issues: Issues) -> float | None:
-    """`30`, `"30s"`, `"5m"`, `"1h"` -> seconds (V10-9.7)."""
-    text = str(value).strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
-    try:
-        seconds = float(text[:-1]) * scale if scale else float(text)
-    except ValueError:
-        issues.error(path, f"timeout must be seconds or '30s'/'5m'/'1h', got {value!r}")
-        return None
-    if seconds <= 0:
-        issues.error(path, f"timeout must be positive, got {value!r}")
-        return None
-    return seconds
 
 
 def _next(value: Any, path: str, issues: Issues) -> tuple[list[Edge], str]:
@@ -289,7 +260,7 @@ def _next(value: Any, path: str, issues: Issues) -> tuple[list[Edge], str]:
         if not isinstance(data, dict):
             issues.error(f"{where}.args", "arc args must be a mapping")
             data = {}
-        edges.append(Edge(step=arc["step"], when=when, data=data, set=_sets(arc.get("set"), f"{where}.set", issues),
+        edges.append(Edge(step=arc["step"], when=when, data=data, set=sets_of(arc.get("set"), f"{where}.set", issues),
                           path=where))
     return edges, mode
 
@@ -338,203 +309,3 @@ def _loop(loop: Any, path: str, task: Step, issues: Issues) -> IteratorSpec | No
         issues.warn(f"{path}.spec", "a parallel loop without max_in_flight runs one iteration at a time (V10-8.3)")
     return IteratorSpec(collection=loop["in"], element=element, mode=mode, concurrency=cap if mode == "async" else 1,
                         task=task, collect_all=True)
-
-
-# ---------------------------------------------------------------- tools
-
-def _action(name: str, tool: Any, path: str, workbook: dict, issues: Issues) -> Step | None:
-    """The step's action: a `pipeline` step (tasks kept raw), a child playbook, or a noop control step."""
-    if isinstance(tool, str):
-        tool = {"kind": tool}
-    if isinstance(tool, dict):
-        kind = tool.get("kind")
-        if kind == "workbook":
-            tool = _from_workbook(tool, path, workbook, issues)
-            if tool is None:
-                return None
-            kind = tool.get("kind")
-        if kind == "noop":
-            return Step(name=name, type=None, has_result="result" in tool, result=tool.get("result"), path=path)
-        if kind == "playbook":
-            return _playbook(name, tool, path, issues)
-        task = _task(tool, f"{name}_task", path, issues)
-        if task is None:
-            return None
-        single = not (isinstance(tool.get("spec"), dict) and tool["spec"].get("policy"))
-        return Step(name=name, type="pipeline", config={"tasks": [task], "single": single, "whole": True},
-                    path=path)
-    if isinstance(tool, list):
-        if not tool:
-            issues.error(path, "a pipeline needs at least one task")
-            return None
-        if len(tool) > MAX_TASKS:
-            issues.error(path, f"a pipeline has {len(tool)} tasks, over the limit of {MAX_TASKS}")
-            return None
-        tasks, names = [], set()
-        for i, raw in enumerate(tool):
-            where = f"{path}[{i}]"
-            if isinstance(raw, dict) and "kind" not in raw and len(raw) == 1:
-                issues.error(where, "the `- label: {kind: ...}` pipeline form was removed from NoETL DSL v10: "
-                                    "write `- name: label` with `kind:` (V10-2.7)")
-                continue
-            if isinstance(raw, dict) and raw.get("kind") == "workbook":
-                raw = _from_workbook(raw, where, workbook, issues)
-                if raw is None:
-                    continue
-            task = _task(raw, f"task_{i}", where, issues)
-            if task is None:
-                continue
-            if task["name"] in names:
-                issues.error(f"{where}.name", f"task name '{task['name']}' is used twice in this pipeline")
-            names.add(task["name"])
-            tasks.append(task)
-        for i, task in enumerate(tasks):
-            _check_jumps(task, names, f"{path}[{i}]", issues)
-        return Step(name=name, type="pipeline", config={"tasks": tasks, "single": False, "whole": False},
-                    path=path)
-    issues.error(path, f"tool must be a mapping, a kind name or a list of tasks, got {type(tool).__name__}")
-    return None
-
-
-def _from_workbook(tool: dict, path: str, workbook: dict, issues: Issues) -> dict | None:
-    ref = tool.get("name")
-    if ref not in workbook:
-        issues.error(f"{path}.name", f"workbook entry {ref!r} not found (entries: {', '.join(workbook) or 'none'})")
-        return None
-    entry_path, entry = workbook[ref]
-    inner = entry.get("tool")
-    if not isinstance(inner, dict) or inner.get("kind") in (None, "workbook"):
-        issues.error(f"{entry_path}.tool", f"workbook entry '{ref}' needs tool: {{kind: ...}}")
-        return None
-    merged = dict(inner)
-    entry_assert = entry.get("assert", inner.get("assert"))
-    merged.pop("assert", None)
-    if entry_assert is not None:
-        merged["_assert"] = entry_assert
-    given = tool.get("input", tool.get("args"))
-    if isinstance(given, dict):   # the caller's inputs win key by key (V10-2.12)
-        base = merged.get("input") if isinstance(merged.get("input"), dict) else {}
-        merged["input"] = {**base, **given}
-    if "name" in tool and tool is not None:
-        merged.setdefault("name", tool.get("name"))
-    return merged
-
-
-def _task(raw: Any, default_name: str, path: str, issues: Issues) -> dict | None:
-    if not isinstance(raw, dict):
-        issues.error(path, f"a task must be a mapping with kind:, got {type(raw).__name__}")
-        return None
-    kind = raw.get("kind")
-    if not isinstance(kind, str):
-        issues.error(f"{path}.kind", "a tool needs kind: (python, http, postgres, duckdb, playbook, workbook, noop)")
-        return None
-    kind = kind.strip().lower()
-    if kind in UNSUPPORTED_KINDS:
-        issues.error(f"{path}.kind", f"tool kind '{kind}' is not supported by this engine (NoETL DSL v2/v10 kinds "
-                                     f"run here: {', '.join((*RUNNABLE_KINDS, 'playbook', 'workbook', 'noop'))})")
-        return None
-    if kind not in RUNNABLE_KINDS:
-        what = "inside a pipeline" if kind in ("playbook", "noop") else "(unknown kind)"
-        issues.error(f"{path}.kind", f"tool kind '{kind}' is not supported {what} (kinds: "
-                                     f"{', '.join(RUNNABLE_KINDS)}; playbook and noop as a step's only tool)")
-        return None
-    spec = raw.get("spec") if isinstance(raw.get("spec"), dict) else {}
-    if "output" in raw:
-        issues.warn(f"{path}.output", "tool output (external result storage) is ignored: results stay inline")
-    name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name:
-        issues.error(f"{path}.name", f"a task name must be text, got {name!r}")
-        return None
-    task = {"name": name, "kind": kind, "config": {k: v for k, v in raw.items() if k not in TASK_META_KEYS},
-            "set": _sets(raw.get("set"), f"{path}.set", issues),
-            "rules": _rules(spec.get("policy"), f"{path}.spec.policy", issues)}
-    if kind == "python":
-        code = raw.get("code")
-        if code is None and raw.get("code_b64", raw.get("code_base64")) is not None:
-            import base64
-            try:
-                code = base64.b64decode(str(raw.get("code_b64", raw.get("code_base64")))).decode()
-            except ValueError:
-                issues.error(f"{path}.code_b64", "code_b64 is not valid base64 text")
-        script = raw.get("script")
-        if code is None and isinstance(script, dict):
-            source = script.get("source") if isinstance(script.get("source"), dict) else {}
-            if source.get("type") == "inline" and "code" in source:
-                task["config"]["code_template"] = source["code"]
-                code = ""
-        if code is None:
-            issues.error(path, "a python tool needs code: (or script: {source: {type: inline, code}})")
-            return None
-        task["config"]["code"] = code
-        libs = raw.get("libs")
-        if libs is not None and not isinstance(libs, dict):
-            issues.error(f"{path}.libs", "libs must be a mapping alias: module")
-    timeout = raw.get("timeout", raw.get("timeout_seconds"))
-    if isinstance(spec.get("timeout"), dict):
-        timeout = sum(float(v) for v in spec["timeout"].values() if isinstance(v, (int, float))) or timeout
-    if timeout is not None:
-        task["timeout"] = duration(timeout, f"{path}.timeout", issues)
-    return task
-
-
-DIRECTIVES = ("continue", "retry", "jump", "break", "fail")
-
-
-def _rules(policy: Any, path: str, issues: Issues) -> list[dict]:
-    if policy is None:
-        return []
-    rules = policy.get("rules") if isinstance(policy, dict) else None
-    if not isinstance(rules, list):
-        issues.error(path, "policy needs rules: [...]")
-        return []
-    out = []
-    for i, rule in enumerate(rules):
-        where = f"{path}.rules[{i}]"
-        if not isinstance(rule, dict):
-            issues.error(where, "a policy rule must be a mapping (when/then or else)")
-            continue
-        if "else" in rule:
-            body = rule["else"] if isinstance(rule["else"], dict) else {}
-            then = body.get("then", body if "do" in body else None)
-            when = None
-        else:
-            then, when = rule.get("then"), rule.get("when")
-            if when is None:
-                issues.error(f"{where}.when", "a policy rule needs when: (or is an else: rule)")
-                continue
-            if not isinstance(when, str):
-                when = "true" if when is True else "false" if when is False else str(when)
-        if not isinstance(then, dict) or then.get("do") not in DIRECTIVES:
-            issues.error(f"{where}.then.do", f"a policy rule needs then.do: one of {', '.join(DIRECTIVES)}")
-            continue
-        sets = _sets(then.get("set"), f"{where}.then.set", issues)
-        for alias, prefix in (("set_ctx", "ctx."), ("set_iter", "iter.")):
-            if isinstance(then.get(alias), dict):
-                issues.warn(f"{where}.then.{alias}", f"'{alias}' is an older v10 key: read as set with {prefix} keys")
-                sets.update({f"{prefix}{k}": v for k, v in then[alias].items()})
-        out.append({"when": when, "do": then["do"], "attempts": then.get("attempts", 3),
-                    "backoff": str(then.get("backoff") or "none"), "delay": then.get("delay", 1.0),
-                    "to": then.get("to"), "set": sets, "path": where})
-    return out
-
-
-def _check_jumps(task: dict, names: set[str], path: str, issues: Issues) -> None:
-    for rule in task["rules"]:
-        if rule["do"] == "jump" and rule["to"] != "previous" and rule["to"] not in names:
-            issues.error(f"{rule['path']}.then.to", f"jump target {rule['to']!r} names no task of this pipeline")
-
-
-def _playbook(name: str, tool: dict, path: str, issues: Issues) -> Step:
-    data = tool.get("input", tool.get("args", tool.get("payload"))) or {}
-    retry = tool.get("retry")
-    policy = None
-    if isinstance(retry, dict):
-        if "retry_on" in retry:
-            issues.warn(f"{path}.retry.retry_on", "retry_on is not enforced: the child is retried on any failure")
-        policy = RetryPolicy(max_attempts=int(retry.get("max_attempts", 3)),
-                             initial_delay=float(retry.get("backoff", 0) or 0))
-    timeout = tool.get("timeout")
-    return Step(name=name, type="playbook", data=data if isinstance(data, (dict, str)) else {}, path=path,
-                config={"path": tool.get("path"), "version": tool.get("version"),
-                        "return_step": tool.get("return_step")},
-                retry=policy, timeout=duration(timeout, f"{path}.timeout", issues) if timeout is not None else None)
