@@ -85,7 +85,7 @@ def test_a_step_with_code_but_no_type_is_invalid_not_a_silent_success(tmp_path: 
     assert "add type: python" in report["errors"][0]["message"]
 
 
-def test_a_later_dialect_playbook_is_invalid_with_one_error_naming_the_dialect(tmp_path: Path) -> None:
+def test_a_v10_playbook_runs_through_the_second_front_end(tmp_path: Path) -> None:
     pb = write(tmp_path, "v10.yaml", """\
         apiVersion: noetl.io/v2
         kind: Playbook
@@ -101,8 +101,24 @@ def test_a_later_dialect_playbook_is_invalid_with_one_error_naming_the_dialect(t
         """)
     proc = noetl("run", pb, "--json", store=tmp_path / "s.db")
     report = json.loads(proc.stdout)
+    assert (proc.returncode, report["status"]) == (0, "COMPLETED")
+    assert report["steps"]["start"]["result"] == {"ok": True}   # stored as returned (V10-6.2)
+
+
+def test_a_v10_playbook_with_an_unsupported_kind_is_invalid_naming_the_kind(tmp_path: Path) -> None:
+    pb = write(tmp_path, "v10.yaml", """\
+        apiVersion: noetl.io/v2
+        kind: Playbook
+        metadata: {name: hello, path: tests/v10}
+        workflow:
+          - step: start
+            tool: {kind: shell, command: "rm -rf /"}
+            next: {arcs: [{step: end}]}
+          - step: end
+            tool: {kind: noop}
+        """)
+    proc = noetl("run", pb, "--json", store=tmp_path / "s.db")
+    report = json.loads(proc.stdout)
     assert (proc.returncode, report["status"]) == (2, "INVALID")
-    assert len(report["errors"]) == 1 and report["errors"][0]["line"] == 7
-    assert report["errors"][0]["message"].startswith("NoETL DSL v10 is not supported yet")
-    human = noetl("run", pb, store=tmp_path / "s.db")
-    assert human.returncode == 2 and "NoETL DSL v10 is not supported yet" in human.stdout
+    assert [(e["path"], e["line"]) for e in report["errors"]] == [("workflow[0].tool.kind", 6)]
+    assert "tool kind 'shell' is not supported by this engine" in report["errors"][0]["message"]
