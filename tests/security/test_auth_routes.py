@@ -7,6 +7,7 @@ plain routes), so a route added without a role in ROUTE_ROLES fails `test_every_
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from noetl_runtime.auth import ADMIN, AUTHOR, OPEN, OPERATOR, ROLES, ROUTE_ROLES, VIEWER, WORKER, Authenticator, allows
+from noetl_runtime.auth import (ADMIN, AUTHOR, CONSOLE_ROUTES, OPEN, OPERATOR, ROLES, ROUTE_ROLES, VIEWER, WORKER,
+                                Authenticator, allows)
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.tokens import SqliteTokens
 
@@ -87,7 +89,13 @@ def routes(app: Any) -> set[tuple[str, str]]:
     """(method, template) of every route the app serves: its OpenAPI operations and its plain routes
     (the documentation pages, which the OpenAPI document does not list)."""
     found = {(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops}
-    for route in app.routes:
+    pending = list(app.routes)
+    while pending:
+        route = pending.pop()
+        inner = getattr(route, "original_router", None)   # an included router (the console's is not in OpenAPI)
+        if inner is not None:
+            pending.extend(inner.routes)
+            continue
         path, methods = getattr(route, "path", None), getattr(route, "methods", None)
         if path and methods:
             found |= {(m, path) for m in methods if m != "HEAD"}
@@ -100,11 +108,49 @@ def concrete(template: str) -> str:
 
 async def call(app: Any, method: str, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if path.startswith("/live/"):   # a server-sent-events stream never ends: only its status and headers
+        return await _stream_start(app, path, headers)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)   # a 500 is an answer here too
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
         if method in ("POST", "PUT", "PATCH"):
             kwargs.setdefault("json", {})
         return await client.request(method, path, headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
+
+
+async def _stream_start(app: Any, path: str, headers: dict[str, str]) -> httpx.Response:
+    """GET `path` straight over ASGI and stop at the response's start (httpx's ASGI transport would wait for
+    the end of a stream that has none)."""
+    import asyncio
+
+    started: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in {**headers, "host": "127.0.0.1"}.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080)}
+    body: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not started.done():
+            started.set_result(message)
+        elif message["type"] == "http.response.body":
+            body.append(message.get("body", b""))
+            if not message.get("more_body") and not started.done():
+                started.set_exception(AssertionError("no response start"))
+
+    task = asyncio.create_task(app(scope, receive, send))
+    try:
+        start = await asyncio.wait_for(started, 30)
+        await asyncio.sleep(0.05)   # a refusal's body follows its start at once
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    return httpx.Response(start["status"], headers=[(k.decode(), v.decode()) for k, v in start["headers"]],
+                          content=b"".join(body))
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -115,8 +161,10 @@ def test_every_route_of_every_app_has_a_role(store: SqliteStore, tokens: SqliteT
     assert set(ROUTE_ROLES) <= served, f"roles for routes nobody serves: {sorted(set(ROUTE_ROLES) - served)}"
 
 
-def test_only_health_and_ready_are_open() -> None:
-    assert {route for route, role in ROUTE_ROLES.items() if role == OPEN} == {("GET", "/health"), ("GET", "/ready")}
+def test_only_health_ready_and_the_consoles_login_and_assets_are_open() -> None:
+    assert {route for route, role in ROUTE_ROLES.items() if role == OPEN} == {
+        ("GET", "/health"), ("GET", "/ready"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
+        ("GET", "/static/{name}")}
 
 
 def test_the_roles_the_issue_names() -> None:
@@ -140,6 +188,8 @@ async def test_anonymous_calls_get_401_on_every_route_of_every_app(store: Sqlite
             answer = await call(app, method, concrete(template))
             if ROUTE_ROLES[(method, template)] == OPEN or (name == "worker" and template == "/metrics"):
                 assert answer.status_code not in (401, 403), (name, method, template, answer.text)
+            elif method == "GET" and (method, template) in CONSOLE_ROUTES:   # a page: to the login form
+                assert answer.status_code == 303 and answer.headers["location"] == "/login", (name, template)
             else:
                 assert answer.status_code == 401, (name, method, template, answer.status_code, answer.text)
                 assert answer.headers["www-authenticate"].startswith("Bearer")

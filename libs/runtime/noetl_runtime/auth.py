@@ -69,6 +69,30 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     # facts from workers outside the cluster
     ("POST", "/api/events"): WORKER,
 }
+# The web console (noetl_frontend.console, docs/console.md): the same roles. Its routes also take the API
+# token from the HttpOnly session cookie the login page sets; the /api routes take only the header.
+CONSOLE_ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/login"): OPEN,
+    ("POST", "/login"): OPEN,                    # checks the token itself (form body), sets the cookie
+    ("POST", "/logout"): OPEN,
+    ("GET", "/static/{name}"): OPEN,             # the console's CSS and JavaScript
+    ("GET", "/"): VIEWER,
+    ("GET", "/executions/{execution_id}"): VIEWER,
+    ("GET", "/executions/{execution_id}/step"): VIEWER,
+    ("GET", "/live/executions"): VIEWER,         # server-sent events
+    ("GET", "/live/executions/{execution_id}"): VIEWER,
+    ("POST", "/executions/{execution_id}/cancel"): OPERATOR,
+    ("POST", "/executions/{execution_id}/rerun"): OPERATOR,
+    ("GET", "/catalog"): VIEWER,
+    ("GET", "/catalog/playbook"): VIEWER,
+    ("POST", "/catalog/run"): OPERATOR,
+    ("GET", "/credentials"): ADMIN,
+}
+ROUTE_ROLES.update(CONSOLE_ROUTES)
+SESSION_COOKIE = "noetl_token"
+# A state-changing console request authenticated by the cookie must carry this header: a cross-site page
+# cannot add it without a CORS preflight this server refuses (on top of SameSite=Strict and the Origin check).
+CONSOLE_HEADER = "x-noetl-console"
 OPS_ONLY_OPEN = {("GET", "/metrics")}   # open on a listener that serves nothing but ops (worker, broker)
 MAX_CREDENTIAL = 8192                   # characters of an Authorization header; longer is refused unread
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -282,7 +306,12 @@ class AuthMiddleware:
                 raise AuthError(401, "this listener serves only /health, /ready and /metrics")
             if len(headers.get("authorization", [])) > 1:
                 raise AuthError(401, "send one Authorization header")
-            principal = await self.authenticator.authenticate((headers.get("authorization") or [None])[0])
+            credential = (headers.get("authorization") or [None])[0]
+            by_cookie = credential is None and (method, template) in CONSOLE_ROUTES
+            if by_cookie:
+                token = _cookie(headers, SESSION_COOKIE)
+                credential = f"Bearer {token}" if token else None
+            principal = await self.authenticator.authenticate(credential)
             if template is None:   # fail closed: a path the table does not name is served to nobody
                 raise AuthError(403, "no role is declared for this path (noetl_runtime.auth.ROUTE_ROLES)")
             if needed is None:
@@ -292,7 +321,12 @@ class AuthMiddleware:
                                      f"{principal.name} has {principal.role or 'no role'}")
             if method in UNSAFE_METHODS:
                 self._same_site(scope, headers)
+                if by_cookie and not headers.get(CONSOLE_HEADER):
+                    raise AuthError(403, f"a console action needs the {CONSOLE_HEADER} header")
         except AuthError as exc:
+            if exc.status == 401 and method == "GET" and (method, template) in CONSOLE_ROUTES:
+                await _to_login(send)   # a page asked for without a session: the login page
+                return
             await _refuse(send, exc)
             return
         scope.setdefault("state", {})["principal"] = principal
@@ -325,6 +359,21 @@ def _headers(scope: Scope) -> dict[str, list[str]]:
     return found
 
 
+def _cookie(headers: dict[str, list[str]], name: str) -> str | None:
+    for header in headers.get("cookie", []):
+        for part in header.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name and value:
+                return value.strip('"')
+    return None
+
+
+async def _to_login(send: Any) -> None:
+    await send({"type": "http.response.start", "status": 303,
+                "headers": [(b"location", b"/login"), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def _refuse(send: Any, exc: AuthError) -> None:
     body = json.dumps({"detail": exc.reason}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -347,42 +396,6 @@ def install_auth(app: Any, authenticator: Authenticator | None) -> None:
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
-    _declare_schemes(app, settings if authenticator is not None else None)
+    from noetl_runtime.auth_openapi import declare_schemes
 
-
-def _declare_schemes(app: Any, settings: AuthSettings | None) -> None:
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if getattr(app.state, "auth_openapi_done", False):
-            return app.openapi_schema
-        schema = generate()
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes["bearerAuth"] = {"type": "http", "scheme": "bearer",
-                                 "description": "An API token (`noetl token create`) or, when configured, an "
-                                                "OIDC access token (JWT)."}
-        requirement = [{"bearerAuth": []}]
-        if settings is not None and settings.oidc:
-            schemes["oidc"] = {"type": "openIdConnect", "openIdConnectUrl":
-                               settings.oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"}
-            requirement.append({"oidc": []})
-        schema["security"] = requirement
-        refused = {"description": "Refused", "content": {"application/json": {"schema": {
-            "type": "object", "properties": {"detail": {"type": "string"}}}}}}
-        for path, operations in schema.get("paths", {}).items():
-            for method, operation in operations.items():
-                needed = role_for(method.upper(), path)
-                if needed == OPEN or (settings is None and (method.upper(), path) in OPS_ONLY_OPEN):
-                    operation["security"] = []
-                    continue
-                operation["x-noetl-role"] = needed
-                responses = operation.setdefault("responses", {})
-                responses.setdefault("401", {**refused, "description": "No valid credential"})
-                responses.setdefault("403", {**refused, "description": f"Needs the role {needed!r}"})
-                if method.upper() in UNSAFE_METHODS:
-                    responses.setdefault("400", {**refused, "description": "Bad request"})
-                    responses.setdefault("415", {**refused, "description": "The body is not JSON"})
-        app.state.auth_openapi_done = True
-        return schema
-
-    app.openapi = openapi
+    declare_schemes(app, settings if authenticator is not None else None)

@@ -30,6 +30,7 @@ from noetl_ingest.handlers import IngestPorts
 from noetl_query.sqlite_reads import SqliteReadModel
 from noetl_render.handlers import RenderPorts
 from noetl_runtime.auth import Authenticator, AuthSettings, check_bind
+from noetl_runtime.change_feed import ChangeFeed
 from noetl_runtime.http_ops import configure_json_logging
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.tokens import SqliteTokens, ensure_local_admin, local_token_file
@@ -79,13 +80,16 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int =
     def ready() -> str | None:
         return dead() or (None if started else "starting")
 
+    feed = ChangeFeed()   # the console's live pages: every event, once it is in the store
+    runtime.add_listener(lambda event: feed.publish(event.execution_id))
     ingest = IngestPorts(catalog=store.catalog, credentials=store.credentials, submit=submit, clock=time.time,
                          lease_seconds=runtime.lease_seconds, lease_retries=runtime.lease_retries,
                          lease_retry_delay=runtime.lease_retry_delay, idempotency=store.idempotency, known=known,
                          in_flight=InFlight(max_in_flight, running, seen))
     return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
                      description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
-                     auth=auth, ready=ready, live=dead, lifespan=lifespan, explainer=runtime.explain, gauges={
+                     auth=auth, ready=ready, live=dead, lifespan=lifespan, explainer=runtime.explain, feed=feed,
+                     gauges={
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
         "noetl_dead_letters": ("messages the fold could not use (the store's dead_letters table), since start",
                                lambda: float(runtime.dead_lettered)),

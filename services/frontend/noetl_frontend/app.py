@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from noetl_frontend.console.data import Console
+from noetl_frontend.console.routes import router as console_router
 from noetl_ingest.admission import InFlight
 from noetl_ingest.app import router as ingest_router
 from noetl_ingest.handlers import IngestPorts
@@ -32,6 +34,7 @@ from noetl_query.postgres_reads import PostgresReadModel
 from noetl_render.app import router as render_router
 from noetl_render.handlers import RenderPorts
 from noetl_runtime.auth import Authenticator
+from noetl_runtime.change_feed import ChangeFeed, PostgresChangeFeed
 from noetl_runtime.http_ops import GaugeFn, ReadyCheck, install_ops
 from noetl_runtime.postgres_store import (MissingSecretKey, PostgresCatalog, PostgresCredentials, PostgresExecutions,
                                           PostgresIdempotency)
@@ -48,15 +51,17 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 def build_api(ingest: IngestPorts, read: ReadModel, render: RenderPorts, *, service: str, description: str,
               auth: Authenticator, ready: ReadyCheck | None = None, live: ReadyCheck | None = None,
               gauges: Mapping[str, GaugeFn] | None = None, lifespan: Lifespan | None = None,
-              explainer: Explainer | None = None) -> FastAPI:
+              explainer: Explainer | None = None, feed: ChangeFeed | None = None) -> FastAPI:
     """The one app: every mode's ports go through here, so a route, a middleware or a page added here is
     served the same by `noetl server`, `noetl server --kafka` and a cluster. `service` labels the request
     metrics; the app's `state.metrics_registry` takes the collectors of other roles a host process runs.
-    `explainer` reads live execution states for /api/executions/{id}/explain (the modes that hold them)."""
+    `explainer` reads live execution states for /api/executions/{id}/explain (the modes that hold them).
+    `feed` says which executions changed, for the console's live pages (None: the pages do not update)."""
     app = FastAPI(title="noetl", version="1", description=description, lifespan=lifespan)
     app.include_router(ingest_router(ingest))
     app.include_router(query_router(read, explainer))
     app.include_router(render_router(render))
+    app.include_router(console_router(Console(read, ingest, auth, explainer, feed)))   # the web console at /
     install_ops(app, service=service, auth=auth, ready=ready, live=live, gauges=gauges)
 
     @app.exception_handler(MissingSecretKey)
@@ -96,6 +101,7 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
         explainer = BrokerExplainer(s.broker_url)
     app = build_api(
         ingest, read, RenderPorts(events=read.events), service="ingest", ready=ready, live=live, explainer=explainer,
+        feed=PostgresChangeFeed(pool, s.database_schema),   # the projector's NOTIFY, whoever projects
         auth=auth or Authenticator(PostgresTokens(pool, s.database_schema)),   # the cluster's tokens, in Postgres
         description="NoETL-compatible HTTP API of a cluster: writes go to Kafka, reads come from the query "
                     "service's Postgres projection.",

@@ -6,7 +6,9 @@
    never deadlock), so two projectors of one execution (a rebalance overlap) serialise;
 2. `INSERT ... ON CONFLICT (event_id) DO NOTHING RETURNING event_id`: the new events, duplicates dropped;
 3. for every execution that got a new event, recompute its row with `noetl_common.projection.summary` over
-   its whole log (in seq order) and upsert it.
+   its whole log (in seq order) and upsert it;
+4. NOTIFY `events_channel(schema)` with each such execution id (delivered on commit): the console's live
+   pages in every API process hear it (noetl_runtime.change_feed).
 
 The row of an execution is therefore always `summary(its events in the table)`: a function of the SET of
 its events. A duplicate inserts nothing and recomputes nothing, so applying a batch twice, or replaying
@@ -30,6 +32,7 @@ import pydantic_core
 from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
+from noetl_runtime.change_feed import events_channel
 from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
 
 DEFAULT_CACHE_EVENTS = 100_000
@@ -143,6 +146,8 @@ class Projector:
             logs = await self._logs(conn, new, rows)
             summaries = {eid: projection.summary(log) for eid, log in logs.items()}
             await conn.execute(self._sql_upsert, self._execution_rows(summaries, logs))
+            await conn.execute("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x", events_channel(self.schema),
+                               sorted(new))
         self._remember(logs, summaries)                  # only once the transaction committed
         self.stats["events"] += len(inserted)
         return len(inserted)
