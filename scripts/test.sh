@@ -97,6 +97,23 @@ ruff check --select F --output-format concise libs services tests bench
 record "ruff (pyflakes checks)" $?
 set -e
 
+# ------------------------------------------------------------------------------------------------- browser
+# The console's browser tests (tests/integration/test_console_browser.py) drive Chromium from the distribution
+# through Playwright (from the test extra; `playwright install` is never run). Installed here when missing;
+# NOETL_REQUIRE_BROWSER=1 makes a missing browser a failure of those tests, never a skip.
+section "browser: Chromium from the distribution's packages"
+if ! command -v chromium >/dev/null 2>&1; then
+  set +e
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+     chromium chromium-driver) >"$WORK/apt.log" 2>&1
+  rc=$?
+  set -e
+  [[ $rc -ne 0 ]] && tail -n 20 "$WORK/apt.log"
+  record "apt-get install chromium" $rc
+fi
+command -v chromium && chromium --version 2>/dev/null || true
+export NOETL_REQUIRE_BROWSER=1
+
 # --------------------------------------------------------------------------------------------------- tests
 section "tests: python -m pytest tests"
 set +e

@@ -40,7 +40,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         kafka = endpoint.bootstrap
         env.update(NOETL_DATABASE_URL=dsn, NOETL_DATABASE_SCHEMA=schema, NOETL_TOPIC_PARTITIONS="2",
                    NOETL_TOPIC_PREFIX=f"t.console.{uuid.uuid4().hex[:8]}.", NOETL_LEASE_SECONDS="120",
-                   NOETL_API_TOKEN=pg_token(dsn, schema, "admin"))
+                   NOETL_API_TOKEN=_off_loop(pg_token, dsn, schema, "admin"))
         if endpoint.kind == "tansu":
             env["NOETL_KAFKA_SESSION_TIMEOUT_MS"] = "3000"
     s = ServerProcess(workdir, free_port(), env, kafka=kafka)
@@ -51,7 +51,16 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     finally:
         s.stop()
         if schema is not None:
-            _drop_schema(request.getfixturevalue("pg_dsn"), schema)
+            _off_loop(_drop_schema, request.getfixturevalue("pg_dsn"), schema)
+
+
+def _off_loop(call: Any, *args: Any) -> Any:
+    """Run `call` in a thread: Playwright's sync API keeps an event loop running in this one, and the helpers
+    below use asyncio.run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call, *args).result()
 
 
 def _drop_schema(dsn: str, schema: str) -> None:
@@ -204,7 +213,7 @@ def test_a_viewer_sees_no_actions_and_the_server_refuses_them(chromium: Any, ser
 
 def _token(server: ServerProcess, role: str) -> str:
     if server.kafka:
-        return pg_token(server.env["NOETL_DATABASE_URL"], server.env["NOETL_DATABASE_SCHEMA"], role)
+        return _off_loop(pg_token, server.env["NOETL_DATABASE_URL"], server.env["NOETL_DATABASE_SCHEMA"], role)
     import subprocess
 
     from console_support import NOETL

@@ -93,9 +93,17 @@ class PostgresChangeFeed(ChangeFeed):
                 self._conn = conn
 
     async def _last_watcher_left(self) -> None:
+        # Shielded: the last watcher usually leaves because its stream was cancelled (the browser went away),
+        # and a release interrupted by that cancellation would leak the pooled connection for good.
+        await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
         async with self._lock:
             conn, self._conn = self._conn, None
-            if conn is not None:
-                with contextlib.suppress(Exception):   # a closed pool or a broken connection: nothing to keep
-                    await conn.remove_listener(self.channel, self._heard)
-                    await self.pool.release(conn)
+            if conn is None or self._queues:   # (someone subscribed again meanwhile: keep listening)
+                self._conn = conn
+                return
+            with contextlib.suppress(Exception):   # a closed pool or a broken connection: nothing to keep
+                await conn.remove_listener(self.channel, self._heard)
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)

@@ -13,13 +13,12 @@ it never polls. Without a feed (an app built without one) the stream says so and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 from jinja2 import Environment
 
 from noetl_runtime.change_feed import OVERFLOW
@@ -28,6 +27,7 @@ COALESCE = 0.15         # seconds of quiet gathered into one render
 MAX_RENDER_RATE = 0.5   # at least this long between two renders of one page (a busy execution)
 KEEPALIVE = 15.0        # a comment line so that proxies keep an idle stream open
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+UNKNOWN_GRACE = 120.0   # seconds a stream waits for an execution nobody has heard of (it may be in flight)
 
 
 def sse(event: str, html: str) -> bytes:
@@ -51,19 +51,19 @@ def install(pages: APIRouter, console: Any, env: Environment) -> None:
         return _stream(request, console, "rows", render, lambda execution_id: True)
 
     @pages.get("/live/executions/{execution_id}")
-    async def live_execution(request: Request, execution_id: str) -> Response:
-        if await console.read.execution(execution_id) is None:
-            return JSONResponse({"detail": f"no execution {execution_id!r}"}, status_code=404)
+    async def live_execution(request: Request, execution_id: str) -> StreamingResponse:
         principal = getattr(request.state, "principal", None)
         from noetl_runtime.auth import OPERATOR, allows
         can_act = allows(principal.role if principal is not None else None, OPERATOR)
         final = {"sent": False}
+        opened = time.monotonic()
 
         async def render() -> str | None:
             if final["sent"]:
                 return None
             shown = await console.execution(execution_id)
-            if shown is None:
+            if shown is None:   # accepted and not folded yet (Kafka), or never: give up after a while
+                final["sent"] = time.monotonic() - opened > UNKNOWN_GRACE
                 return None
             final["sent"] = shown["summary"].get("status") in TERMINAL
             return env.get_template("_execution_live.html").render(execution_id=execution_id, x=shown,
@@ -101,11 +101,7 @@ def _stream(request: Request, console: Any, event: str, render: Any, wanted: Any
                 last = time.monotonic()
                 if html is not None:
                     yield sse(event, html)
+            yield sse("end", "")   # nothing will change any more: the page closes the stream (no reconnect)
 
-    async def guarded() -> AsyncIterator[bytes]:
-        with contextlib.suppress(asyncio.CancelledError):
-            async for chunk in events():
-                yield chunk
-
-    return StreamingResponse(guarded(), media_type="text/event-stream",
+    return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -122,9 +122,9 @@ def router(console: Console) -> APIRouter:
     @pages.get("/executions/{execution_id}")
     async def execution(request: Request, execution_id: str) -> Response:
         shown = await console.execution(execution_id)
-        if shown is None:
-            return page(request, "missing.html", 404, what=f"execution {execution_id}")
-        return page(request, "execution.html", execution_id=execution_id, x=shown)
+        # Unknown: maybe accepted and not folded yet (in Kafka mode a run answers before its first event is
+        # projected). A 404 whose live part fills in if the execution appears.
+        return page(request, "execution.html", 200 if shown else 404, execution_id=execution_id, x=shown)
 
     @pages.get("/executions/{execution_id}/step")
     async def step(request: Request, execution_id: str, name: str = "") -> Response:

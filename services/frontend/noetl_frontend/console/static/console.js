@@ -43,6 +43,7 @@ function connect(element) {
     const panel = document.getElementById("step-panel");
     if (panel && !panel.hidden && panel.dataset.step) openStep(panel.dataset.execution, panel.dataset.step);
   });
+  source.addEventListener("end", () => { source.close(); document.body.dataset.live = "ended"; });
   source.addEventListener("open", () => { document.body.dataset.live = "open"; });
   source.addEventListener("error", () => { document.body.dataset.live = "reconnecting"; });
 }
