@@ -18,6 +18,7 @@ from typing import Any
 
 from noetl_common import projection
 from noetl_common.dsl import Playbook, load_playbook
+from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
 from noetl_frontend.console import graph, views
@@ -28,7 +29,7 @@ from noetl_runtime.auth import Authenticator
 from noetl_runtime.change_feed import ChangeFeed
 
 PAGE_SIZES = (25, 50, 100, 200)
-MAX_EVENTS_SHOWN = 300        # the event log shows the latest ones; the JSON API has them all
+MAX_EVENTS_SHOWN = 100        # the event log shows the latest ones; the JSON API has them all
 MAX_CHILDREN = 200            # child executions listed on a parent's page
 PLAYBOOK_CACHE = 64
 MAX_CHILD_LOOKUPS = 50      # children whose start event is read to find their step
@@ -101,14 +102,23 @@ class Console:
             "summary": summary, "duration_text": duration_text(summary, now),
             "graph": graph.svg(graph.layout(playbook), steps, execution_id) if playbook is not None else None,
             "steps": steps, "children": children,
-            "explain": await self.explain(execution_id, now),
+            "explain": await self.explain(execution_id, now, summary),
             "timeline": views.timeline(events, now, children),
             "events": events[-MAX_EVENTS_SHOWN:], "event_count": len(events),
             "workload": views.masked((events[0].meta or {}).get("workload")),
             "started_by": (events[0].meta or {}).get("principal"),
         }
 
-    async def explain(self, execution_id: str, now: float) -> dict[str, Any]:
+    async def explain(self, execution_id: str, now: float, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The explainer's answer (GET /api/executions/{id}/explain); with the `summary` already read, a running
+        execution's live state is asked for directly (no second read of its events)."""
+        if summary is not None and summary.get("status") in ("COMPLETED", "FAILED", "CANCELLED"):
+            end = views._epoch(summary.get("end_time"))   # what explain_execution answers for a finished one
+            return finished_explanation(execution_id, summary["status"], now, end, summary.get("error")).as_json()
+        if summary is not None and self.explainer is not None:
+            live = await self.explainer(execution_id, now)
+            if live is not None:
+                return live
         try:
             return await qh.explain_execution(self.read, self.explainer, execution_id, now)
         except (NoLiveState, LookupError) as exc:

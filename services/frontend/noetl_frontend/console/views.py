@@ -57,7 +57,10 @@ def timeline(events: list[Event], now: float, children: list[dict[str, Any]] | N
     waits: dict[str, float] = {}
     hidden = 0
     for e in events:
-        if e.current_index is not None:
+        # an item's attempt events carry no index: every action of a step that iterates is one of its items
+        if e.current_index is not None or (e.node_name in iterators and e.event_type.startswith("action_")):
+            if e.current_index is None:
+                continue
             agg = iterators.setdefault(e.node_name, {"start": e.time, "end": e.time, "failed": 0, "done": 0})
             agg["end"] = max(agg["end"], e.time)
             agg["done"] += e.event_type == "iteration_completed"
