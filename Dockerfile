@@ -11,8 +11,8 @@
 #
 # Two stages: the first installs the package and its dependencies into a virtualenv (every dependency ships
 # a CPython 3.11 manylinux wheel, so no compiler is needed or installed) and checks that every role's
-# module is importable; the second copies only that virtualenv onto a clean base and runs as an
-# unprivileged user.
+# module is importable and no requirement is missing (`pip check`); the second copies only that
+# virtualenv onto a clean base and runs as an unprivileged user.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -22,10 +22,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/noetl
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies (and the build backend) first, in a layer of their own that only a change to
+# pyproject.toml rebuilds: a change to the code then reinstalls the project alone, offline, in seconds.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); e = p['project']['optional-dependencies']; print('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] + e['server'] + e['kafka']))" > /tmp/requirements.txt \
+    && /opt/noetl/bin/pip install -r /tmp/requirements.txt
+COPY README.md ./
 COPY libs ./libs
 COPY services ./services
-RUN /opt/noetl/bin/pip install ".[server,kafka]" \
+RUN /opt/noetl/bin/pip install ".[server,kafka]" --no-deps --no-build-isolation \
+    && /opt/noetl/bin/pip check \
     && /opt/noetl/bin/python -c "import noetl_frontend, noetl_query, noetl_render, noetl_broker, noetl_worker, noetl_cli"
 
 FROM ${PYTHON_IMAGE}
