@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs (.ci/run is this script): a from-scratch install into a fresh venv, a throwaway
-# Postgres, the import contract, the test suite, the playbook conformance kit and, when present, the
-# quick benchmarks. All checks run even after one fails; the exit status is non-zero if any failed.
+# Postgres, the import contract, the test suite, the playbook conformance kit, the container path (image,
+# docker-compose stack) and, when present, the quick benchmarks. All checks run even after one fails; the
+# exit status is non-zero if any failed.
 #
 #   bash scripts/test.sh                 # exactly what CI does
 #   bash scripts/test.sh --venv .venv    # reuse (or create) this venv instead of a fresh temporary one
@@ -14,7 +15,7 @@ VENV=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --venv) VENV="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -23,6 +24,7 @@ done
 PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-2400}"
 CONFORMANCE_TIMEOUT="${NOETL_CONFORMANCE_TIMEOUT:-2100}"
 BENCH_TIMEOUT="${NOETL_BENCH_TIMEOUT:-600}"
+CONTAINER_TIMEOUT="${NOETL_CONTAINER_TIMEOUT:-1800}"
 
 START=$SECONDS
 FAILED=()
@@ -253,6 +255,18 @@ if [[ -f "$CONFORMANCE" ]]; then
   set -e
   record "conformance (cluster)" $rc
 fi
+
+# ---------------------------------------------------------------------------------- the container path
+section "container: image build + docker-compose stack + examples through it (scripts/container-test.sh)"
+# Builds local stand-ins for the registry images (cached by recipe), the image, the compose stack; runs the
+# examples through it with a token; checks users, the read-only root and that only 127.0.0.1 is published
+# (tests/container/README.md). It starts dockerd when none runs and stops it again.
+set +e
+PYTHON="$VENV/bin/python" timeout --kill-after=60 "$CONTAINER_TIMEOUT" bash scripts/container-test.sh
+rc=$?
+set -e
+[[ $rc -eq 124 ]] && echo "the container test exceeded ${CONTAINER_TIMEOUT}s"
+record "container (compose stack)" $rc
 
 # ------------------------------------------------------------------------------------------------- bench
 if [[ -f bench/run_all.py ]]; then

@@ -2,6 +2,9 @@
 
 The examples are what a new user runs first (README), so they are run exactly as documented: the
 installed `noetl` command in a subprocess, embedded, with a throwaway store and no external services.
+
+With NOETL_EXAMPLES_SERVER=URL the same checks run against that server instead (`noetl run --server URL`,
+authenticated by NOETL_API_TOKEN): scripts/container-test.sh runs them through the docker-compose stack.
 """
 from __future__ import annotations
 
@@ -53,10 +56,14 @@ EXPECTED: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
+SERVER = os.environ.get("NOETL_EXAMPLES_SERVER")   # run on this server (and its workers) instead
+
+
 def run_example(name: str, store: Path) -> tuple[int, dict[str, Any], str]:
     env = {k: v for k, v in os.environ.items() if k != "NOETL_STORE"}
+    where = ["--server", SERVER] if SERVER else ["--store", str(store)]
     proc = subprocess.run(
-        [*_noetl(), "run", str(EXAMPLES / name), "--json", "--catalog", str(EXAMPLES), "--store", str(store)],
+        [*_noetl(), "run", str(EXAMPLES / name), "--json", "--catalog", str(EXAMPLES), *where],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     try:
         report = json.loads(proc.stdout)
