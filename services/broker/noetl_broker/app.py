@@ -209,6 +209,8 @@ class Broker:
 
     def _count(self, out: BatchOutput, size: int, started: float, t0: float, t1: float) -> None:
         self.metrics.folded_batch(out, size, started, t0, t1)
+        if out.forged:   # someone holds the worker role (or the results topic) and not the attempt's token
+            log.warning("dropped %d fact(s) without their attempt's token", out.forged)
         for letter in out.dead_letters:
             log.warning("dead letter: %s", letter.reason, extra={
                 "source_topic": letter.source_topic, "source_partition": letter.source_partition,
