@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -72,8 +73,12 @@ def kafka(bootstrap: str | None) -> Iterator[str]:
             yield started
 
 
+# The brokers' /metrics takes NOETL_BROKER_TOKEN (docs/security.md); every service of a bench gets this one.
+BROKER_TOKEN = secrets.token_urlsafe(32)
+
+
 async def metrics(port: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=2.0) as client:
+    async with httpx.AsyncClient(timeout=2.0, headers={"Authorization": f"Bearer {BROKER_TOKEN}"}) as client:
         text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
 
@@ -89,7 +94,7 @@ class Service:
         self.env = {**os.environ, "NOETL_KAFKA_BOOTSTRAP": bootstrap, "NOETL_TOPIC_PREFIX": prefix,
                     "NOETL_TOPIC_PARTITIONS": str(partitions), "NOETL_HTTP_HOST": "127.0.0.1",
                     "NOETL_HTTP_PORT": str(self.port), "NOETL_KAFKA_SESSION_TIMEOUT_MS": "3000",
-                    "NOETL_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
+                    "NOETL_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", "NOETL_BROKER_TOKEN": BROKER_TOKEN,
                     "PYTHONPATH": os.pathsep.join([str(BROKER_SRC), os.environ.get("PYTHONPATH", "")]), **env}
         self.log = self.dir / "service.log"
         self.proc: subprocess.Popen[bytes] | None = None

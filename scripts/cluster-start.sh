@@ -13,6 +13,8 @@
 #   NOETL_DATABASE_SCHEMA      (noetl)   NOETL_TOPIC_PREFIX (empty)   NOETL_TOPIC_PARTITIONS (6)
 #   NOETL_SECRET_KEY           the Fernet key of the credentials, shared by ingest and the workers;
 #                              generated when unset (kept in the cluster dir, mode 600)
+#   NOETL_BROKER_TOKEN         the token of the broker's /explain and /metrics, shared with ingest and query;
+#                              generated when unset (kept in the cluster dir, mode 600)
 #   NOETL_INGEST_PORT          the ingest role's port, the API (python -m noetl_frontend; 8080, else the
 #                              next free one)
 #   NOETL_CLUSTER_WORKERS      worker processes of the pool NOETL_WORKER_POOL (1)
@@ -123,6 +125,14 @@ if [[ -z "${NOETL_API_TOKEN:-}" ]]; then
   log "created an admin API token (in $BASE/admin.token)"
 fi
 
+# The brokers' /explain and /metrics take the token every role is started with here: the API and query
+# roles send it to NOETL_BROKER_URL (docs/security.md, "The broker's listener"). Kept 0600 in the cluster dir.
+if [[ -z "${NOETL_BROKER_TOKEN:-}" ]]; then
+  NOETL_BROKER_TOKEN="$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')"
+  (umask 077; echo "$NOETL_BROKER_TOKEN" >"$BASE/broker.token")
+fi
+export NOETL_BROKER_TOKEN
+
 # ------------------------------------------------------------------------------------------------ roles
 ROLES=()
 start_role() {  # start_role NAME PORT MODULE
@@ -190,3 +200,4 @@ log "cluster ready: API $URL (info: $INFO)"
 echo "export NOETL_SERVER_URL=$URL"
 echo "export NOETL_CLUSTER_INFO=$INFO"
 echo "export NOETL_API_TOKEN=$NOETL_API_TOKEN"
+echo "export NOETL_BROKER_TOKEN=$NOETL_BROKER_TOKEN"

@@ -216,12 +216,12 @@ took "image build"
 phase "compose: the committed file refuses to start without the .env secrets"
 : >"$WORK/empty.env"
 set +e
-refusal="$(env -u NOETL_SECRET_KEY -u NOETL_POSTGRES_PASSWORD \
+refusal="$(env -u NOETL_SECRET_KEY -u NOETL_POSTGRES_PASSWORD -u NOETL_BROKER_TOKEN \
            docker-compose --env-file "$WORK/empty.env" -p "$PROJECT" -f docker-compose.yml config 2>&1)"
 rc=$?
 set -e
 [[ $rc -ne 0 ]] || die "docker-compose accepted docker-compose.yml without NOETL_SECRET_KEY and NOETL_POSTGRES_PASSWORD"
-grep -qE "set NOETL_(SECRET_KEY|POSTGRES_PASSWORD) in .env" <<<"$refusal" \
+grep -qE "set NOETL_(SECRET_KEY|POSTGRES_PASSWORD|BROKER_TOKEN) in .env" <<<"$refusal" \
   || die "the refusal does not say what to set: $refusal"
 say "refused: $(grep -oE 'set NOETL_[A-Z_]+ in .env' <<<"$refusal" | head -n 1)"
 
@@ -234,6 +234,7 @@ URL="http://127.0.0.1:$PORT"
 import base64, os, secrets
 print("NOETL_SECRET_KEY=" + base64.urlsafe_b64encode(os.urandom(32)).decode())   # a Fernet key
 print("NOETL_POSTGRES_PASSWORD=" + secrets.token_urlsafe(24))
+print("NOETL_BROKER_TOKEN=" + secrets.token_urlsafe(32))   # the brokers' /explain and /metrics
 print("NOETL_API_PUBLISH_PORT=$PORT")
 print("NOETL_TEST_IMAGE=$IMAGE")
 print("NOETL_TEST_TANSU_IMAGE=$TANSU_STANDIN")

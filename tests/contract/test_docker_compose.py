@@ -65,7 +65,7 @@ def test_every_variable_set_is_read_and_the_required_ones_are_set(role):
     assert ("NOETL_SECRET_KEY" in env) == (role in NEEDS_KEY)
 
 
-REQUIRED_FROM_ENV = ("NOETL_SECRET_KEY", "NOETL_POSTGRES_PASSWORD")
+REQUIRED_FROM_ENV = ("NOETL_SECRET_KEY", "NOETL_POSTGRES_PASSWORD", "NOETL_BROKER_TOKEN")
 REQUIRED = re.compile(r"\$\{(?P<name>[A-Z_]+):\?(?P<message>[^}]+)\}")
 
 
@@ -86,6 +86,10 @@ def test_the_secrets_come_only_from_env_and_compose_refuses_to_start_without_the
     password = re.fullmatch(r"postgresql://noetl:(.+)@postgres:5432/noetl", dsn).group(1)
     assert REQUIRED.fullmatch(password).group("name") == "NOETL_POSTGRES_PASSWORD"
     assert SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"] == password
+    # the brokers' /explain and /metrics take the broker token; the roles that ask them send it
+    token = SERVICES["broker"]["environment"]["NOETL_BROKER_TOKEN"]
+    assert REQUIRED.fullmatch(token) and all(SERVICES[r]["environment"].get("NOETL_BROKER_TOKEN") == token
+                                             for r in ("ingest", "query"))
 
 
 def test_the_env_file_is_never_committed_nor_copied_into_the_image():

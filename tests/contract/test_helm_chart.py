@@ -390,7 +390,8 @@ def test_env_values_parse_with_the_roles_settings(rendered: Any, monkeypatch: py
         for name in list(os.environ):
             if name.startswith("NOETL_") or name == "KAFKA_BOOTSTRAP_SERVERS":
                 monkeypatch.delenv(name)
-        placeholders = {"NOETL_DATABASE_URL": "postgresql://u@db:5432/noetl", "NOETL_SECRET_KEY": FERNET}
+        placeholders = {"NOETL_DATABASE_URL": "postgresql://u@db:5432/noetl", "NOETL_SECRET_KEY": FERNET,
+                        "NOETL_BROKER_TOKEN": "b" * 43}
         for var in env.values():
             monkeypatch.setenv(var.name, var.value if var.value is not None else placeholders[var.name])
         settings = settings_class(role)()
@@ -407,6 +408,10 @@ def test_env_values_parse_with_the_roles_settings(rendered: Any, monkeypatch: py
             broker_service = next(w for k, w in rendered.workloads().items() if role_of(k) == "broker")
             assert settings.broker_url is not None
             assert settings.broker_url.startswith(f"http://{broker_service['metadata']['name']}:")
+        if role in ("ingest", "query", "broker"):   # the broker's /explain and /metrics take its token
+            assert settings.broker_token is not None and len(settings.broker_token.get_secret_value()) >= 32
+        else:
+            assert "NOETL_BROKER_TOKEN" not in env
         if role == "broker":
             assert settings.topic_partitions == partitions
             assert workload["spec"]["replicas"] <= settings.topic_partitions
@@ -790,21 +795,43 @@ def test_metrics_peers_reach_every_role_and_api_peers_only_the_api(helm_chart: A
     assert not helm_chart.render({"networkPolicy": {"enabled": False}}).of_kind("NetworkPolicy")
 
 
+def _monitor_selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, and matchExpressions with In/NotIn) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for rule in selector.get("matchExpressions", []):
+        inside = labels.get(rule["key"]) in rule["values"]
+        if inside != (rule["operator"] == "In"):
+            return False
+    return True
+
+
 def test_servicemonitor_scrapes_every_role(helm_chart: Any) -> None:
     rendered = helm_chart.named("production")
-    (monitor,) = rendered.of_kind("ServiceMonitor")
-    assert monitor["apiVersion"] == CUSTOM_KINDS["ServiceMonitor"]
-    assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    selector = monitor["spec"]["selector"]["matchLabels"]
-    scraped = {s["metadata"]["name"] for s in rendered.of_kind("Service")
-               if selector.items() <= s["metadata"]["labels"].items()}
-    assert scraped == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
-    (endpoint,) = monitor["spec"]["endpoints"]
+    monitors = {m["metadata"]["name"]: m for m in rendered.of_kind("ServiceMonitor")}
+    assert set(monitors) == {"noetl", "noetl-broker"}
+    scraped: dict[str, str] = {}
+    for name, monitor in monitors.items():
+        assert monitor["apiVersion"] == CUSTOM_KINDS["ServiceMonitor"]
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
+        for service in rendered.of_kind("Service"):
+            if _monitor_selects(monitor["spec"]["selector"], service["metadata"]["labels"]):
+                assert service["metadata"]["name"] not in scraped, "scraped twice"
+                scraped[service["metadata"]["name"]] = name
+    assert set(scraped) == {d["metadata"]["name"] for d in rendered.of_kind("Deployment")}
+    assert scraped["noetl-broker"] == "noetl-broker"
+    (endpoint,) = monitors["noetl"]["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
     # the API roles' /metrics takes a token: Prometheus sends the one in the Secret production names
     assert endpoint["authorization"] == {"type": "Bearer",
                                          "credentials": {"name": "noetl-metrics-token", "key": "token"}}
-    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["noetl"]}
+    # the broker's takes the broker token, from the Secret the broker reads it from
+    (endpoint,) = monitors["noetl-broker"]["spec"]["endpoints"]
+    (broker,) = [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"] == "noetl-broker"]
+    env = {e["name"]: e for e in broker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["NOETL_BROKER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": ref["name"], "key": ref["key"]}}
     assert not helm_chart.named("default").of_kind("ServiceMonitor")
 
 

@@ -124,9 +124,14 @@ def test_service_becomes_ready_with_the_charts_environment(role: str, helm_chart
             assert ready.json().get("status") == "ready", ready.text
             with httpx.Client(timeout=5) as client:
                 assert client.get(f"{base}/health").status_code == 200
-                # the API roles' /metrics takes a token (a viewer's); the worker's and broker's listeners
-                # serve nothing but ops, and their /metrics is open there (docs/security.md)
-                token = pg_token(contract_pg_dsn, cluster_values["externalDatabase"]["schema"], "viewer")
+                # the API roles' /metrics takes a token (a viewer's); the worker's listener serves nothing
+                # but ops, and its /metrics is open there; the broker's takes the broker token from the
+                # chart's Secret (docs/security.md)
+                if role == "broker":
+                    token = process_env(rendered, workload, home)["NOETL_BROKER_TOKEN"]
+                    assert client.get(f"{base}/metrics").status_code == 401
+                else:
+                    token = pg_token(contract_pg_dsn, cluster_values["externalDatabase"]["schema"], "viewer")
                 metrics = client.get(f"{base}/metrics", headers=bearer(token))
                 assert metrics.status_code == 200 and "# TYPE" in metrics.text, metrics.text[:500]
             proc.send_signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,6 +56,7 @@ from noetl_common.state_access import StateCache, TableStates  # noqa: E402
 pytestmark = pytest.mark.kafka
 
 PARTITIONS = 3
+BROKER_TOKEN = secrets.token_urlsafe(32)   # the brokers' /metrics and /explain take it (docs/security.md)
 READY_DEADLINE = 40.0     # a restarted group on Tansu waits out the old member's session
 DEADLINE = 20.0
 T0 = 1_700_000_000.0   # message times of the pure tests. Against the broker, messages carry the time of the test:
@@ -342,6 +344,7 @@ class BrokerProcess:
         self.env = {**os.environ, "NOETL_KAFKA_BOOTSTRAP": bootstrap, "NOETL_TOPIC_PREFIX": prefix,
                     "NOETL_HTTP_PORT": str(self.port), "NOETL_TOPIC_PARTITIONS": str(PARTITIONS),
                     "NOETL_KAFKA_SESSION_TIMEOUT_MS": "3000", "NOETL_BROKER_COMMIT_INTERVAL": "0.5",
+                    "NOETL_BROKER_TOKEN": BROKER_TOKEN,
                     "PYTHONPATH": os.pathsep.join([str(BROKER_SRC), os.environ.get("PYTHONPATH", "")]), **env}
         self.log = Path(tempfile.mkstemp(prefix="noetl-broker.", suffix=".log")[1])
         self.cwd = tempfile.mkdtemp(prefix="noetl-broker.")   # faust writes `<app id>-data` there
@@ -369,7 +372,7 @@ class BrokerProcess:
                 await asyncio.sleep(0.05)
 
     async def metrics(self) -> dict[str, float]:
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2.0, headers={"Authorization": f"Bearer {BROKER_TOKEN}"}) as client:
             text = (await client.get(f"http://127.0.0.1:{self.port}/metrics")).text
         return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
@@ -871,3 +874,37 @@ async def test_finished_executions_are_evicted_and_a_late_resend_does_not_restar
     assert letters[0].reason.startswith("late duplicate start") and letters[0].original_value() == encode(start)
     assert worker.events[eid] == sim.events                            # it did not run again
     assert m["noetl_broker_table_states"] == 0 and m["noetl_broker_evicted_total"] == 0
+
+
+async def test_the_brokers_explain_and_metrics_need_its_token(shared_broker: tuple[BrokerProcess, Topics]) -> None:
+    """The broker's web server (faust's): probes open; /explain and /metrics take NOETL_BROKER_TOKEN, and
+    the API and query roles' explainer sends it (docs/security.md "The broker's listener")."""
+    from noetl_query.broker_explain import BrokerExplainer
+    from noetl_query.handlers import NoLiveState
+
+    broker, _topics = shared_broker
+    base = f"http://127.0.0.1:{broker.port}"
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        assert (await client.get(f"{base}/health")).status_code == 200
+        assert (await client.get(f"{base}/ready")).status_code == 200
+        wrong = [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {BROKER_TOKEN}"},
+                 {"Authorization": f"Bearer {BROKER_TOKEN}x"}, {"Authorization": "Bearer " + "a" * 8000},
+                 {"Authorization": "Bearer"}, {"Authorization": f"Bearer {BROKER_TOKEN[:-1]}\u00e9".encode()}]
+        for headers in wrong:
+            for path in ("/metrics", "/explain/some-execution", "/explain/..%2F..%2Fetc"):
+                answer = await client.get(base + path, headers=headers)
+                assert answer.status_code == 401, (path, headers, answer.text)
+                assert answer.headers.get("WWW-Authenticate") == "Bearer"
+                assert BROKER_TOKEN not in answer.text
+        huge = await client.get(f"{base}/metrics", headers={"Authorization": "Bearer " + "a" * 9000})
+        assert huge.status_code == 400   # aiohttp refuses a header over 8190 bytes before any view runs
+        good = {"Authorization": f"Bearer {BROKER_TOKEN}"}
+        metrics = await client.get(f"{base}/metrics", headers=good)
+        assert metrics.status_code == 200 and "noetl_broker_forged_facts_total" in metrics.text
+        unknown = await client.get(f"{base}/explain/no-such-execution", headers=good)
+        assert unknown.status_code == 404, unknown.text   # past the guard: the table has no such state
+    assert await BrokerExplainer(base, token=BROKER_TOKEN)("no-such-execution", time.time()) is None
+    with pytest.raises(NoLiveState, match="NOETL_BROKER_TOKEN"):
+        await BrokerExplainer(base)("no-such-execution", time.time())
+    with pytest.raises(NoLiveState, match="NOETL_BROKER_TOKEN"):
+        await BrokerExplainer(base, token="not-the-token")("no-such-execution", time.time())

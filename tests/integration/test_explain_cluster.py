@@ -6,6 +6,7 @@ execution's partition (faust's table_route), so every running execution is expla
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -50,7 +51,10 @@ def test_cluster_roles_explain_through_the_brokers(kafka_endpoint: Any, topics: 
     env.update(KAFKA_BOOTSTRAP_SERVERS=kafka_endpoint.bootstrap, NOETL_DATABASE_URL=pg_dsn,
                NOETL_DATABASE_SCHEMA=schema, NOETL_TOPIC_PREFIX=topics.prefix, NOETL_TOPIC_PARTITIONS="4",
                NOETL_INGEST_PORT=str(free_port()), PYTHON=sys.executable, NOETL_LOG_LEVEL="WARNING",
-               NOETL_CLUSTER_STOP_GRACE="10")
+               NOETL_CLUSTER_STOP_GRACE="10",
+               # the brokers' /explain takes it (docs/security.md); the second broker below gets it too
+               NOETL_BROKER_TOKEN=secrets.token_urlsafe(32))
+    broker_auth = {"Authorization": f"Bearer {env['NOETL_BROKER_TOKEN']}"}
     if kafka_endpoint.kind == "tansu":
         env["NOETL_KAFKA_SESSION_TIMEOUT_MS"] = os.environ.get("NOETL_KAFKA_SESSION_TIMEOUT_MS", "3000")
     started = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-start.sh")], env=env, capture_output=True,
@@ -118,11 +122,16 @@ def test_cluster_roles_explain_through_the_brokers(kafka_endpoint: Any, topics: 
             second_owns = set(httpx.get(f"{second_url}/ready", timeout=5).json()["partitions"])
             owners = {partition_of(eid, 4) in second_owns for eid in runs + [parent]}
             assert owners == {True, False}, "all executions on one broker: nothing was forwarded"
-            local = {eid: [httpx.get(f"{u}/explain/{eid}", timeout=10).status_code for u in (first_url, second_url)]
-                     for eid in runs}
+            local = {eid: [httpx.get(f"{u}/explain/{eid}", timeout=10, headers=broker_auth).status_code
+                           for u in (first_url, second_url)] for eid in runs}
             assert all(codes == [200, 200] for codes in local.values()), local   # forwarded when not its own
-            assert httpx.get(f"{first_url}/explain/{runs[0]}", params={"now": "nan"}, timeout=10).status_code == 400
-            assert httpx.get(f"{first_url}/explain/no-such-execution", timeout=10).status_code == 404
+            # without the broker token, neither broker answers, nor forwards
+            assert {httpx.get(f"{u}/explain/{eid}", timeout=10).status_code
+                    for u in (first_url, second_url) for eid in runs} == {401}
+            assert httpx.get(f"{first_url}/explain/{runs[0]}", params={"now": "nan"}, timeout=10,
+                             headers=broker_auth).status_code == 400
+            assert httpx.get(f"{first_url}/explain/no-such-execution", timeout=10,
+                             headers=broker_auth).status_code == 404
             assert api.get("/api/executions/no-such-execution/explain").status_code == 404
             assert api.get("/api/executions/" + "y" * 5000 + "/explain").status_code == 404
             for eid in runs + [parent]:

@@ -329,3 +329,30 @@ async def test_step_limits_come_from_the_steps_config(pool):
     cmd = command("python", config={"code": "def main():\n    return 1\n", "limits": {"memory_mb": 10 ** 7}})
     failed = (await run(cmd, make_ports(pool))).last()
     assert isinstance(failed, ActionFailed) and "above the maximum" in failed.error
+
+
+async def test_every_fact_carries_the_commands_token_back(pool):
+    """Forged facts (docs/security.md): the fold drops a fact without its attempt's token, so the worker
+    echoes the command's token on each: start, heartbeats, completion, failure, and a child's start (whose
+    own StartExecution gets a fresh random key and the parent's token for its ChildFinished)."""
+    token = "t0ken-" + uuid.uuid4().hex
+    slow = command("python", lease_seconds=0.6,
+                   config={"code": "import time\ndef main():\n    time.sleep(0.8)\n    return 1\n"}
+                   ).model_copy(update={"token": token})
+    emitted = await run(slow, dataclasses.replace(make_ports(pool), announce_after=0.01))
+    assert {"action_started", "heartbeat", "action_completed"} <= set(emitted.kinds())
+    assert [m.token for m in emitted] == [token] * len(emitted)
+    failing = command("python", config={"code": "def main():\n    raise ValueError(1)\n"}
+                      ).model_copy(update={"token": token})
+    failed = (await run(failing, make_ports(pool))).last()
+    assert isinstance(failed, ActionFailed) and failed.token == token
+
+    catalog = MemoryCatalog()
+    await catalog.register("v1", {"v": 1}, "lib/child")
+    child_cmd = command("playbook", config={"path": "lib/child"}).model_copy(update={"token": token})
+    first = await run(child_cmd, make_ports(catalog=catalog))
+    start, started = first[1], first[2]
+    assert isinstance(start, StartExecution) and isinstance(started, ChildStarted)
+    assert started.token == token and start.parent_token == token
+    again = (await run(child_cmd, make_ports(catalog=catalog)))[1]
+    assert start.fact_key and again.fact_key and len(start.fact_key) >= 43 and start.fact_key != again.fact_key

@@ -77,6 +77,7 @@ class BatchOutput:
     failures: list[Failure] = field(default_factory=list)
     folded: int = 0                                            # messages that reached advance()
     stale: int = 0                                             # of those, duplicates / out of date
+    forged: int = 0                                            # of the stale: facts without their attempt's token
 
 
 class _Working:
@@ -174,6 +175,7 @@ def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float
             continue
         out.folded += 1
         out.stale += transition.stale
+        out.forged += transition.forged
         work.done.append(msg)
         if transition.state is not None:
             work.state = transition.state

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from noetl_common.attempt_tokens import MAX_TOKEN
+
 SCHEMA_VERSION = 1
 DEFAULT_LEASE_RETRIES = 3           # infrastructure retries of an attempt whose lease expired (NOETL_LEASE_RETRIES)
 DEFAULT_LEASE_RETRY_DELAY = 1.0     # seconds before the first of them, doubling (NOETL_LEASE_RETRY_DELAY)
@@ -95,6 +97,9 @@ class Command(_Msg):
     action: ActionSpec
     time: float                          # when it was dispatched
     lease_seconds: float                 # the worker heartbeats well within this
+    # The attempt's token (noetl_common.attempt_tokens): the worker sends it back with every fact about this
+    # attempt; the fold drops facts without it. A credential: it never appears in an event.
+    token: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,6 +120,12 @@ class StartExecution(_Msg):
     return_step: str | None = None
     lease_seconds: Seconds = 30.0
     principal: str | None = None           # who started it (set by the API from the caller, never the body)
+    # The secret the fold derives attempt tokens from (noetl_common.attempt_tokens): random, minted by the
+    # adapter that makes the start, never shown (not in events, not in the read API). None: an execution
+    # started by a version before tokens, whose facts are accepted without one.
+    fact_key: str | None = Field(None, min_length=16, max_length=MAX_TOKEN)
+    # A child's start: the token of the parent's command that started it, sent back on ChildFinished.
+    parent_token: str | None = Field(None, max_length=MAX_TOKEN)
     # A lease lost to an infrastructure fault (the worker went silent) re-sends the same attempt this many
     # times, after lease_retry_delay × 2^(n-1) s, before the step's own `retry` policy counts it as a failure.
     lease_retries: int = Field(DEFAULT_LEASE_RETRIES, ge=0, le=MAX_LEASE_RETRIES)
@@ -135,6 +146,7 @@ class ActionStarted(_Msg):
     command_id: str
     time: Epoch
     worker_id: str | None = None
+    token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 
 class ActionHeartbeat(_Msg):
@@ -142,6 +154,7 @@ class ActionHeartbeat(_Msg):
     execution_id: str
     command_id: str
     time: Epoch
+    token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 
 class ActionCompleted(_Msg):
@@ -156,6 +169,7 @@ class ActionCompleted(_Msg):
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
     log: str | None = None               # captured stdout/stderr (python)
     tasks: list[dict[str, Any]] | None = None   # v10 pipeline: one entry per task attempt (engine/v10.trail)
+    token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 
 class ActionFailed(_Msg):
@@ -170,6 +184,7 @@ class ActionFailed(_Msg):
     started: Epoch | None = None         # set when no ActionStarted was sent (a quick attempt)
     worker_id: str | None = None         # who ran it; None when the fold itself failed the attempt (lease)
     tasks: list[dict[str, Any]] | None = None   # v10 pipeline: one entry per task attempt (engine/v10.trail)
+    token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 
 class ChildStarted(_Msg):
@@ -179,6 +194,7 @@ class ChildStarted(_Msg):
     command_id: str
     child_execution_id: str
     time: Epoch
+    token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 
 class ChildFinished(_Msg):
@@ -191,6 +207,7 @@ class ChildFinished(_Msg):
     result: Any = None                   # return_step's result, else the child's execution result
     error: str | None = None
     time: Epoch
+    token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 
 class TimerFired(_Msg):

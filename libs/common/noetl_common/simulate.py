@@ -28,6 +28,12 @@ class Outcome:
 Worker = Callable[[Command], Outcome]
 
 
+def sim_key(execution_id: str) -> str:
+    """A simulated execution's fact key: fixed, so a simulation replays exactly (the real ones are random,
+    minted by the runtime adapters; the core has no randomness)."""
+    return f"simulated-fact-key:{execution_id}"
+
+
 def child_id(command_id: str) -> str:
     return f"child:{command_id}"
 
@@ -48,7 +54,7 @@ class Simulation:
               execution_id: str = "e1") -> str:
         self.inbox.append(StartExecution(execution_id=execution_id, time=self.now, playbook=document,
                                          path=str(document.get("metadata", {}).get("path", "p")),
-                                         payload=payload or {}))
+                                         payload=payload or {}, fact_key=sim_key(execution_id)))
         return execution_id
 
     def deliver(self, message: Any) -> None:
@@ -87,23 +93,25 @@ class Simulation:
         return True
 
     def _work(self, command: Command) -> list[Any]:
-        eid, cid, t = command.execution_id, command.command_id, self.now
-        started = ActionStarted(execution_id=eid, command_id=cid, time=t)
+        eid, cid, t, tok = command.execution_id, command.command_id, self.now, command.token
+        started = ActionStarted(execution_id=eid, command_id=cid, time=t, token=tok)
         if command.action.type == "playbook" and command.phase == "action":
             child = child_id(cid)
             document = self.catalog[command.action.config["path"]]
             return [started, StartExecution(
                 execution_id=child, time=t, playbook=document, path=command.action.config["path"],
                 payload=command.action.data, parent_execution_id=eid, parent_command_id=cid,
-                parent_step=command.step, return_step=command.action.config.get("return_step")),
-                ChildStarted(execution_id=eid, command_id=cid, child_execution_id=child, time=t)]
+                parent_step=command.step, return_step=command.action.config.get("return_step"),
+                fact_key=sim_key(child), parent_token=tok),
+                ChildStarted(execution_id=eid, command_id=cid, child_execution_id=child, time=t, token=tok)]
         if command.phase == "save":
-            return [started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=command.result)]
+            return [started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=command.result,
+                                             token=tok)]
         outcome = self.worker(command)
         if outcome.hang:
             return [started]
         if outcome.ok:
             return [started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=outcome.result,
-                                             variables=outcome.variables)]
+                                             variables=outcome.variables, token=tok)]
         return [started, ActionFailed(execution_id=eid, command_id=cid, time=t, error=outcome.error,
-                                      status_code=outcome.status_code, result=outcome.result)]
+                                      status_code=outcome.status_code, result=outcome.result, token=tok)]

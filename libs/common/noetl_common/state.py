@@ -75,6 +75,10 @@ class ExecutionState(BaseModel):
     parent_command_id: str | None = None
     parent_step: str | None = None
     return_step: str | None = None
+    # The secret attempt tokens derive from (noetl_common.attempt_tokens; None: started before tokens) and,
+    # for a child, the token of the parent's command, which ChildFinished carries back. Never in an event.
+    fact_key: str | None = None
+    parent_token: str | None = None
     lease_seconds: float = 30.0
     lease_retries: int = DEFAULT_LEASE_RETRIES          # infrastructure retries per attempt (see fold._lease_lost)
     lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY

@@ -279,6 +279,13 @@ def principal_of(request: Any) -> str | None:
     return principal.name if principal is not None else None
 
 
+def role_of(request: Any) -> str | None:
+    """The role of the caller of a request (set by the middleware), for routes whose bodies differ in what
+    they need (a cancel posted to POST /api/events needs `operator`, a fact `worker`)."""
+    principal = getattr(request.state, "principal", None)
+    return principal.role if principal is not None else None
+
+
 # ------------------------------------------------------------------------------------------------- middleware
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]

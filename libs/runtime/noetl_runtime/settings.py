@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # NOETL_BROKER_URL: the brokers' web servers (e.g. their Service); the API and query roles ask them what a
     # running execution waits for (GET /api/executions/{id}/explain). Unset: that route answers 503 for one.
     broker_url: str | None = None
+    # NOETL_BROKER_TOKEN: the bearer token of the brokers' web servers (/explain, /metrics; docs/security.md
+    # "The broker's listener"). The brokers require it; the API and query roles send it to NOETL_BROKER_URL.
+    broker_token: SecretStr | None = None
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")

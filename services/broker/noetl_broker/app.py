@@ -209,6 +209,8 @@ class Broker:
 
     def _count(self, out: BatchOutput, size: int, started: float, t0: float, t1: float) -> None:
         self.metrics.folded_batch(out, size, started, t0, t1)
+        if out.forged:   # someone holds the worker role (or the results topic) and not the attempt's token
+            log.warning("dropped %d fact(s) without their attempt's token", out.forged)
         for letter in out.dead_letters:
             log.warning("dead letter: %s", letter.reason, extra={
                 "source_topic": letter.source_topic, "source_partition": letter.source_partition,
@@ -394,5 +396,12 @@ def create_app(settings: BrokerSettings | None = None, **overrides: Any) -> faus
         await broker.output.stop()
 
     if settings.broker_web:
-        install_views(app, broker)
+        from noetl_runtime.auth import AuthSettings, check_bind
+
+        auth = AuthSettings()
+        check_bind(settings.http_host, auth)   # NOETL_AUTH=off only on a loopback address
+        token = settings.broker_token.get_secret_value() if settings.broker_token is not None else None
+        if token is None and auth.auth == "on":
+            log.warning("NOETL_BROKER_TOKEN is not set: /explain and /metrics answer 401 to everyone")
+        install_views(app, broker, token=token, auth_off=auth.auth == "off")
     return app

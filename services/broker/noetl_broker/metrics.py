@@ -12,6 +12,7 @@ class Metrics:
     inbound: int = 0            # records taken from requests + results
     folded: int = 0             # of those, messages that reached advance()
     stale: int = 0              # of those, duplicates / out of date (changed nothing)
+    forged_facts: int = 0       # of the stale: facts without their attempt's token (docs/security.md)
     dead_letters: int = 0
     fold_errors: int = 0        # executions failed (or quarantined) because folding one of their messages raised
     quarantined: int = 0        # of those, the ones that could not even be failed normally
@@ -38,6 +39,7 @@ class Metrics:
     _HELP = {
         "batches": "inbound batches processed", "inbound": "inbound records taken",
         "folded": "inbound messages folded", "stale": "folded messages that were duplicates or out of date",
+        "forged_facts": "facts dropped because they did not carry their attempt's token",
         "dead_letters": "records sent to the dead-letter topic", "events": "events produced",
         "fold_errors": "executions failed because folding one of their messages raised",
         "quarantined": "executions quarantined: not even failing them normally was possible",
@@ -62,6 +64,7 @@ class Metrics:
         """Count a folded batch (`out`: its batch.BatchOutput; t0, t1: perf_counter around the fold)."""
         self.folded += out.folded
         self.stale += out.stale
+        self.forged_facts += out.forged
         self.dead_letters += len(out.dead_letters)
         self.fold_errors += len(out.failures)
         self.quarantined += sum(1 for f in out.failures if f.quarantined)
@@ -87,7 +90,7 @@ class Metrics:
         for f in fields(self):
             if f.name.startswith("_"):
                 continue
-            counter = f.name in ("batches", "inbound", "folded", "stale", "dead_letters", "fold_errors",
+            counter = f.name in ("batches", "inbound", "folded", "stale", "forged_facts", "dead_letters", "fold_errors",
                                  "quarantined", "events", "commands",
                                  "requests", "timers_fired", "states_written", "executions_finished", "evicted",
                                  "batch_seconds", "fold_seconds", "effects_seconds", "states_seconds",

@@ -1,12 +1,21 @@
 """The broker's HTTP views on faust's web server: /health, /ready, /metrics, and /explain/{execution_id}
-(what the execution waits for, from the table; forwarded to the worker that owns its partition)."""
+(what the execution waits for, from the table; forwarded to the worker that owns its partition).
+
+/health and /ready are open (probes); /explain and /metrics need `Authorization: Bearer NOETL_BROKER_TOKEN`
+(docs/security.md "The broker's listener"). The broker holds no API tokens (it has no database), so its
+callers (the API and query roles, Prometheus) share this one token with it. Without a configured token
+nobody is let in, unless NOETL_AUTH=off (allowed on a loopback address only).
+"""
 from __future__ import annotations
 
+import hmac
 import math
 import time
-
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import wraps
 from typing import TYPE_CHECKING, Any
+
+MAX_CREDENTIAL = 8192   # characters of an Authorization header; longer is refused unread
 
 if TYPE_CHECKING:
     import faust
@@ -14,7 +23,40 @@ if TYPE_CHECKING:
     from noetl_broker.app import Broker
 
 
-def install_views(app: faust.App, broker: Broker) -> None:
+def refusal(authorization: str | None, token: str | None, auth_off: bool = False) -> str | None:
+    """Why a request with this Authorization header may not see /explain or /metrics (None: it may)."""
+    if auth_off:
+        return None
+    if token is None:
+        return "this broker has no NOETL_BROKER_TOKEN: its /explain and /metrics serve nobody"
+    if authorization is None or len(authorization) > MAX_CREDENTIAL:
+        return "a bearer token is required (NOETL_BROKER_TOKEN)"
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return "a bearer token is required (NOETL_BROKER_TOKEN)"
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                               token.encode("utf-8", "surrogateescape")):
+        return "the bearer token is not this broker's (NOETL_BROKER_TOKEN)"
+    return None
+
+
+def guarded(token: str | None, auth_off: bool) -> Callable[[Any], Any]:
+    """A view that answers 401 unless the request carries the broker's token. Checked before faust's
+    table_route forwards anything, so an unauthenticated request costs no other broker a hop."""
+    def decorate(fun: Any) -> Any:
+        @wraps(fun)
+        async def view(web: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            why = refusal(request.headers.get("Authorization"), token, auth_off)
+            if why is not None:
+                return web.json({"detail": why}, status=401, headers={"WWW-Authenticate": "Bearer"})
+            return await fun(web, request, *args, **kwargs)
+        return view
+    return decorate
+
+
+def install_views(app: faust.App, broker: Broker, token: str | None = None, auth_off: bool = False) -> None:
+    guard = guarded(token, auth_off)
+
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
         return web.json({"status": "ok"})
@@ -27,6 +69,7 @@ def install_views(app: faust.App, broker: Broker) -> None:
         return web.json({"status": "ready", "partitions": sorted(broker.assigned)})
 
     @app.page("/explain/{execution_id}")
+    @guard
     @app.table_route(table=broker.table, match_info="execution_id")
     async def explain(web: Any, request: Any, execution_id: str) -> Any:
         try:
@@ -41,6 +84,7 @@ def install_views(app: faust.App, broker: Broker) -> None:
         return web.json(body)
 
     @app.page("/metrics")
+    @guard
     async def metrics(web: Any, request: Any) -> Any:
         return web.text(prometheus_text(broker), content_type="text/plain; version=0.0.4")
 

@@ -93,6 +93,8 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int =
         "noetl_executions_active": ("executions in flight in this process", lambda: float(len(runtime.states))),
         "noetl_dead_letters": ("messages the fold could not use (the store's dead_letters table), since start",
                                lambda: float(runtime.dead_lettered)),
+        "noetl_forged_facts": ("facts dropped because they did not carry their attempt's token, since start",
+                               lambda: float(runtime.forged_facts)),
     })
 
 

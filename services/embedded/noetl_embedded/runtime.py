@@ -27,6 +27,7 @@ from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DE
 from noetl_common.state import ExecutionState
 from noetl_common.topics import Topics
 from noetl_runtime.bus import InMemoryBus
+from noetl_runtime.fact_keys import new_fact_key
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.timers import TimerLoop
 from noetl_runtime.tuning import tune_gc
@@ -54,6 +55,7 @@ class EmbeddedRuntime:
         self.python_processes = python_processes or max(2, os.cpu_count() or 2)
         self.states: dict[str, ExecutionState] = {}
         self.dead_lettered = 0   # messages written to the store's dead_letters table by this process
+        self.forged_facts = 0    # facts dropped because they did not carry their attempt's token
         self.final: dict[str, ExecutionState] = {}   # finished executions (their state stays in the store too)
         self._view = _MemoryStates(self)
         self._waiters: dict[str, list[asyncio.Future[ExecutionState]]] = {}
@@ -156,7 +158,8 @@ class EmbeddedRuntime:
                       now: float, execution_id: str | None = None) -> StartExecution:
         return StartExecution(execution_id=execution_id or str(uuid.uuid4()), time=now, playbook=document,
                               path=path, version=version, payload=payload, lease_seconds=self.lease_seconds,
-                              lease_retries=self.lease_retries, lease_retry_delay=self.lease_retry_delay)
+                              lease_retries=self.lease_retries, lease_retry_delay=self.lease_retry_delay,
+                              fact_key=new_fact_key())
 
     def cancel(self, execution_id: str, now: float, reason: str = "cancelled by request") -> None:
         self._publish_inbound(CancelExecution(execution_id=execution_id, time=now, reason=reason))
@@ -197,6 +200,7 @@ class EmbeddedRuntime:
         then one SQLite transaction, then the effects: no worker ever runs an attempt the store does not know."""
         out = fold_batch(self._view, [raw for _key, raw in batch], now=time.time())
         _log_problems(out)
+        self.forged_facts += out.forged
         if not (out.states or out.events or out.dead_letters):
             return
         # Durable before any effect (architecture invariant 6). The write happens in a thread so the workers
@@ -269,6 +273,8 @@ class _MemoryStates:
 
 
 def _log_problems(out: BatchOutput) -> None:
+    if out.forged:   # someone holds the worker role and not the attempt's token (docs/security.md)
+        log.warning("dropped %d fact(s) without their attempt's token", out.forged)
     for letter in out.dead_letters:
         log.error("dead letter: %s", letter.reason)
     for failure in out.failures:

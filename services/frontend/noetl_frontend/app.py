@@ -98,7 +98,7 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
         in_flight=InFlight(limit, executions.running, executions.seen))
     read = PostgresReadModel(pool, s.database_schema)
     if explainer is None and s.broker_url:
-        explainer = BrokerExplainer(s.broker_url)
+        explainer = BrokerExplainer(s.broker_url, token=_secret(s.broker_token))
     app = build_api(
         ingest, read, RenderPorts(events=read.events), service="ingest", ready=ready, live=live, explainer=explainer,
         feed=PostgresChangeFeed(pool, s.database_schema),   # the projector's NOTIFY, whoever projects
@@ -116,3 +116,7 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
                             status_code=503)
 
     return app
+
+
+def _secret(value: Any) -> str | None:
+    return value.get_secret_value() if value is not None else None

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Header, Request
 
 from noetl_ingest import handlers as h
 from noetl_ingest.handlers import CancelRequest, CredentialRequest, IngestPorts, RegisterRequest, RunRequest
-from noetl_runtime.auth import principal_of
+from noetl_runtime.auth import principal_of, role_of
 from noetl_runtime.http_ops import answer
 
 
@@ -43,7 +43,7 @@ def router(ports: IngestPorts) -> APIRouter:
 
     @api.post("/events", status_code=202)
     async def post_event(request: Request, body: Any = Body(...)) -> Any:
-        return await answer(h.post_event(ports, body, principal=principal_of(request)))
+        return await answer(h.post_event(ports, body, principal=principal_of(request), role=role_of(request)))
 
     @api.post("/credentials")
     async def put_credential(body: CredentialRequest) -> Any:

@@ -29,6 +29,8 @@ from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DEL
 from noetl_common.ports import CatalogPort, Claim, Credential, CredentialPort, IdempotencyPort
 from noetl_common.refusals import Conflict
 from noetl_ingest.admission import EXECUTION_ID_PATTERN, InFlight, check_key, request_hash, scope_of
+from noetl_runtime.auth import OPERATOR, allows
+from noetl_runtime.fact_keys import new_fact_key
 
 Submit = Callable[[BaseModel], Awaitable[None]]
 # Facts an outside system may post (a worker of its own, a callback). Starting goes through the catalog
@@ -230,7 +232,7 @@ def _start_message(ports: IngestPorts, execution_id: str, now: float, entry: Any
     return StartExecution(execution_id=execution_id, time=now, playbook=entry.document, path=entry.path,
                           version=entry.version, payload=payload, lease_seconds=ports.lease_seconds,
                           lease_retries=ports.lease_retries, lease_retry_delay=ports.lease_retry_delay,
-                          principal=principal)
+                          principal=principal, fact_key=new_fact_key())
 
 
 async def _again(ports: IngestPorts, prior: Claim, digest: str) -> dict[str, Any]:
@@ -266,9 +268,12 @@ async def cancel(ports: IngestPorts, execution_id: str, req: CancelRequest,
     return {"execution_id": execution_id, "status": "cancel_requested", "reason": req.reason}
 
 
-async def post_event(ports: IngestPorts, body: Any, principal: str | None = None) -> dict[str, Any]:
+async def post_event(ports: IngestPorts, body: Any, principal: str | None = None,
+                     role: str | None = None) -> dict[str, Any]:
     """An inbound message posted from outside: validated with the codec exactly as the fold decodes it.
-    A posted cancel records the caller as its principal (never what the body claims)."""
+    A fact counts only with its attempt's `token` (the fold drops it otherwise; docs/security.md "Forged
+    facts"). A posted cancel needs the caller's role to hold `operator` (the route itself takes `worker`,
+    which may post facts and nothing else), and records the caller as its principal (never the body's)."""
     if not isinstance(body, dict):
         raise DecodeError("the body must be a JSON object (an inbound message with `kind` and `execution_id`)")
     kind = body.get("kind")
@@ -276,6 +281,8 @@ async def post_event(ports: IngestPorts, body: Any, principal: str | None = None
         raise ValueError(f"kind {kind!r} cannot be posted here"
                          + (": use POST /api/executions/run" if kind == "start" else " (timers are internal)"))
     if kind == "cancel":
+        if not allows(role, OPERATOR):
+            raise PermissionError("a cancel needs the operator role (the worker role posts facts only)")
         body = {**body, "principal": principal}
     message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
     await ports.submit(message)

@@ -42,7 +42,8 @@ async def serve(settings: Settings) -> int:
         await ensure_topics_best_effort(settings)
         consumer = QueryConsumer(settings, Projector(pool, settings.database_schema))
         app = create_service_app(PostgresReadModel(pool, settings.database_schema), consumer,
-                                 Authenticator(PostgresTokens(pool, settings.database_schema)), settings.broker_url)
+                                 Authenticator(PostgresTokens(pool, settings.database_schema)), settings.broker_url,
+                                 settings.broker_token.get_secret_value() if settings.broker_token else None)
         await consumer.start()
         server = http_server(app, settings)
         serving = asyncio.create_task(server.serve(), name="query-http")
@@ -62,7 +63,8 @@ async def serve(settings: Settings) -> int:
         log.info("query stopped")
 
 
-def create_service_app(read: Any, consumer: Any, auth: Any, broker_url: str | None = None) -> Any:
+def create_service_app(read: Any, consumer: Any, auth: Any, broker_url: str | None = None,
+                       broker_token: str | None = None) -> Any:
     """The read API (the query app) with the projection's readiness and counters on /ready and /metrics."""
     from noetl_query.app import create_app
 
@@ -75,7 +77,7 @@ def create_service_app(read: Any, consumer: Any, auth: Any, broker_url: str | No
         ("retries", "batch attempts retried after a Postgres error"))}
     from noetl_query.broker_explain import BrokerExplainer
     return create_app(read, auth=auth, ready=consumer.not_ready, gauges=gauges,
-                      explainer=BrokerExplainer(broker_url) if broker_url else None)
+                      explainer=BrokerExplainer(broker_url, token=broker_token) if broker_url else None)
 
 
 def main() -> int:

@@ -99,7 +99,7 @@ class _Announce:
 
     def __init__(self, cmd: Command, ports: WorkerPorts, started: float) -> None:
         self.message = ActionStarted(execution_id=cmd.execution_id, command_id=cmd.command_id, time=started,
-                                     worker_id=ports.worker_id)
+                                     worker_id=ports.worker_id, token=cmd.token)
         self.ports = ports
         self.sent = False
         self.task: asyncio.Task | None = None
@@ -154,7 +154,7 @@ async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionComp
     if isinstance(done, _ChildStarted):
         return None
     return ActionCompleted(
-        execution_id=cmd.execution_id, command_id=cmd.command_id, time=time.time(),
+        execution_id=cmd.execution_id, command_id=cmd.command_id, time=time.time(), token=cmd.token,
         result=secrets.redact(done.result), saved=secrets.redact(done.saved),
         variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv),
         tasks=secrets.redact(done.tasks) if done.tasks else None)
@@ -235,7 +235,7 @@ def _failed(inv: Invocation, error: str, status_code: int | None = None, result:
             log_text: str | None = None) -> ActionFailed:
     s = inv.secrets
     return ActionFailed(execution_id=inv.cmd.execution_id, command_id=inv.cmd.command_id, time=time.time(),
-                        error=s.redact(error), status_code=status_code, result=s.redact(result),
+                        token=inv.cmd.token, error=s.redact(error), status_code=status_code, result=s.redact(result),
                         log=_join_log(log_text, inv))
 
 
@@ -289,8 +289,8 @@ class _Heartbeat:
 
     async def _send(self) -> None:
         try:
-            await self.ports.emit(ActionHeartbeat(execution_id=self.cmd.execution_id,
-                                                  command_id=self.cmd.command_id, time=time.time()))
+            await self.ports.emit(ActionHeartbeat(execution_id=self.cmd.execution_id, command_id=self.cmd.command_id,
+                                                  time=time.time(), token=self.cmd.token))
         except Exception:   # a missed beat is survivable: the lease has two more before it expires
             log.warning("heartbeat for %s could not be sent", self.cmd.command_id, exc_info=True)
 
@@ -311,4 +311,4 @@ async def _deliver(ports: WorkerPorts, message: BaseModel) -> None:
                 await ports.emit(ActionFailed(
                     execution_id=message.execution_id, command_id=message.command_id, time=time.time(),
                     error=f"the result could not be reported: {type(exc).__name__}: {exc}", started=message.started,
-                    worker_id=message.worker_id))
+                    worker_id=message.worker_id, token=message.token))

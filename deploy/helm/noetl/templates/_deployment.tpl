@@ -82,6 +82,11 @@ spec:
               valueFrom:
                 secretKeyRef: {name: {{ $secret }}, key: {{ $keys.secretKey }}}
             {{- end }}
+            {{- if include "noetl.needsBrokerToken" $role }}
+            - name: NOETL_BROKER_TOKEN
+              valueFrom:
+                secretKeyRef: {name: {{ $secret }}, key: {{ $keys.brokerToken }}}
+            {{- end }}
             {{- if include "noetl.kafkaSasl" $root }}
             - name: NOETL_KAFKA_SASL_USERNAME
               valueFrom:

@@ -83,6 +83,25 @@ write, and the reads for one-URL clients) runs the HTTP frontend, which composes
 {{- end -}}
 
 {{/* Which roles get which secrets (least privilege: the broker never sees the database or the key). */}}
+{{/* The broker token: secrets.brokerToken, else the one already in the release's Secret, else a new one. */}}
+{{- define "noetl.brokerToken" -}}
+{{- if .Values.secrets.brokerToken -}}
+{{- .Values.secrets.brokerToken -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "noetl.secretName" .) -}}
+{{- $data := dig "data" (dict) ($existing | default (dict)) -}}
+{{- $token := get $data .Values.secrets.keys.brokerToken -}}
+{{- if $token -}}
+{{- $token | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 43 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* the broker serves /explain and /metrics with the broker token; ingest and query ask it (explain) */ -}}
+{{- define "noetl.needsBrokerToken" -}}
+{{- if has . (list "ingest" "query" "broker") -}}true{{- end -}}
+{{- end -}}
 {{- define "noetl.needsDatabase" -}}
 {{- if has . (list "ingest" "query" "render" "worker") -}}true{{- end -}}
 {{- end -}}

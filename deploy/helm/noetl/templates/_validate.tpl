@@ -51,7 +51,7 @@ message naming the values to change. Included once, from deployments.yaml.
 {{- if and .Values.externalKafka.tls.caSecret (not (hasSuffix "SSL" .Values.externalKafka.securityProtocol)) -}}
 {{- fail (printf "externalKafka.tls.caSecret is set but externalKafka.securityProtocol is %s: the CA is only used with SSL or SASL_SSL" .Values.externalKafka.securityProtocol) -}}
 {{- end -}}
-{{- if and .Values.secrets.existingSecret (or .Values.secrets.secretKey .Values.externalDatabase.password .Values.externalDatabase.url) -}}
-{{- fail "secrets.existingSecret is set: put NOETL_SECRET_KEY and NOETL_DATABASE_URL in that Secret and leave secrets.secretKey, externalDatabase.url and externalDatabase.password empty" -}}
+{{- if and .Values.secrets.existingSecret (or .Values.secrets.secretKey .Values.secrets.brokerToken .Values.externalDatabase.password .Values.externalDatabase.url) -}}
+{{- fail "secrets.existingSecret is set: put NOETL_SECRET_KEY, NOETL_DATABASE_URL and NOETL_BROKER_TOKEN in that Secret and leave secrets.secretKey, secrets.brokerToken, externalDatabase.url and externalDatabase.password empty" -}}
 {{- end -}}
 {{- end -}}

@@ -206,8 +206,9 @@ def normalise_step(raw: Any, name: str, path: str, ctx: _Ctx, *, task: bool = Fa
 
 def _config(kind: str | None, raw: dict, data: dict | str, path: str, issues: Issues) -> dict[str, Any]:
     """Each kind's own keys (their presence is checked by `validate` on the result)."""
-    if kind == "python":
-        return {"code": code_of(raw, path, issues)}
+    if kind == "python":   # `limits:` is the step's own resource limits (validate.check_limits, the worker)
+        limits = {"limits": raw["limits"]} if raw.get("limits") is not None else {}
+        return {"code": code_of(raw, path, issues), **limits}
     if kind == "http":
         return {"endpoint": raw.get("endpoint", raw.get("url")), "method": method_of(raw, "GET"),
                 "headers": headers_of(raw.get("headers"), f"{path}.headers", issues)}

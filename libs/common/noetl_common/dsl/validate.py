@@ -27,7 +27,7 @@ SAVE_KEYS = frozenset({"storage", "type", "data", "args", "name", "table", "mode
                        "sql", "statement", "database"})
 KIND_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset(),
-    "python": frozenset(CODE_KEYS),
+    "python": frozenset({*CODE_KEYS, "limits"}),
     "http": frozenset({"endpoint", "url", "method", "headers"}),
     "postgres": frozenset({*SQL_KEYS, "database"}),
     "duckdb": frozenset({*SQL_KEYS, "database"}),
@@ -178,10 +178,31 @@ def check_steps(steps: list[Step], key: str, issues: Issues) -> None:
             _check_action(each, issues)
 
 
+# The resource limits a python step may ask for in `limits:` (docs/security.md "Limits"). Their defaults
+# and maximums are the worker's settings (NOETL_STEP_*, NOETL_STEP_MAX_*), which differ between pools, so
+# the load checks the shape and the worker checks the maximum of the pool that runs the step.
+STEP_LIMITS = ("memory_mb", "cpu_seconds", "processes", "open_files", "file_size_mb")
+
+
+def check_limits(limits: Any, path: str, issues: Issues) -> None:
+    if not isinstance(limits, dict):
+        issues.error(path, f"limits must be a mapping of {', '.join(STEP_LIMITS)}")
+        return
+    for name, value in limits.items():
+        if name not in STEP_LIMITS:
+            issues.error(f"{path}.{name}", f"unknown limit {name!r} (known: {', '.join(STEP_LIMITS)})")
+        elif isinstance(value, str) and ("{{" in value or "{%" in value):
+            continue   # rendered at dispatch; the worker checks what it renders to
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            issues.error(f"{path}.{name}", f"limits.{name} must be a positive whole number, got {value!r}")
+
+
 def _check_action(step: Step, issues: Issues) -> None:
     config, path = step.config, step.path
     if step.type == "python" and not (config.get("code") or "").strip():
         issues.error(f"{path}.code", "a python step needs code defining main()")
+    if step.type == "python" and "limits" in config:
+        check_limits(config["limits"], f"{path}.limits", issues)
     elif step.type == "http":
         if not isinstance(config.get("endpoint"), str) or not config["endpoint"].strip():
             issues.error(f"{path}.endpoint", "an http step needs endpoint (or url)")

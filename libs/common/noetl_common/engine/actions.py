@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from noetl_common.attempt_tokens import token_for
 from noetl_common.dsl.models import Step
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.tick import Tick
@@ -143,7 +144,7 @@ def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *,
     tick.commands.append(Command(
         command_id=cid, execution_id=s.execution_id, parent_execution_id=s.parent_execution_id, step=step,
         visit=visit, attempt=attempt, index=index, phase=phase, result=result, action=action, time=tick.time,
-        lease_seconds=s.lease_seconds))
+        lease_seconds=s.lease_seconds, token=token_for(s.fact_key, cid)))
 
 
 def _reads_context(code: Any) -> bool:
@@ -190,5 +191,6 @@ def redeliver(state: ExecutionState, include_children: bool = False) -> list[Com
         commands.append(Command(
             command_id=work.command_id, execution_id=state.execution_id, parent_execution_id=state.parent_execution_id,
             step=work.step, visit=work.visit, attempt=work.attempt, index=work.index, phase=work.phase,
-            result=work.result, action=action, time=work.dispatched, lease_seconds=state.lease_seconds))
+            result=work.result, action=action, time=work.dispatched, lease_seconds=state.lease_seconds,
+            token=token_for(state.fact_key, work.command_id)))
     return commands

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from noetl_common.attempt_tokens import genuine
 from noetl_common.dsl import load_playbook
 from noetl_common.engine import iterator, v10
 from noetl_common.engine.actions import send
@@ -33,6 +34,7 @@ class Transition:
     requests: list[Any] = field(default_factory=list)     # messages for other executions' keys
     timers: dict[str, float] = field(default_factory=dict)  # deadlines set by this message
     stale: bool = False                                     # the message was a duplicate or out of date
+    forged: bool = False                                    # of those: a fact without its attempt's token
 
 
 def advance(state: ExecutionState | None, msg: Any) -> Transition:
@@ -43,6 +45,9 @@ def advance(state: ExecutionState | None, msg: Any) -> Transition:
         tick = _start(msg)
     elif state is None or state.terminal:
         return Transition(state, stale=True)
+    elif isinstance(msg, _FACTS) and not genuine(state.fact_key, msg.command_id, msg.token):
+        # a forged fact (or one for another attempt's token): dropped before it can touch anything
+        return Transition(state, stale=True, forged=True)
     else:
         tick = Tick(state, compile_state(state), msg.time)
         _HANDLERS[type(msg)](tick, msg)
@@ -65,7 +70,7 @@ def fail_on_error(state: ExecutionState | None, msg: Any, error: str) -> Transit
             execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
             workload=dict(msg.payload), parent_execution_id=msg.parent_execution_id,
             parent_command_id=msg.parent_command_id, parent_step=msg.parent_step, return_step=msg.return_step,
-            lease_seconds=msg.lease_seconds, started=msg.time)
+            fact_key=msg.fact_key, parent_token=msg.parent_token, lease_seconds=msg.lease_seconds, started=msg.time)
         tick = Tick(state, None, msg.time)
         tick.emit("execution_start", document_name(state.playbook, state.path), "playbook", "STARTED", meta={
             "path": msg.path, "version": msg.version, "workload": state.workload,
@@ -85,8 +90,8 @@ def _start(msg: StartExecution) -> Tick:
         execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
         workload=deep_merge(base, msg.payload), parent_execution_id=msg.parent_execution_id,
         parent_command_id=msg.parent_command_id, parent_step=msg.parent_step, return_step=msg.return_step,
-        lease_seconds=msg.lease_seconds, lease_retries=msg.lease_retries, lease_retry_delay=msg.lease_retry_delay,
-        started=msg.time)
+        fact_key=msg.fact_key, parent_token=msg.parent_token, lease_seconds=msg.lease_seconds,
+        lease_retries=msg.lease_retries, lease_retry_delay=msg.lease_retry_delay, started=msg.time)
     tick = Tick(state, compile_state(state, playbook), msg.time)
     name = playbook.name if playbook else document_name(msg.playbook, msg.path)
     tick.emit("execution_start", name, "playbook", "STARTED", meta={
@@ -352,6 +357,9 @@ def _lease(tick: Tick, work: Work) -> float:
     timeout = _timeout(tick, work)
     return timeout + LEASE_GRACE if timeout is not None else tick.state.lease_seconds
 
+
+# Facts about an attempt: each must carry the token of the attempt's command (noetl_common.attempt_tokens).
+_FACTS = (ActionStarted, ActionHeartbeat, ActionCompleted, ActionFailed, ChildStarted, ChildFinished)
 
 _HANDLERS = {
     CancelExecution: _cancel, ActionStarted: _action_started, ActionHeartbeat: _heartbeat,

@@ -192,7 +192,7 @@ def child_finished(s: Any, time: float) -> ChildFinished | None:
     result = s.results.get(s.return_step) if s.return_step else s.result
     return ChildFinished(execution_id=s.parent_execution_id, command_id=s.parent_command_id,
                          child_execution_id=s.execution_id, status=s.status, result=result, error=s.error,
-                         time=time)
+                         time=time, token=s.parent_token)
 
 
 def _playbook_name(tick: Tick) -> str:

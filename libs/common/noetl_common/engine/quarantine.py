@@ -39,7 +39,8 @@ def quarantine(execution_id: str, reason: str, time: float, *, raw: bytes | None
     q = ExecutionState(
         execution_id=execution_id, path=known["path"], version=known["version"], playbook={}, workload={},
         parent_execution_id=known["parent_execution_id"], parent_command_id=known["parent_command_id"],
-        parent_step=known["parent_step"], return_step=known["return_step"], status="FAILED",
+        parent_step=known["parent_step"], return_step=known["return_step"], parent_token=known["parent_token"],
+        status="FAILED",
         started=known["started"] if known["started"] is not None else time, finished=time,
         seq=(seq if seq is not None else UNKNOWN_SEQ) + 1, error=error)
     event = Event(
@@ -64,7 +65,7 @@ def is_quarantined(event: Event) -> bool:
 def _salvage(state: ExecutionState | None, raw: bytes | None, msg: Any) -> dict[str, Any]:
     known: dict[str, Any] = {"seq": None, "path": "?", "version": None, "parent_execution_id": None,
                              "parent_command_id": None, "parent_step": None, "return_step": None,
-                             "started": None, "name": "playbook", "children": []}
+                             "parent_token": None, "started": None, "name": "playbook", "children": []}
     data: dict[str, Any] = {}
     if state is not None:
         try:
@@ -80,8 +81,10 @@ def _salvage(state: ExecutionState | None, raw: bytes | None, msg: Any) -> dict[
     if isinstance(msg, StartExecution) and not data:
         data = {"path": msg.path, "version": msg.version, "parent_execution_id": msg.parent_execution_id,
                 "parent_command_id": msg.parent_command_id, "parent_step": msg.parent_step,
-                "return_step": msg.return_step, "started": msg.time, "playbook": msg.playbook, "seq": 0}
-    for key in ("path", "parent_execution_id", "parent_command_id", "parent_step", "return_step"):
+                "return_step": msg.return_step, "parent_token": msg.parent_token, "started": msg.time,
+                "playbook": msg.playbook, "seq": 0}
+    # parent_token: the parent accepts the quarantined child's ChildFinished only with it
+    for key in ("path", "parent_execution_id", "parent_command_id", "parent_step", "return_step", "parent_token"):
         value = data.get(key)
         if isinstance(value, str):
             known[key] = clean_text(value, 1000)

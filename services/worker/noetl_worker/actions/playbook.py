@@ -11,6 +11,7 @@ import time
 import uuid
 
 from noetl_common.messages import ChildStarted, StartExecution
+from noetl_runtime.fact_keys import new_fact_key
 
 from noetl_worker.actions.base import ActionError, Invocation
 
@@ -45,9 +46,9 @@ async def start_child(inv: Invocation) -> str:
         execution_id=child_id, time=now, playbook=entry.document, path=entry.path, version=entry.version,
         payload=payload, parent_execution_id=cmd.execution_id, parent_command_id=cmd.command_id,
         parent_step=cmd.step, return_step=config.get("return_step") or None,
-        lease_seconds=cmd.lease_seconds))
+        lease_seconds=cmd.lease_seconds, fact_key=new_fact_key(), parent_token=cmd.token))
     await inv.ports.emit(ChildStarted(execution_id=cmd.execution_id, command_id=cmd.command_id,
-                                      child_execution_id=child_id, time=now))
+                                      child_execution_id=child_id, time=now, token=cmd.token))
     return child_id
 
 
