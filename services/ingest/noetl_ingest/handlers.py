@@ -99,10 +99,26 @@ def parse_version(value: Any) -> int | None:
     raise ValueError(f"version must be a positive integer or 'latest', got {value!r}")
 
 
+def _run_request_schema(schema: dict[str, Any]) -> None:
+    """The document states what the validators check: a playbook named, a version that parses."""
+    named = {"type": "string", "minLength": 1}
+    # `path` wins over its alias `playbook_id` when both are present (even as null)
+    schema["anyOf"] = [{"required": ["path"], "properties": {"path": named}},
+                       {"required": ["playbook_id"], "properties": {"playbook_id": named},
+                        "not": {"required": ["path"]}},
+                       {"required": ["catalog_id"], "properties": {"catalog_id": named}}]
+    schema["properties"]["playbook_id"] = {"type": "string", "title": "Playbook Id (alias of path)"}
+    schema["properties"]["input_payload"] = {"anyOf": [{"type": "object"}, {"type": "null"}],
+                                             "title": "Input Payload (alias of parameters)"}
+    schema["properties"]["version"] = {"anyOf": [{"type": "integer", "minimum": 1},
+                                                 {"type": "string", "pattern": r"^(latest|\s*0*[1-9][0-9]*\s*)?$"},
+                                                 {"type": "null"}], "title": "Version"}
+
+
 class RunRequest(BaseModel):
     """NoETL's body: `path` (alias `playbook_id`) or `catalog_id` ("path:version"), `version`,
     `parameters` (alias `input_payload`), `merge`. Other NoETL fields are accepted and ignored."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_run_request_schema)
     path: str | None = Field(None, validation_alias=AliasChoices("path", "playbook_id"))
     catalog_id: str | None = None
     version: int | str | None = None
@@ -277,7 +293,8 @@ async def post_event(ports: IngestPorts, body: Any, principal: str | None = None
                          + (": use POST /api/executions/run" if kind == "start" else " (timers are internal)"))
     if kind == "cancel":
         body = {**body, "principal": principal}
-    message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
+    message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode(),
+                             strict=True)
     await ports.submit(message)
     return {"status": "accepted", "kind": message.kind, "execution_id": message.execution_id}
 
