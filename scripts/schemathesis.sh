@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Property-based tests of the HTTP API against its own OpenAPI document (schemathesis 4, every check):
 # no 5xx, every status and body as the document declares, requests the document allows are accepted and
-# those it forbids are refused. Settings: scripts/schemathesis.toml. docs/testing.md, "API fuzzing".
+# those it forbids are refused. Settings: scripts/schemathesis.toml. docs/security.md, "The API document, checked by schemathesis".
 #
 #   bash scripts/schemathesis.sh                      # starts a throwaway `noetl server` (its own store)
 #   NOETL_API_TOKEN=... bash scripts/schemathesis.sh --url http://127.0.0.1:8080 --label kafka

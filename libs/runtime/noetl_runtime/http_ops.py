@@ -172,7 +172,8 @@ def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready
 def _declare_answers(app: FastAPI) -> None:
     """What every route may answer beyond its own declarations: a 422 is FastAPI's list of located errors or,
     from `answer` (a codec DecodeError), one reason string; any request with a body may get the 413 of the
-    body limit."""
+    body limit; any API route may get a 400 for a value its store cannot hold (a NUL character in Postgres
+    text: noetl_frontend.app.cluster_api)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -184,8 +185,10 @@ def _declare_answers(app: FastAPI) -> None:
             listed = invalid["properties"]["detail"]
             invalid["properties"]["detail"] = {"anyOf": [{k: v for k, v in listed.items() if k != "title"},
                                                          {"type": "string"}], "title": "Detail"}
-        for operations in schema.get("paths", {}).values():
+        for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
+                if path.startswith("/api/"):
+                    operation.setdefault("responses", {}).setdefault("400", refusals(400)[400])
                 if "requestBody" in operation:
                     operation.setdefault("responses", {}).setdefault("413", refusals(413)[413])
         app.state.answers_openapi_done = True

@@ -26,7 +26,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from noetl_common.codec import DecodeError, decode_inbound
 from noetl_common.dsl import load_playbook
 from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, CancelExecution, StartExecution
-from noetl_common.ports import CatalogPort, Claim, Credential, CredentialPort, IdempotencyPort
+from noetl_common.ports import MAX_VERSION, CatalogPort, Claim, Credential, CredentialPort, IdempotencyPort
 from noetl_common.refusals import Conflict
 from noetl_ingest.admission import EXECUTION_ID_PATTERN, InFlight, check_key, request_hash, scope_of
 
@@ -213,7 +213,7 @@ async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None =
 async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request: dict[str, Any],
                  digest: str, principal: str | None = None) -> dict[str, Any]:
     path, version = req.target()
-    entry = await ports.catalog.get(path, version)
+    entry = await ports.catalog.get(path, version) if (version or 0) <= MAX_VERSION else None
     if entry is None:
         raise LookupError(f"playbook {path!r} {'version ' + str(version) if version else '(latest)'}"
                           " is not in the catalog")

@@ -24,7 +24,8 @@ from noetl_query.handlers import MAX_PAGE, STATUSES, ExecutionFilters, Explainer
 # valid both in Python and in the document's (ECMA-262) regular expressions.
 _STATUS_PATTERN = "^(" + "|".join("".join(f"[{c}{c.lower()}]" for c in s) for s in STATUSES) + ")$"
 _VERSION_PATTERN = r"^(latest|0*[1-9][0-9]*)?$"
-MAX_INT64 = 2**63 - 1   # offsets and sequence numbers are 64-bit integers in SQLite and Postgres
+MAX_INT64 = 2**63 - 1   # offsets are 64-bit integers in SQLite and Postgres
+MAX_SEQ = 2**31 - 1     # an event's seq is a Postgres integer
 
 
 def _not_a_number(value: Any) -> Any:
@@ -90,7 +91,7 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
         return await answer(h.get_execution(read, execution_id, include_events=events))
 
     @api.get("/executions/{execution_id}/events", responses=refusals(404))
-    async def execution_events(execution_id: str, after_seq: int = Query(-1, ge=-1, le=MAX_INT64)) -> Any:
+    async def execution_events(execution_id: str, after_seq: int = Query(-1, ge=-1, le=MAX_SEQ)) -> Any:
         return await answer(h.execution_events(read, execution_id, after_seq))
 
     @api.get("/executions/{execution_id}/explain", responses=refusals(404, 503))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from noetl_common import projection
 from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
-from noetl_common.ports import CatalogEntry
+from noetl_common.ports import MAX_VERSION, CatalogEntry
 
 Status = Literal["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
 STATUSES: tuple[str, ...] = get_args(Status)
@@ -228,7 +228,7 @@ async def catalog_list(read: ReadModel, resource_type: str | None = None, page: 
 
 
 async def catalog_playbook(read: ReadModel, playbook_id: str, version: int | None = None) -> dict[str, Any]:
-    entry = await read.playbook(playbook_id, version)
+    entry = await read.playbook(playbook_id, version) if (version or 0) <= MAX_VERSION else None
     if entry is None:
         raise LookupError(f"playbook {playbook_id!r} {'version ' + str(version) if version else '(latest)'}"
                           " is not in the catalog")
