@@ -66,16 +66,20 @@ if [[ -z "${NOETL_API_TOKEN:-}" ]]; then
 fi
 export NOETL_API_TOKEN   # read by scripts/schemathesis.toml: the token never appears on a command line
 
+# One worker: with two, hypothesis (under schemathesis 4.32) sometimes stops an operation with "AST
+# constructor recursion depth mismatch", an error of the tool's threads, not of the API.
 set +e
 (cd "$WORK" && schemathesis --config-file "$ROOT/scripts/schemathesis.toml" run "$URL/openapi.json" \
-   --checks all --max-examples "$EXAMPLES" --seed "$SEED" --workers 2 --no-color) | tee "$WORK/run.txt"
+   --checks all --max-examples "$EXAMPLES" --seed "$SEED" --workers 1 --no-color) | tee "$WORK/run.txt"
 rc=${PIPESTATUS[0]}
 set -e
 # One line for the CI log: how much was tested and what it found.
 operations="$(sed -n 's/^ *Tested: *\([0-9]*\).*/\1/p' "$WORK/run.txt" | tail -1)"
 cases="$(sed -n 's/^ *\([0-9]*\) generated.*/\1/p' "$WORK/run.txt" | tail -1)"
 failures="$(grep -Eo '[0-9]+ (unique )?failures?' "$WORK/run.txt" | tail -1 || true)"
-echo "schemathesis ($LABEL): ${operations:-?} operations, ${cases:-?} cases, ${failures:-0 failures}, exit $rc"
+errors="$(grep -Eo '^=+ .*[0-9]+ errors?' "$WORK/run.txt" | grep -Eo '[0-9]+ errors?' | tail -1 || true)"
+echo "schemathesis ($LABEL): ${operations:-?} operations, ${cases:-?} cases, ${failures:-0 failures}," \
+     "${errors:-0 errors}, exit $rc"
 if [[ $rc -ne 0 && -n "$SERVER_PID" ]]; then
   echo "---- server log (last 40 lines)"
   tail -n 40 "$WORK/server.log"
