@@ -25,6 +25,7 @@ PYTEST_TIMEOUT="${NOETL_PYTEST_TIMEOUT:-2400}"
 CONFORMANCE_TIMEOUT="${NOETL_CONFORMANCE_TIMEOUT:-2100}"
 BENCH_TIMEOUT="${NOETL_BENCH_TIMEOUT:-600}"
 CONTAINER_TIMEOUT="${NOETL_CONTAINER_TIMEOUT:-1800}"
+SCHEMATHESIS_TIMEOUT="${NOETL_SCHEMATHESIS_TIMEOUT:-900}"   # each of the two runs (timings: docs/security.md)
 
 START=$SECONDS
 FAILED=()
@@ -178,6 +179,12 @@ if [[ -f "$CONFORMANCE" ]]; then
   timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
     python "$CONFORMANCE" --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --pg-dsn "$NOETL_TEST_PG_DSN"
   rc=$?
+  # The same throwaway server (its store holds the conformance's executions): schemathesis with every check,
+  # as the admin token it wrote beside its store (docs/security.md, "The API document, checked by schemathesis").
+  section "schemathesis: against 'noetl server' (scripts/schemathesis.sh)"
+  NOETL_API_TOKEN="$(cat "$WORK/admin.token")" timeout --kill-after=30 "$SCHEMATHESIS_TIMEOUT" \
+    bash scripts/schemathesis.sh --url "http://127.0.0.1:$SERVER_PORT" --label "noetl server"
+  record "schemathesis (noetl server)" $?
   set -e
   kill "$SERVER_PID" 2>/dev/null || true
   for _ in $(seq 1 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
@@ -221,6 +228,10 @@ if [[ -f "$CONFORMANCE" ]]; then
         --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --cases "$ROOT/../shared/conformance/cases-v10" \
         --pg-dsn "$NOETL_TEST_PG_DSN"
     rc_v10=$?
+    section "schemathesis: against 'noetl server --kafka' (scripts/schemathesis.sh)"
+    NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$SCHEMATHESIS_TIMEOUT" \
+      bash scripts/schemathesis.sh --url "http://127.0.0.1:$SERVER_PORT" --label "noetl server --kafka"
+    record "schemathesis (noetl server --kafka)" $?
     kill "$SERVER_PID" 2>/dev/null || true
     for _ in $(seq 1 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
     kill -9 "$SERVER_PID" 2>/dev/null || true

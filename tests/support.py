@@ -55,3 +55,32 @@ def pg_token(dsn: str, schema: str, role: str = "admin") -> str:
         finally:
             await conn.close()
     return asyncio.run(go())
+
+
+# ------------------------------------------------------------------------------ the API's OpenAPI document
+def _document_valid(document: dict[str, Any], schema: dict[str, Any], value: Any) -> bool:
+    from jsonschema import Draft202012Validator
+
+    # the document's $refs (#/components/...) resolve against a root that carries its components
+    return Draft202012Validator({**schema, "components": document["components"]}).is_valid(value)
+
+
+def declared(document: dict[str, Any], method: str, template: str, response: Any) -> None:
+    """Assert that the OpenAPI `document` lists the status of this httpx `response` for the operation, with
+    its content type, and that the body matches the schema it gives (what schemathesis checks in CI)."""
+    operation = document["paths"][template][method.lower()]
+    status = str(response.status_code)
+    assert status in operation["responses"], f"{method} {template}: {status} is not declared"
+    content = operation["responses"][status].get("content", {})
+    kind = response.headers.get("content-type", "").split(";")[0]
+    assert not content or kind in {k.split(";")[0] for k in content}, f"{method} {template}: {kind} not declared"
+    schema = content.get("application/json", {}).get("schema")
+    if schema and kind == "application/json":
+        assert _document_valid(document, schema, response.json()), \
+            f"{method} {template}: {response.text} violates {schema}"
+
+
+def body_valid(document: dict[str, Any], template: str, body: Any) -> bool:
+    """Whether the document's request body schema of POST `template` allows `body`."""
+    schema = document["paths"][template]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return _document_valid(document, schema, body)

@@ -33,7 +33,7 @@ def test_an_over_large_page_is_refused(limits_server):
     assert server.get("/api/catalog/list", params={"limit": 101, "include_content": "true"},
                      timeout=30).status_code == 400
     assert server.get("/api/executions", params={"limit": 1001}, timeout=30).status_code == 422
-    assert server.get("/api/credentials", params={"limit": 1001}, timeout=30).status_code == 400
+    assert server.get("/api/credentials", params={"limit": 1001}, timeout=30).status_code == 422
     assert server.get("/api/catalog/list", params={"offset": -1}, timeout=30).status_code == 422
 
 

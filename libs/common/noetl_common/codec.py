@@ -22,8 +22,10 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode()
 
 
-def decode_inbound(raw: bytes) -> Any:
-    return _decode(lambda: _INBOUND.validate_json(raw))
+def decode_inbound(raw: bytes, *, strict: bool = False) -> Any:
+    """strict: no coercion (a bool or a string is not a time): what a client posts over HTTP must be what
+    the message schema (and the API's document) says, not merely convertible to it."""
+    return _decode(lambda: _INBOUND.validate_json(raw, strict=strict))
 
 
 def decode_command(raw: bytes) -> Command:

@@ -9,6 +9,9 @@ from typing import Any, Awaitable, Callable, Protocol
 from pydantic import BaseModel
 
 
+MAX_VERSION = 2**31 - 1   # catalog versions are Postgres integers: a larger one names no entry
+
+
 class CatalogEntry(BaseModel):
     path: str
     version: int

@@ -51,6 +51,26 @@ _OPS_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/
 ReadyCheck = Callable[[], "str | None"]        # None when ready (or alive), else why not
 GaugeFn = tuple[str, Callable[[], float]]     # (help text, current value)
 
+# The OpenAPI declaration of the answers above, so the document lists every status a route can give and
+# the shape of its body (schemathesis checks both in CI: scripts/schemathesis.sh).
+_REASON_SCHEMA: dict[str, Any] = {"type": "object", "required": ["detail"],
+                                  "properties": {"detail": {"type": "string"},
+                                                 "errors": {"type": "array", "items": {"type": "object"}}}}
+_WHY = {400: "Refused by the engine (e.g. an invalid playbook or template)", 404: "Not found",
+        409: "Conflicts with a request already taken", 413: "Over a size limit",
+        429: "Too many executions in flight (see Retry-After)", 503: "Unavailable now: nothing was accepted"}
+
+
+def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route that `answer` may map to these statuses (each a {"detail": reason} body)."""
+    declared: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        declared[status] = {"description": _WHY[status], "content": {"application/json": {"schema": _REASON_SCHEMA}}}
+        if status == 429:
+            declared[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                           "description": "seconds to wait before retrying"}}
+    return declared
+
 
 async def answer(call: Awaitable[T]) -> T | JSONResponse:
     """Await a handler; map its exceptions to the HTTP answers above."""
@@ -96,6 +116,7 @@ def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready
             raise ValueError(f"the {service} app has API routes {extra}: it needs an Authenticator")
     install_auth(app, auth)
     limit_request_body(app, max_body_bytes)   # added last: outermost, so an oversized body is 413 first
+    _declare_answers(app)
     registry = CollectorRegistry()
     requests = Counter("noetl_http_requests", "HTTP requests answered", ["service", "method", "route", "status"],
                        registry=registry)
@@ -122,25 +143,59 @@ def install_ops(app: FastAPI, *, service: str, auth: Authenticator | None, ready
         requests.labels(service, request.method, path, str(response.status_code)).inc()
         return response
 
-    @app.get("/health", tags=["ops"], response_model=None)
+    probe = {503: {"description": "Not alive / not ready, with the reason", "content": {"application/json": {
+        "schema": {"type": "object", "properties": {"status": {"type": "string"}, "reason": {"type": "string"}}}}}}}
+
+    @app.get("/health", tags=["ops"], response_model=None, responses=probe)
     async def health() -> dict[str, str] | JSONResponse:
         why = live() if live is not None else None
         if why is not None:
             return JSONResponse({"status": "dead", "reason": why}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"], response_model=None)
+    @app.get("/ready", tags=["ops"], response_model=None, responses=probe)
     async def is_ready() -> dict[str, str] | JSONResponse:
         why = ready() if ready is not None else None
         if why is not None:
             return JSONResponse({"status": "not ready", "reason": why}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return registry
+
+
+def _declare_answers(app: FastAPI) -> None:
+    """What every route may answer beyond its own declarations: a 422 is FastAPI's list of located errors or,
+    from `answer` (a codec DecodeError), one reason string; any request with a body may get the 413 of the
+    body limit; any API route may get a 400 for a value its store cannot hold (a NUL character in Postgres
+    text: noetl_frontend.app.cluster_api)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if getattr(app.state, "answers_openapi_done", False):
+            return app.openapi_schema
+        schema = generate()
+        invalid = schema.get("components", {}).get("schemas", {}).get("HTTPValidationError")
+        if invalid is not None:
+            listed = invalid["properties"]["detail"]
+            invalid["properties"]["detail"] = {"anyOf": [{k: v for k, v in listed.items() if k != "title"},
+                                                         {"type": "string"}], "title": "Detail"}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                if path.startswith("/api/"):
+                    operation.setdefault("responses", {}).setdefault("400", refusals(400)[400])
+                if "requestBody" in operation:
+                    operation.setdefault("responses", {}).setdefault("413", refusals(413)[413])
+        app.state.answers_openapi_done = True
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def limit_request_body(app: FastAPI, max_body_bytes: int | None = None) -> None:

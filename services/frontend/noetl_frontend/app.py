@@ -81,6 +81,7 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
     (`max_in_flight`, else NOETL_MAX_IN_FLIGHT) reads the read model (noetl_ingest.admission)."""
     # here: embedded `noetl server` imports this module without the Kafka extra
     from aiokafka.errors import KafkaError
+    from asyncpg.exceptions import DataError
 
     from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
 
@@ -107,6 +108,13 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
                     "service's Postgres projection.",
         gauges={"noetl_ingest_messages_produced": ("inbound messages produced to Kafka", lambda: float(submit.sent)),
                 **(gauges or {})})
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        # A value of the request that Postgres cannot hold (a NUL character in text, an integer over its
+        # column's range): the request's fault, so 400, never a 500. SQLite (embedded) holds both.
+        return JSONResponse({"detail": f"a value of this request cannot be stored or looked up in Postgres "
+                                       f"({type(exc).__name__}; e.g. a NUL character)"}, status_code=400)
 
     @app.exception_handler(KafkaError)
     async def _kafka_down(_request: Request, exc: KafkaError) -> JSONResponse:

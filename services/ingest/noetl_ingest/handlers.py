@@ -26,7 +26,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from noetl_common.codec import DecodeError, decode_inbound
 from noetl_common.dsl import load_playbook
 from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, CancelExecution, StartExecution
-from noetl_common.ports import CatalogPort, Claim, Credential, CredentialPort, IdempotencyPort
+from noetl_common.ports import MAX_VERSION, CatalogPort, Claim, Credential, CredentialPort, IdempotencyPort
 from noetl_common.refusals import Conflict
 from noetl_ingest.admission import EXECUTION_ID_PATTERN, InFlight, check_key, request_hash, scope_of
 from noetl_runtime.auth import OPERATOR, allows
@@ -101,10 +101,26 @@ def parse_version(value: Any) -> int | None:
     raise ValueError(f"version must be a positive integer or 'latest', got {value!r}")
 
 
+def _run_request_schema(schema: dict[str, Any]) -> None:
+    """The document states what the validators check: a playbook named, a version that parses."""
+    named = {"type": "string", "minLength": 1}
+    # `path` wins over its alias `playbook_id` when both are present (even as null)
+    schema["anyOf"] = [{"required": ["path"], "properties": {"path": named}},
+                       {"required": ["playbook_id"], "properties": {"playbook_id": named},
+                        "not": {"required": ["path"]}},
+                       {"required": ["catalog_id"], "properties": {"catalog_id": named}}]
+    schema["properties"]["playbook_id"] = {"type": "string", "title": "Playbook Id (alias of path)"}
+    schema["properties"]["input_payload"] = {"anyOf": [{"type": "object"}, {"type": "null"}],
+                                             "title": "Input Payload (alias of parameters)"}
+    schema["properties"]["version"] = {"anyOf": [{"type": "integer", "minimum": 1},
+                                                 {"type": "string", "pattern": r"^(latest|\s*0*[1-9][0-9]*\s*)?$"},
+                                                 {"type": "null"}], "title": "Version"}
+
+
 class RunRequest(BaseModel):
     """NoETL's body: `path` (alias `playbook_id`) or `catalog_id` ("path:version"), `version`,
     `parameters` (alias `input_payload`), `merge`. Other NoETL fields are accepted and ignored."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_run_request_schema)
     path: str | None = Field(None, validation_alias=AliasChoices("path", "playbook_id"))
     catalog_id: str | None = None
     version: int | str | None = None
@@ -199,7 +215,7 @@ async def run(ports: IngestPorts, req: RunRequest, idempotency_key: str | None =
 async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request: dict[str, Any],
                  digest: str, principal: str | None = None) -> dict[str, Any]:
     path, version = req.target()
-    entry = await ports.catalog.get(path, version)
+    entry = await ports.catalog.get(path, version) if (version or 0) <= MAX_VERSION else None
     if entry is None:
         raise LookupError(f"playbook {path!r} {'version ' + str(version) if version else '(latest)'}"
                           " is not in the catalog")
@@ -284,7 +300,8 @@ async def post_event(ports: IngestPorts, body: Any, principal: str | None = None
         if not allows(role, OPERATOR):
             raise PermissionError("a cancel needs the operator role (the worker role posts facts only)")
         body = {**body, "principal": principal}
-    message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode())
+    message = decode_inbound(json.dumps({**body, "time": body.get("time", ports.clock())}, default=str).encode(),
+                             strict=True)
     await ports.submit(message)
     return {"status": "accepted", "kind": message.kind, "execution_id": message.execution_id}
 

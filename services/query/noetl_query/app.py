@@ -5,18 +5,38 @@
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 
 from noetl_runtime.auth import Authenticator
-from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops
+from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops, refusals
 from noetl_query import handlers as h
-from noetl_query.handlers import ExecutionFilters, Explainer, NoLiveState, Page, ReadModel
+from noetl_query.handlers import MAX_PAGE, STATUSES, ExecutionFilters, Explainer, NoLiveState, Page, ReadModel
+
+# Any letter case of a status (the filter upper-cases it); a character class per letter keeps the pattern
+# valid both in Python and in the document's (ECMA-262) regular expressions.
+_STATUS_PATTERN = "^(" + "|".join("".join(f"[{c}{c.lower()}]" for c in s) for s in STATUSES) + ")$"
+_VERSION_PATTERN = r"^(latest|0*[1-9][0-9]*)?$"
+MAX_INT64 = 2**63 - 1   # offsets are 64-bit integers in SQLite and Postgres
+MAX_SEQ = 2**31 - 1     # an event's seq is a Postgres integer
+
+
+def _not_a_number(value: Any) -> Any:
+    """pydantic would read "0.5" as epoch seconds (and a large one as milliseconds); the document says an
+    ISO-8601 date-time, so a number is refused (422) rather than guessed."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?\s*", value):
+        raise ValueError("a time filter is an ISO-8601 date-time (2026-01-31T12:00:00Z), not a number")
+    return value
+
+
+Moment = Annotated[datetime, BeforeValidator(_not_a_number)]   # a time filter (a naive one is UTC)
 
 
 def _version(value: str | None) -> int | None:
@@ -56,42 +76,44 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["query"])
 
     @api.get("/executions")
-    async def list_executions(response: Response, status: str | None = None, path: str | None = None,
-                              since: str | None = None, until: str | None = None,
-                              parent_execution_id: str | None = None, limit: int = 50, offset: int = 0) -> Any:
+    async def list_executions(response: Response, status: str | None = Query(None, pattern=_STATUS_PATTERN),
+                              path: str | None = None, since: Moment | None = None, until: Moment | None = None,
+                              parent_execution_id: str | None = None, limit: int = Query(50, ge=1, le=MAX_PAGE),
+                              offset: int = Query(0, ge=0, le=MAX_INT64)) -> Any:
         """NoETL's list (a JSON array), newest first; the total number matching is in X-Total-Count."""
         filters = {"status": status, "path": path, "since": since, "until": until,
                    "parent_execution_id": parent_execution_id}
         return await answer(_listing(read, response, {k: v for k, v in filters.items() if v is not None},
                                      {"limit": limit, "offset": offset}))
 
-    @api.get("/executions/{execution_id}")
+    @api.get("/executions/{execution_id}", responses=refusals(404))
     async def get_execution(execution_id: str, events: bool = True) -> Any:
         return await answer(h.get_execution(read, execution_id, include_events=events))
 
-    @api.get("/executions/{execution_id}/events")
-    async def execution_events(execution_id: str, after_seq: int = Query(-1, ge=-1)) -> Any:
+    @api.get("/executions/{execution_id}/events", responses=refusals(404))
+    async def execution_events(execution_id: str, after_seq: int = Query(-1, ge=-1, le=MAX_SEQ)) -> Any:
         return await answer(h.execution_events(read, execution_id, after_seq))
 
-    @api.get("/executions/{execution_id}/explain")
+    @api.get("/executions/{execution_id}/explain", responses=refusals(404, 503))
     async def explain_execution(execution_id: str) -> Any:
         """What a running execution waits for, and until when (noetl_common.explain); `noetl status` prints it."""
         return await answer(_explain(read, explainer, execution_id))
 
-    @api.get("/execution/data/{execution_id}")
+    @api.get("/execution/data/{execution_id}", responses=refusals(404))
     async def execution_data(execution_id: str) -> Any:
         return await answer(h.execution_data(read, execution_id))
 
-    @api.get("/events/summary/{execution_id}")
+    @api.get("/events/summary/{execution_id}", responses=refusals(404))
     async def events_summary(execution_id: str) -> Any:
         return await answer(h.events_summary(read, execution_id))
 
-    @api.get("/events/by-execution/{execution_id}")
+    @api.get("/events/by-execution/{execution_id}", responses=refusals(404))
     async def events_by_execution(execution_id: str) -> Any:
         return await answer(h.execution_data(read, execution_id))
 
-    @api.get("/catalog/list")
-    async def catalog_list(response: Response, resource_type: str | None = None, limit: int = 50, offset: int = 0,
+    @api.get("/catalog/list", responses=refusals(400))
+    async def catalog_list(response: Response, resource_type: str | None = None,
+                           limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_INT64),
                            include_content: bool = False) -> Any:
         """A page of registered versions, newest first, without content unless include_content=true; the
         total is in X-Total-Count and `total`."""
@@ -102,8 +124,8 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
             return body
         return await answer(listing())
 
-    @api.get("/catalog/playbook")
-    async def catalog_playbook(playbook_id: str, version: str | None = None) -> Any:
+    @api.get("/catalog/playbook", responses=refusals(404))
+    async def catalog_playbook(playbook_id: str, version: str | None = Query(None, pattern=_VERSION_PATTERN)) -> Any:
         return await answer(_playbook(read, playbook_id, version))
 
     return api

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from noetl_common import projection
 from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
-from noetl_common.ports import CatalogEntry
+from noetl_common.ports import MAX_VERSION, CatalogEntry
 
 Status = Literal["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]
+STATUSES: tuple[str, ...] = get_args(Status)
 
 
 class ExecutionFilters(BaseModel):
@@ -36,6 +37,20 @@ class ExecutionFilters(BaseModel):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """In UTC; a moment whose UTC form falls outside years 1..9999 (0001-01-01T00:00+01:00) is clamped to
+        the first or last representable moment, which selects the same executions."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        try:
+            return value.astimezone(timezone.utc)
+        except OverflowError:
+            return (datetime.min if value.year == 1 else datetime.max).replace(tzinfo=timezone.utc)
+
     def since_iso(self) -> str | None:
         return iso(self.since) if self.since else None
 
@@ -43,9 +58,12 @@ class ExecutionFilters(BaseModel):
         return iso(self.until) if self.until else None
 
 
+MAX_PAGE = 1000     # the largest page a list route answers (docs/security.md, Limits)
+
+
 class Page(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    limit: int = Field(50, ge=1, le=1000)
+    limit: int = Field(50, ge=1, le=MAX_PAGE)
     offset: int = Field(0, ge=0)
 
 
@@ -210,7 +228,7 @@ async def catalog_list(read: ReadModel, resource_type: str | None = None, page: 
 
 
 async def catalog_playbook(read: ReadModel, playbook_id: str, version: int | None = None) -> dict[str, Any]:
-    entry = await read.playbook(playbook_id, version)
+    entry = await read.playbook(playbook_id, version) if (version or 0) <= MAX_VERSION else None
     if entry is None:
         raise LookupError(f"playbook {playbook_id!r} {'version ' + str(version) if version else '(latest)'}"
                           " is not in the catalog")

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from noetl_runtime.auth import Authenticator
-from noetl_runtime.http_ops import ReadyCheck, answer, install_ops
+from noetl_runtime.http_ops import ReadyCheck, answer, install_ops, refusals
 from noetl_render import handlers as h
 from noetl_render.handlers import RenderPorts, RenderRequest
 
@@ -18,7 +18,7 @@ from noetl_render.handlers import RenderPorts, RenderRequest
 def router(ports: RenderPorts) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["render"])
 
-    @api.post("/context/render")
+    @api.post("/context/render", responses=refusals(400, 404))
     async def render_context(body: RenderRequest) -> Any:
         return await answer(h.render_template(ports, body))
 
