@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from noetl_runtime.auth import Authenticator
 from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops
 from noetl_query import handlers as h
-from noetl_query.handlers import ExecutionFilters, Explainer, NoLiveState, Page, ReadModel
+from noetl_query.handlers import (ExecutionFilters, Explainer, LogFilters, LogPage, NoLiveState, Page,
+                                  ReadModel)
 
 
 def _version(value: str | None) -> int | None:
@@ -32,6 +33,14 @@ async def _listing(read: ReadModel, response: Response, filters: dict[str, Any],
     items, total = await h.list_executions(read, ExecutionFilters.model_validate(filters), Page.model_validate(page))
     response.headers["X-Total-Count"] = str(total)
     return items
+
+
+async def _logs(read: ReadModel, response: Response, execution_id: str, filters: dict[str, Any],
+                page: dict[str, Any]) -> Any:
+    body, total = await h.attempt_logs(read, execution_id, LogFilters.model_validate(filters),
+                                       LogPage.model_validate(page))
+    response.headers["X-Total-Count"] = str(total)
+    return body
 
 
 async def _playbook(read: ReadModel, playbook_id: str, version: str | None) -> Any:
@@ -77,6 +86,17 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
     async def explain_execution(execution_id: str) -> Any:
         """What a running execution waits for, and until when (noetl_common.explain); `noetl status` prints it."""
         return await answer(_explain(read, explainer, execution_id))
+
+    @api.get("/executions/{execution_id}/logs")
+    async def execution_logs(execution_id: str, response: Response, step: str | None = None,
+                             attempt: int | None = None, index: int | None = None, limit: int = 50,
+                             offset: int = 0) -> Any:
+        """Each attempt's captured output and error (python stdout/stderr, tracebacks), redacted and bounded
+        by the worker, oldest first; filters `step`, `attempt`, `index` (an iteration item); the total number
+        matching is in X-Total-Count (docs/query.md, "Step output")."""
+        filters = {"step": step, "attempt": attempt, "index": index}
+        return await answer(_logs(read, response, execution_id, {k: v for k, v in filters.items() if v is not None},
+                                  {"limit": limit, "offset": offset}))
 
     @api.get("/execution/data/{execution_id}")
     async def execution_data(execution_id: str) -> Any:
