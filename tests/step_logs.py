@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import yaml
 
 SECRET = "l0gs-Secret-Value-7Qx"
 CREDENTIAL = {"name": "logtoken", "type": "generic", "data": {"value": SECRET}}
@@ -96,6 +97,30 @@ FAIL = textwrap.dedent("""\
         next: [{step: end}]
       - step: end
     """)
+
+# For the fold and read-model tests (no server): a step retried, and an iterator whose items retry.
+RETRIED_AND_ITERATED = {"apiVersion": "noetl.io/v1", "kind": "Playbook", "metadata": {"name": "t", "path": "t"},
+                        **yaml.safe_load("""
+workflow:
+  - step: start
+    next: [{step: flaky}]
+  - step: flaky
+    type: python
+    retry: {max_attempts: 3}
+    code: "def main(): return 1"
+    next: [{step: each}]
+  - step: each
+    type: iterator
+    collection: [0, 1, 2]
+    element: n
+    task:
+      type: python
+      data: {n: "{{ n }}"}
+      retry: {max_attempts: 2}
+      code: "def main(n): return n"
+    next: [{step: end}]
+  - step: end
+""")}
 
 
 def until(check: Any, timeout: float, what: str) -> Any:

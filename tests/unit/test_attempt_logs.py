@@ -15,8 +15,8 @@ from noetl_worker import _python_child
 from noetl_worker.execute import bounded, execute
 from noetl_worker.ports import WorkerPorts
 from noetl_worker.python_pool import PythonPool
+from step_logs import RETRIED_AND_ITERATED
 
-from test_fold import pb
 from test_worker_support import Emitted, command
 
 
@@ -65,27 +65,6 @@ def test_filters_and_order_by_time_then_seq():
 
 
 # --- the fold: every attempt's end carries its output ------------------------------------------------
-RETRIED_AND_ITERATED = pb("""
-workflow:
-  - step: start
-    next: [{step: flaky}]
-  - step: flaky
-    type: python
-    retry: {max_attempts: 3}
-    code: "def main(): return 1"
-    next: [{step: each}]
-  - step: each
-    type: iterator
-    collection: [0, 1, 2]
-    element: n
-    task:
-      type: python
-      data: {n: "{{ n }}"}
-      retry: {max_attempts: 2}
-      code: "def main(n): return n"
-    next: [{step: end}]
-  - step: end
-""")
 
 
 def test_the_fold_puts_each_attempts_output_on_the_event_that_ends_it():
