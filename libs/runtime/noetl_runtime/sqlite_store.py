@@ -71,8 +71,10 @@ CREATE TABLE IF NOT EXISTS events (
     body         TEXT NOT NULL          -- the full event as JSON
 );
 CREATE INDEX IF NOT EXISTS events_by_execution ON events (execution_id, seq);
--- step output (GET /api/executions/{id}/logs): the events that end an attempt with output or an error
-CREATE INDEX IF NOT EXISTS events_attempt_log ON events (execution_id, timestamp, seq) WHERE {log_events};
+-- step output (GET /api/executions/{id}/logs): the events that end an attempt with output or an error, with
+-- what the filters read (the same expressions as noetl_query.sqlite_reads), so a count or a filter reads no body
+CREATE INDEX IF NOT EXISTS events_attempt_log ON events (execution_id, timestamp, seq, node_name,
+    json_extract(body, '$.attempt'), json_extract(body, '$.current_index')) WHERE {log_events};
 CREATE TABLE IF NOT EXISTS states (
     execution_id TEXT PRIMARY KEY,
     snapshot     BLOB NOT NULL,

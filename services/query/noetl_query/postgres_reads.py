@@ -140,9 +140,11 @@ class PostgresReadModel:
             if await conn.fetchval(f"SELECT 1 FROM {self._q}.execution WHERE execution_id = $1", execution_id) is None:
                 return None
             total = await conn.fetchval(f"SELECT count(*) FROM {self._q}.event WHERE {clause}", *args)
+            # The page's ids from the index first: the rows an OFFSET skips never have their body read.
             rows = await conn.fetch(
-                f"SELECT body::text FROM {self._q}.event WHERE {clause}"
-                f' ORDER BY "timestamp", seq LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}',
+                f"SELECT e.body::text FROM (SELECT event_id, \"timestamp\", seq FROM {self._q}.event WHERE {clause}"
+                f' ORDER BY "timestamp", seq LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}) AS page'
+                f' JOIN {self._q}.event AS e USING (event_id) ORDER BY page."timestamp", page.seq',
                 *args, page.limit, page.offset)
         return [Event.model_validate_json(body) for (body,) in rows], total
 

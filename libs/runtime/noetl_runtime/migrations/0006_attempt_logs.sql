@@ -7,6 +7,7 @@
 -- attempts that printed something), per execution in the order the API serves them. Its predicate is
 -- repeated word for word by noetl_query.postgres_reads (LOG_EVENTS_SQL), so the planner uses it and
 -- counting a page never reads a body.
-CREATE INDEX event_attempt_log ON event (execution_id, "timestamp", seq)
+-- The filters' columns are included, so an index-only scan can count and filter without the heap.
+CREATE INDEX event_attempt_log ON event (execution_id, "timestamp", seq) INCLUDE (node_name, attempt, current_index)
     WHERE event_type = 'action_error'
        OR (event_type IN ('action_completed', 'iteration_completed') AND COALESCE(body #>> '{meta,log}', '') <> '');
