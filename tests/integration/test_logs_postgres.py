@@ -101,3 +101,35 @@ async def test_the_partial_index_serves_the_query_and_the_cache_holds_no_output(
         plan = "\n".join(r[0] for r in await conn.fetch(
             f'EXPLAIN SELECT count(*) FROM "{schema}".event WHERE execution_id = $1 AND {LOG_EVENTS_SQL}', "ex-1"))
     assert "event_attempt_log" in plan, plan
+
+
+async def test_the_cluster_query_service_serves_the_route_to_a_viewer(pg) -> None:
+    """`python -m noetl_query`'s app (the cluster's query role) over the projection, with real tokens."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from noetl_query.__main__ import create_service_app
+    from noetl_runtime.auth import Authenticator
+    from noetl_runtime.tokens import PostgresTokens
+    from support import bearer, new_pg_token
+
+    class Consumer:
+        stats = dict.fromkeys(("records", "events", "dead_letters", "batches", "retries"), 0)
+
+        @staticmethod
+        def not_ready() -> None:
+            return None
+
+    pool, schema = pg
+    log = events("ex-1")
+    await Projector(pool, schema).apply(log)
+    app = create_service_app(PostgresReadModel(pool, schema), Consumer(), Authenticator(PostgresTokens(pool, schema)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://query") as api:
+        viewer = bearer(await new_pg_token(pool, schema, "viewer"))
+        response = await api.get("/api/executions/ex-1/logs", params={"step": "each"}, headers=viewer)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"execution_id": "ex-1", "items": attempt_logs(log, step="each")}
+        assert response.headers["X-Total-Count"] == "3"
+        assert (await api.get("/api/executions/ex-1/logs")).status_code == 401          # no token
+        assert (await api.get("/api/executions/nope/logs", headers=viewer)).status_code == 404
+        assert (await api.get("/api/executions/ex-1/logs", params={"attempt": 2**31}, headers=viewer)).status_code == 422
