@@ -24,9 +24,6 @@ from noetl_common.messages import Event
 CUT_MARKER = "\n… [output cut here: {} bytes dropped] …\n"
 _CUT = re.compile(re.escape(CUT_MARKER).replace(re.escape("{}"), r"\d+"))
 
-# The events that may carry an attempt's output; the SQL of the read models names the same three.
-LOG_EVENTS = ("action_completed", "action_error", "iteration_completed")
-
 
 def log_text(event: Event) -> str:
     """The captured output an event carries ("" when none)."""
