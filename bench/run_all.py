@@ -25,6 +25,7 @@ def main() -> int:
         ("kafka_bench.py", [*repeat, "--chains", "2"] if quick else []),
         ("query_projection_bench.py", repeat),
         ("auth_bench.py", [*repeat, "--requests", "500"] if quick else []),
+        ("logs_bench.py", ["--repeat", "5"] if quick else []),   # Postgres part skipped without one
     ]
     status = 0
     for script, args in runs:

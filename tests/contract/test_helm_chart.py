@@ -86,6 +86,7 @@ API_ROUTES = [
     ("GET", "/api/executions/{execution_id}", "query"),
     ("GET", "/api/executions/{execution_id}/events", "query"),
     ("GET", "/api/executions/{execution_id}/explain", "query"),
+    ("GET", "/api/executions/{execution_id}/logs", "query"),
     ("GET", "/api/execution/data/{execution_id}", "query"),
     ("GET", "/api/events/summary/{execution_id}", "query"),
     ("GET", "/api/events/by-execution/{execution_id}", "query"),

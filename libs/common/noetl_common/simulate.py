@@ -23,6 +23,7 @@ class Outcome:
     status_code: int | None = None
     hang: bool = False
     variables: dict[str, Any] = field(default_factory=dict)
+    log: str | None = None       # the attempt's captured output
 
 
 Worker = Callable[[Command], Outcome]
@@ -112,6 +113,7 @@ class Simulation:
             return [started]
         if outcome.ok:
             return [started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=outcome.result,
-                                             variables=outcome.variables, token=tok)]
+                                             variables=outcome.variables, log=outcome.log, token=tok)]
         return [started, ActionFailed(execution_id=eid, command_id=cid, time=t, error=outcome.error,
-                                      status_code=outcome.status_code, result=outcome.result, token=tok)]
+                                      status_code=outcome.status_code, result=outcome.result, log=outcome.log,
+                                      token=tok)]

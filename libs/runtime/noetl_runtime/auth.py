@@ -49,6 +49,7 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/api/executions/{execution_id}"): VIEWER,
     ("GET", "/api/executions/{execution_id}/events"): VIEWER,
     ("GET", "/api/executions/{execution_id}/explain"): VIEWER,
+    ("GET", "/api/executions/{execution_id}/logs"): VIEWER,     # step output is redacted like every event
     ("GET", "/api/execution/data/{execution_id}"): VIEWER,
     ("GET", "/api/events/summary/{execution_id}"): VIEWER,
     ("GET", "/api/events/by-execution/{execution_id}"): VIEWER,

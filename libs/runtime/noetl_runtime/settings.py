@@ -165,8 +165,10 @@ class StepSettings(BaseSettings):
     file_size_mb: int = Field(1024, ge=1)
     max_file_size_mb: int = Field(65536, ge=1)
     # Captured output of an attempt (python stdout/stderr, tracebacks, notes) kept in its ActionCompleted/
-    # ActionFailed `log`: at most this many bytes, its start and its end.
-    log_max_bytes: int = Field(256 * 1024, ge=1024)
+    # ActionFailed `log`: at most this many bytes, its start and its end. It travels in the attempt's fact and
+    # event (docs/query.md "Step output"): JSON-escaping can make it up to 6x larger (control characters),
+    # and the default keeps that under Kafka's 1 MB message limit.
+    log_max_bytes: int = Field(64 * 1024, ge=1024)
     # Directories (and URL prefixes such as s3://bucket/) DuckDB steps may read and write, and the DuckDB
     # extensions they may INSTALL/LOAD; everything else outside the process is refused.
     duckdb_directories: str = ""

@@ -37,6 +37,11 @@ _TERMINAL_STATUS = {
 }
 _TERMINAL_SQL = ",".join(f"'{t}'" for t in TERMINAL_EVENTS)
 
+# The events the logs API lists (noetl_common.attempt_logs.is_attempt_log, in SQL): every failed attempt, and
+# the completed attempts that printed something. Queries repeat it verbatim so SQLite uses the partial index.
+LOG_EVENTS_SQL = ("(event_type = 'action_error' OR (event_type IN ('action_completed', 'iteration_completed')"
+                  " AND COALESCE(json_extract(body, '$.meta.log'), '') <> ''))")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalog (
     path        TEXT NOT NULL,
@@ -66,6 +71,10 @@ CREATE TABLE IF NOT EXISTS events (
     body         TEXT NOT NULL          -- the full event as JSON
 );
 CREATE INDEX IF NOT EXISTS events_by_execution ON events (execution_id, seq);
+-- step output (GET /api/executions/{id}/logs): the events that end an attempt with output or an error, with
+-- what the filters read (the same expressions as noetl_query.sqlite_reads), so a count or a filter reads no body
+CREATE INDEX IF NOT EXISTS events_attempt_log ON events (execution_id, timestamp, seq, node_name,
+    json_extract(body, '$.attempt'), json_extract(body, '$.current_index')) WHERE {log_events};
 CREATE TABLE IF NOT EXISTS states (
     execution_id TEXT PRIMARY KEY,
     snapshot     BLOB NOT NULL,
@@ -98,7 +107,7 @@ CREATE TABLE IF NOT EXISTS idempotency (   -- submissions with an Idempotency-Ke
     answer       TEXT NOT NULL,         -- JSON: the answer a retry gets again
     created_at   REAL NOT NULL          -- the start's `time`
 );
-"""
+""".replace("{log_events}", LOG_EVENTS_SQL)
 
 
 def _private_file(path: Path) -> None:

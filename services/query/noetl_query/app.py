@@ -18,7 +18,8 @@ from pydantic import BeforeValidator, ValidationError
 from noetl_runtime.auth import Authenticator
 from noetl_runtime.http_ops import GaugeFn, ReadyCheck, answer, install_ops, refusals
 from noetl_query import handlers as h
-from noetl_query.handlers import MAX_PAGE, STATUSES, ExecutionFilters, Explainer, NoLiveState, Page, ReadModel
+from noetl_query.handlers import (MAX_PAGE, STATUSES, ExecutionFilters, Explainer, LogFilters, LogPage, NoLiveState,
+                                  Page, ReadModel)
 
 # Any letter case of a status (the filter upper-cases it); a character class per letter keeps the pattern
 # valid both in Python and in the document's (ECMA-262) regular expressions.
@@ -52,6 +53,14 @@ async def _listing(read: ReadModel, response: Response, filters: dict[str, Any],
     items, total = await h.list_executions(read, ExecutionFilters.model_validate(filters), Page.model_validate(page))
     response.headers["X-Total-Count"] = str(total)
     return items
+
+
+async def _logs(read: ReadModel, response: Response, execution_id: str, filters: dict[str, Any],
+                page: dict[str, Any]) -> Any:
+    body, total = await h.attempt_logs(read, execution_id, LogFilters.model_validate(filters),
+                                       LogPage.model_validate(page))
+    response.headers["X-Total-Count"] = str(total)
+    return body
 
 
 async def _playbook(read: ReadModel, playbook_id: str, version: str | None) -> Any:
@@ -98,6 +107,19 @@ def router(read: ReadModel, explainer: Explainer | None = None) -> APIRouter:
     async def explain_execution(execution_id: str) -> Any:
         """What a running execution waits for, and until when (noetl_common.explain); `noetl status` prints it."""
         return await answer(_explain(read, explainer, execution_id))
+
+    @api.get("/executions/{execution_id}/logs", responses=refusals(404))
+    async def execution_logs(execution_id: str, response: Response,
+                             step: str | None = Query(None, max_length=1000, pattern=r"^[^\x00]*$"),
+                             attempt: int | None = Query(None, ge=1, le=MAX_SEQ),
+                             index: int | None = Query(None, ge=0, le=MAX_SEQ),
+                             limit: int = Query(50, ge=1, le=200), offset: int = Query(0, ge=0, le=2**62)) -> Any:
+        """Each attempt's captured output and error (python stdout/stderr, tracebacks), redacted and bounded
+        by the worker, oldest first; filters `step`, `attempt`, `index` (an iteration item); the total number
+        matching is in X-Total-Count (docs/query.md, "Step output")."""
+        filters = {"step": step, "attempt": attempt, "index": index}
+        return await answer(_logs(read, response, execution_id, {k: v for k, v in filters.items() if v is not None},
+                                  {"limit": limit, "offset": offset}))
 
     @api.get("/execution/data/{execution_id}", responses=refusals(404))
     async def execution_data(execution_id: str) -> Any:

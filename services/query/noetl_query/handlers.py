@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from noetl_common import projection
+from noetl_common.attempt_logs import log_item
 from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
 from noetl_common.ports import MAX_VERSION, CatalogEntry
@@ -67,6 +68,30 @@ class Page(BaseModel):
     offset: int = Field(0, ge=0)
 
 
+INT4_MAX = 2**31 - 1   # attempts and indexes are Postgres integers: a larger filter is a 422, not a 500
+
+
+class LogFilters(BaseModel):
+    """Filters of GET /api/executions/{id}/logs: one step, one attempt, one iteration item (all optional)."""
+    model_config = ConfigDict(extra="forbid")
+    step: str | None = Field(None, max_length=1000)
+    attempt: int | None = Field(None, ge=1, le=INT4_MAX)
+    index: int | None = Field(None, ge=0, le=INT4_MAX)
+
+    @field_validator("step")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:   # Postgres text cannot hold it: a 422, not a 500
+            raise ValueError("step must not contain NUL")
+        return value
+
+
+class LogPage(Page):
+    """A page of step logs: each item may hold NOETL_STEP_LOG_MAX_BYTES of output, so pages are smaller."""
+    limit: int = Field(50, ge=1, le=200)
+    offset: int = Field(0, ge=0, le=2**62)
+
+
 def iso(moment: datetime) -> str:
     """The events' timestamp format (ISO-8601 UTC, milliseconds, Z), so range filters compare as text."""
     if moment.tzinfo is None:
@@ -88,6 +113,12 @@ class ReadModel(Protocol):
 
     async def events(self, execution_id: str, after_seq: int = -1) -> list[Event]:
         """The execution's events in seq order (seq > after_seq); [] when unknown."""
+        ...
+
+    async def attempt_logs(self, execution_id: str, filters: LogFilters,
+                           page: LogPage) -> tuple[list[Event], int] | None:
+        """(the page of events that `noetl_common.attempt_logs.is_attempt_log` selects, by timestamp then
+        seq; how many match in all), or None when the execution is unknown."""
         ...
 
     async def catalog(self) -> list[CatalogEntry]:
@@ -162,6 +193,19 @@ async def events_summary(read: ReadModel, execution_id: str) -> dict[str, Any]:
               for e in events if e.event_type == "action_error"][-3:]
     return {"status": "ok", "summary": {"execution_id": execution_id, "status": projection.execution_status(events),
                                         "counts": counts, "skipped": skipped, "errors": errors}}
+
+
+# ----------------------------------------------------------------------------------------------- logs
+async def attempt_logs(read: ReadModel, execution_id: str, filters: LogFilters,
+                       page: LogPage) -> tuple[dict[str, Any], int]:
+    """GET /api/executions/{id}/logs: each attempt's captured output (python stdout/stderr, tracebacks,
+    worker notes) and error, redacted and bounded by the worker; (the body, the total number matching)."""
+    # An id with NUL names nothing (and Postgres text cannot hold it)
+    found = await read.attempt_logs(execution_id, filters, page) if "\x00" not in execution_id else None
+    if found is None:
+        raise LookupError(f"no execution {execution_id!r}")
+    events, total = found
+    return {"execution_id": execution_id, "items": [log_item(e) for e in events]}, total
 
 
 # ----------------------------------------------------------------------------------------------- explain

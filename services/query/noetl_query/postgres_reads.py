@@ -13,7 +13,7 @@ from typing import Any
 from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
-from noetl_query.handlers import ExecutionFilters, Page
+from noetl_query.handlers import ExecutionFilters, LogFilters, LogPage, Page
 from noetl_runtime.postgres_schema import DEFAULT_SCHEMA, connection, qualify
 from noetl_runtime.postgres_store import read_events
 
@@ -21,6 +21,12 @@ _SUMMARY_COLUMNS = ("execution_id, parent_execution_id, path, version, playbook_
                     " end_time, duration, progress, result::text AS result, error, last_event_time, quarantined")
 
 TimeBound = datetime | str | float | int | None
+
+# The events the logs API lists (noetl_common.attempt_logs.is_attempt_log, in SQL), word for word the
+# predicate of the partial index of migration 0006, so the planner uses that index.
+LOG_EVENTS_SQL = ("(event_type = 'action_error'"
+                  " OR (event_type IN ('action_completed', 'iteration_completed')"
+                  " AND COALESCE(body #>> '{meta,log}', '') <> ''))")
 
 
 def iso(value: datetime | None) -> str | None:
@@ -118,6 +124,29 @@ class PostgresReadModel:
         """The execution's events in seq order (those with seq > after_seq, at most `limit`); [] if unknown."""
         async with connection(self.pool) as conn:
             return await self._events(conn, execution_id, after_seq, limit)
+
+    async def attempt_logs(self, execution_id: str, filters: LogFilters,
+                           page: LogPage) -> tuple[list[Event], int] | None:
+        """The events that carry attempts' output (migration 0006's index), by timestamp then seq, and how
+        many match; None when the execution is unknown."""
+        where, args = ["execution_id = $1", LOG_EVENTS_SQL], [execution_id]
+        for column, value in (("node_name", filters.step), ("attempt", filters.attempt),
+                              ("current_index", filters.index)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        clause = " AND ".join(where)
+        async with connection(self.pool) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            if await conn.fetchval(f"SELECT 1 FROM {self._q}.execution WHERE execution_id = $1", execution_id) is None:
+                return None
+            total = await conn.fetchval(f"SELECT count(*) FROM {self._q}.event WHERE {clause}", *args)
+            # The page's ids from the index first: the rows an OFFSET skips never have their body read.
+            rows = await conn.fetch(
+                f"SELECT e.body::text FROM (SELECT event_id, \"timestamp\", seq FROM {self._q}.event WHERE {clause}"
+                f' ORDER BY "timestamp", seq LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}) AS page'
+                f' JOIN {self._q}.event AS e USING (event_id) ORDER BY page."timestamp", page.seq',
+                *args, page.limit, page.offset)
+        return [Event.model_validate_json(body) for (body,) in rows], total
 
     async def event(self, event_id: str) -> Event | None:
         """One event by its id (the API's `/execution/data/{id}` accepts an event id too)."""

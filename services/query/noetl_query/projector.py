@@ -181,7 +181,7 @@ class Projector:
             self._cached -= len(old) if old is not None else 0
             if summaries[eid]["status"] in _TERMINAL:    # nothing but duplicates follows a terminal event
                 continue
-            self._cache[eid] = log
+            self._cache[eid] = [_lean(e) for e in log]
             self._cached += len(log)
         while self._cached > self.cache_events and self._cache:
             _, evicted = self._cache.popitem(last=False)
@@ -242,3 +242,11 @@ class Projector:
 
 def _order(event: Event) -> tuple[int, str]:
     return event.seq, event.event_id
+
+
+def _lean(event: Event) -> Event:
+    """The event as the cache keeps it: without the captured step output (meta.log, up to
+    NOETL_STEP_LOG_MAX_BYTES each), which no summary reads; the table keeps the whole event."""
+    if not event.meta or "log" not in event.meta:
+        return event
+    return event.model_copy(update={"meta": {k: v for k, v in event.meta.items() if k != "log"}})

@@ -10,8 +10,8 @@ from typing import Any
 from noetl_common import projection
 from noetl_common.messages import Event
 from noetl_common.ports import CatalogEntry
-from noetl_query.handlers import ExecutionFilters, Page
-from noetl_runtime.sqlite_store import SqliteStore
+from noetl_query.handlers import ExecutionFilters, LogFilters, LogPage, Page
+from noetl_runtime.sqlite_store import LOG_EVENTS_SQL, SqliteStore
 
 
 class SqliteReadModel:
@@ -47,6 +47,23 @@ class SqliteReadModel:
 
     async def events(self, execution_id: str, after_seq: int = -1) -> list[Event]:
         return await self._store.events(execution_id, after_seq)
+
+    async def attempt_logs(self, execution_id: str, filters: LogFilters,
+                           page: LogPage) -> tuple[list[Event], int] | None:
+        if not self._store._query("SELECT 1 FROM executions WHERE execution_id = ?", (execution_id,)):
+            return None
+        where, args = ["execution_id = ?", LOG_EVENTS_SQL], [execution_id]
+        for clause, value in (("node_name = ?", filters.step), ("json_extract(body, '$.attempt') = ?", filters.attempt),
+                              ("json_extract(body, '$.current_index') = ?", filters.index)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql_where = " AND ".join(where)
+        with self._store._lock:   # the count and the page from one state of the store
+            ((total,),) = self._store._query(f"SELECT COUNT(*) FROM events WHERE {sql_where}", args)
+            rows = self._store._query(f"SELECT body FROM events WHERE {sql_where} ORDER BY timestamp, seq"
+                                      " LIMIT ? OFFSET ?", [*args, page.limit, page.offset])
+        return [Event.model_validate_json(body) for (body,) in rows], total
 
     async def catalog(self) -> list[CatalogEntry]:
         return await self._store.catalog.list()

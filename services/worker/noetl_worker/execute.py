@@ -256,6 +256,8 @@ def _join_log(action_log: str | None, inv: Invocation) -> str | None:
     text = _concat(action_log, *inv.notes)
     if text is None:
         return None
+    # NUL as U+FFFD: Postgres text cannot hold it (the projector would replace it), so both modes keep the same.
+    text = text.replace("\x00", "\ufffd")
     cut = _CUT.search(text)
     text = inv.secrets.redact_cut(text, cut.group(0)) if cut else inv.secrets.redact(text)
     return bounded(text, inv.ports.step_settings.log_max_bytes)
@@ -305,7 +307,13 @@ async def _deliver(ports: WorkerPorts, message: BaseModel) -> None:
         await ports.emit(message)
     except Exception as exc:
         log.error("could not emit %s", type(message).__name__, exc_info=True)
-        if isinstance(message, ActionCompleted):
+        if isinstance(message, ActionFailed) and message.log:
+            # The captured output may be what the transport refused (a large log of control characters
+            # grows when JSON-escaped): the failure itself still reaches the fold, with a note instead.
+            with contextlib.suppress(Exception):
+                await ports.emit(message.model_copy(update={
+                    "log": f"(the attempt's output could not be reported: {type(exc).__name__}: {exc})"}))
+        elif isinstance(message, ActionCompleted):
             # The result itself may be what the transport refused: still tell the fold the attempt ended.
             with contextlib.suppress(Exception):
                 await ports.emit(ActionFailed(

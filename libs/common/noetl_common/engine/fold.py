@@ -195,7 +195,9 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
         send(tick, work.step, work.visit, work.attempt, action, index=work.index, phase="save", result=msg.result)
         return
     if work.index is not None:
-        iterator.item_completed(tick, step, run, work.index, msg.result)
+        # The item's attempt has no action_completed of its own: its end (and output) is iteration_completed.
+        iterator.item_completed(tick, step, run, work.index, msg.result, attempt=work.attempt,
+                                command_id=work.command_id, log=msg.log)
     else:
         complete_step(tick, work.step, msg.result)
 
@@ -217,9 +219,10 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
         policy = step.retry
     if msg.tasks:
         v10.trail(tick, work.step, msg.tasks, work.index, failed=True)
+    meta = {k: v for k, v in (("status_code", msg.status_code), ("log", msg.log)) if v is not None}
     tick.emit("action_error", work.step, "task", "FAILED", attempt=work.attempt, error=msg.error,
               result=msg.result, current_index=work.index, command_id=work.command_id, worker_id=msg.worker_id,
-              meta={"status_code": msg.status_code} if msg.status_code is not None else None)
+              meta=meta or None)
     decision = decide(policy, work.attempt, work.command_id, msg.error, msg.status_code, msg.result, tick.context())
     error = f"{msg.error} ({decision.note})" if decision.note else msg.error
     if not decision.retry:

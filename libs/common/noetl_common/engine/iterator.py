@@ -98,14 +98,18 @@ def fill(tick: Tick, step: Step, run: StepRun) -> None:
         _finish(tick, step, run)
 
 
-def item_completed(tick: Tick, step: Step, run: StepRun, index: int, result: Any) -> None:
+def item_completed(tick: Tick, step: Step, run: StepRun, index: int, result: Any, *, attempt: int | None = None,
+                   command_id: str | None = None, log: str | None = None) -> None:
+    """`attempt`, `command_id` and the captured output `log` of the attempt that succeeded (noetl_common.
+    attempt_logs: an item's attempt has no action_completed, so its end carries them)."""
     it = run.iteration
     assert it is not None
     it.results[index] = result
     it.attempts.pop(index, None)
     it.actions.pop(index, None)
     tick.emit("iteration_completed", step.name, "iteration", "COMPLETED", current_index=index,
-              current_item=it.items[index], result=result)
+              current_item=it.items[index], result=result, attempt=attempt, command_id=command_id,
+              meta={"log": log} if log is not None else None)
     fill(tick, step, run)
 
 
