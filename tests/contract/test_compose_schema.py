@@ -19,7 +19,7 @@ import yaml
 compose_spec = pytest.importorskip("compose_spec")
 
 ROOT = Path(__file__).resolve().parents[2]
-DOT_ENV = {"NOETL_SECRET_KEY": "a-fernet-key", "NOETL_POSTGRES_PASSWORD": "a-password"}
+DOT_ENV = {"NOETL_SECRET_KEY": "a-fernet-key", "NOETL_POSTGRES_PASSWORD": "a-password", "NOETL_BROKER_TOKEN": "a-token"}
 REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
 
