@@ -41,7 +41,7 @@ from noetl_common.messages import (  # noqa: E402
     TERMINAL_EVENTS, ActionCompleted, ActionFailed, ActionStarted, ChildStarted, Command, DeadLetter, Event,
     StartExecution, TimerFired,
 )
-from noetl_common.simulate import Outcome, Simulation  # noqa: E402
+from noetl_common.simulate import Outcome, Simulation, sim_key  # noqa: E402
 from noetl_common.state import ExecutionState  # noqa: E402
 from noetl_common.topics import Topics  # noqa: E402
 
@@ -90,12 +90,13 @@ def simulate(document: dict[str, Any], execution_id: str, worker: Callable[[Comm
 
 def answer(cmd: Command, outcome: Outcome, now: float) -> list[Any]:
     """What the simulator's worker sends for a command, with the same fields (so the events match)."""
-    started = ActionStarted(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now)
+    started = ActionStarted(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now, token=cmd.token)
     if outcome.ok:
         return [started, ActionCompleted(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now,
-                                         result=outcome.result, variables=outcome.variables)]
+                                         result=outcome.result, variables=outcome.variables, token=cmd.token)]
     return [started, ActionFailed(execution_id=cmd.execution_id, command_id=cmd.command_id, time=now,
-                                  error=outcome.error, status_code=outcome.status_code, result=outcome.result)]
+                                  error=outcome.error, status_code=outcome.status_code, result=outcome.result,
+                                  token=cmd.token)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -793,12 +794,14 @@ async def test_child_playbook_completion_is_routed_to_the_parent(
         """The worker's part, as the simulator plays it: a playbook command starts the child (a request on
         the child's key) and reports ChildStarted; the child's ChildFinished comes from the broker."""
         if cmd.action.type == "playbook":
-            return [ActionStarted(execution_id=eid, command_id=cmd.command_id, time=now),
+            return [ActionStarted(execution_id=eid, command_id=cmd.command_id, time=now, token=cmd.token),
                     StartExecution(execution_id=child, time=now, playbook=KID, path="tests/kid",
                                    payload=cmd.action.data, parent_execution_id=eid,
                                    parent_command_id=cmd.command_id, parent_step=cmd.step,
-                                   return_step=cmd.action.config.get("return_step")),
-                    ChildStarted(execution_id=eid, command_id=cmd.command_id, child_execution_id=child, time=now)]
+                                   return_step=cmd.action.config.get("return_step"),
+                                   fact_key=sim_key(child), parent_token=cmd.token),
+                    ChildStarted(execution_id=eid, command_id=cmd.command_id, child_execution_id=child, time=now,
+                                 token=cmd.token)]
         return answer(cmd, product(cmd), now)
     async with Worker(kafka_bootstrap, topics) as worker:
         before = await broker.metrics()
