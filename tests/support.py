@@ -84,3 +84,10 @@ def body_valid(document: dict[str, Any], template: str, body: Any) -> bool:
     """Whether the document's request body schema of POST `template` allows `body`."""
     schema = document["paths"][template]["post"]["requestBody"]["content"]["application/json"]["schema"]
     return _document_valid(document, schema, body)
+
+
+def printed_traceback(text: str) -> bool:
+    """A Python traceback printed by the process itself (a crash). A step's captured output may hold its own
+    traceback, but in a `--json` report it is a JSON string, so its newlines are escaped (`\\n`) and it does
+    not match."""
+    return "Traceback (most recent call last):\n" in text

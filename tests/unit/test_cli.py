@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import printed_traceback
 
 NOETL = Path(sys.executable).with_name("noetl")   # the console script installed next to this interpreter
 SECRET = "pw-Zq8v3Nf1-must-never-be-printed"
@@ -44,8 +45,8 @@ def finish(popen: subprocess.Popen[str], stdin: str | None = None, timeout: floa
         pytest.fail(f"noetl {popen.args[1:]} did not finish in {timeout}s:\n{out}\n{err}")
     proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     outputs.append(proc)
-    assert "Traceback" not in proc.stderr, proc.stderr      # never a crash, whatever the input
-    assert "Traceback" not in proc.stdout, proc.stdout
+    assert not printed_traceback(proc.stderr), proc.stderr      # never a crash, whatever the input
+    assert not printed_traceback(proc.stdout), proc.stdout
     return proc
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import bearer, local_admin_token
+from support import bearer, local_admin_token, printed_traceback
 from test_http_api import HELLO, NOETL, SLOW, Server, server_env, until
 
 TOKEN = "tok-Remote-7Hq2-never-printed"
@@ -98,7 +98,7 @@ def noetl(*args: str | Path, env: dict[str, str] | None = None, timeout: float =
           ) -> tuple[int, dict[str, Any] | None, subprocess.CompletedProcess[str]]:
     proc = subprocess.run([str(NOETL), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**server_env(), **_store_of(args), **(env or {})}, stdin=subprocess.DEVNULL)
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert not printed_traceback(proc.stderr + proc.stdout), proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     report = json.loads(lines[0]) if "--json" in args and len(lines) == 1 else None
     return proc.returncode, report, proc
