@@ -179,6 +179,12 @@ if [[ -f "$CONFORMANCE" ]]; then
   timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
     python "$CONFORMANCE" --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --pg-dsn "$NOETL_TEST_PG_DSN"
   rc=$?
+  # The v2/v10 corpus against the same server: the embedded engine behind HTTP, held to the embedded list.
+  NOETL_API_TOKEN="$(cat "$WORK/admin.token")" timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+    python scripts/conformance-known.py --known docs/dialect-v10-failing.txt -- \
+      --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --cases "$ROOT/../shared/conformance/cases-v10" \
+      --pg-dsn "$NOETL_TEST_PG_DSN"
+  record "conformance (v10, noetl server)" $?
   # The same throwaway server (its store holds the conformance's executions): schemathesis with every check,
   # as the admin token it wrote beside its store (docs/security.md, "The API document, checked by schemathesis").
   section "schemathesis: against 'noetl server' (scripts/schemathesis.sh)"
@@ -259,12 +265,19 @@ if [[ -f "$CONFORMANCE" ]]; then
     NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
       python "$CONFORMANCE" --cmd "noetl run --server $NOETL_SERVER_URL" --pg-dsn "$NOETL_TEST_PG_DSN"
     rc=$?
+    # The v2/v10 corpus on the same cluster, held to the Kafka list (the same 1 MB message limit).
+    NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
+      python scripts/conformance-known.py --known docs/dialect-v10-failing-kafka.txt -- \
+        --cmd "noetl run --server $NOETL_SERVER_URL" --cases "$ROOT/../shared/conformance/cases-v10" \
+        --pg-dsn "$NOETL_TEST_PG_DSN"
+    rc_v10_cluster=$?
     bash scripts/cluster-stop.sh "$CLUSTER_STARTED" >/dev/null 2>&1 || true
     CLUSTER_STARTED=""
     unset NOETL_API_TOKEN
   fi
   set -e
   record "conformance (cluster)" $rc
+  record "conformance (v10, cluster)" "${rc_v10_cluster:-1}"
 fi
 
 # ---------------------------------------------------------------------------------- the container path
