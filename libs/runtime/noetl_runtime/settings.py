@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from noetl_common.caps import (CEILING_MAX_ITERATOR_ITEMS, CEILING_MAX_VISITS, DEFAULT_MAX_ITERATOR_ITEMS,
                                DEFAULT_MAX_VISITS, Caps)
+from noetl_common.dsl.validate import STEP_LIMITS
 from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, MAX_LEASE_RETRIES,
                                    MAX_LEASE_RETRY_DELAY)
 from noetl_common.topics import Topics
@@ -152,7 +153,7 @@ def load_engine_limits(**overrides: Any) -> EngineLimits:
 def engine_caps(limits: EngineLimits, steps: StepSettings | None = None) -> Caps:
     """The core's view of the settings. `steps`: the maximums of python steps' `limits:`, where playbooks are
     loaded for a user (registration, `noetl run`, `noetl validate`); None for the fold, which runs no step."""
-    maximums = None if steps is None else {name: getattr(steps, f"max_{name}") for name in STEP_LIMIT_NAMES}
+    maximums = None if steps is None else {name: getattr(steps, f"max_{name}") for name in STEP_LIMITS}
     return Caps.of(limits.max_visits, limits.max_iterator_items, maximums)
 
 
@@ -172,7 +173,6 @@ def describe_invalid(exc: ValidationError, prefix: str | None = None) -> str:
 
 
 STEP_PREFIX = "NOETL_STEP_"   # StepSettings' variables
-STEP_LIMIT_NAMES = ("memory_mb", "cpu_seconds", "processes", "open_files", "file_size_mb")
 
 
 def _names(raw: str) -> tuple[str, ...]:
