@@ -73,8 +73,8 @@ def table() -> Table:
 def patch_advance(monkeypatch: Any, misbehave: Any) -> None:
     real = batch.advance
 
-    def patched(state: Any, msg: Any) -> Any:
-        return misbehave(state, msg, real)
+    def patched(state: Any, msg: Any, caps: Any) -> Any:   # the batch passes the runtime's caps on
+        return misbehave(state, msg, lambda s, m: real(s, m, caps))
     monkeypatch.setattr(batch, "advance", patched)
 
 

@@ -1,11 +1,13 @@
 """`limits:` on python steps (issue 9 scope 3, docs/security.md "Limits"): the DSL carries the step's own
 resource limits to the worker, and refuses a malformed `limits:` at load with a located error. The maximum
-is the worker pool's setting (NOETL_STEP_MAX_*), checked where the step runs."""
+is the worker pool's setting (NOETL_STEP_MAX_*), checked at load where the adapter passes it in and again
+where the step runs."""
 from __future__ import annotations
 
 import pytest
 import yaml
 
+from noetl_common.caps import Caps
 from noetl_common.dsl import load_playbook
 
 
@@ -69,8 +71,12 @@ def test_malformed_limits_are_invalid_at_load_with_their_location(limits, messag
     assert all(".limits" in p.path and p.line for p in errors)
 
 
-def test_a_huge_limit_is_not_refused_by_the_core_but_by_the_worker_pool():
-    """The maximum is the worker pool's setting: the core accepts any positive whole number."""
+def test_a_huge_limit_is_refused_at_load_only_where_the_maximums_are_passed_in():
+    """The maximums are settings (NOETL_STEP_MAX_*): the core judges them only when an adapter passes them in
+    (registration, `noetl run`, `noetl validate`); without them (the fold) the worker pool judges them."""
     playbook, problems = load_playbook(doc("{memory_mb: 99999999999999999999}"))
     assert playbook is not None and not problems
+    playbook, problems = load_playbook(doc("{memory_mb: 99999999999999999999}"),
+                                       Caps.of(step_maximums={"memory_mb": 16384}))
+    assert playbook is None and [p.path for p in problems] == ["workflow[1].limits.memory_mb"]
     assert yaml.safe_load(doc("{memory_mb: 1}"))["workflow"][1]["limits"] == {"memory_mb": 1}

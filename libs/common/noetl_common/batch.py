@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.codec import DecodeError, decode_inbound, encode
 from noetl_common.engine import Transition, advance, fail_on_error
 from noetl_common.engine.quarantine import clean_text, quarantine
@@ -126,13 +127,14 @@ def _drop(out: BatchOutput, work: _Working, eid: str) -> None:
 
 
 def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float,
-               late_start_after: float | None = None) -> BatchOutput:
+               late_start_after: float | None = None, caps: Caps = DEFAULT_CAPS) -> BatchOutput:
     """Fold a batch of inbound records in order (see the module docstring for what may go wrong).
 
     A bare `bytes` item is a message of the in-memory bus; a `Record` comes from Kafka and its key must be
     the execution id. `late_start_after` (the broker's NOETL_BROKER_EVICT_AFTER): a `start` of an execution
     the states do not hold, whose record was produced more than half this many seconds after the request's
     `time`, is a re-send of a request whose execution may have been evicted: dead-lettered, not started.
+    `caps`: the runtime's caps (noetl_common.caps), recorded by each execution this batch starts.
 
     A state counts as changed when a message was not stale or produced anything; only changed states are
     encoded (once per batch) and returned."""
@@ -167,11 +169,11 @@ def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float
                                                         f"earlier dead letter", now))
             continue
         try:
-            transition = advance(work.state, msg)
+            transition = advance(work.state, msg, caps)
             encoded = _encode(transition)
         except Exception as exc:
             _fail(work, eid, msg, record, f"{_what(msg)} could not be folded: {_why(exc)}", now, out, states,
-                  traceback.format_exc())
+                  traceback.format_exc(), caps)
             continue
         out.folded += 1
         out.stale += transition.stale
@@ -184,17 +186,17 @@ def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float
             work.raw = None
         _add(out, work, eid, transition, encoded)
     for eid, work in working.items():
-        _finish(eid, work, states, now, out)
+        _finish(eid, work, states, now, out, caps)
     return out
 
 
-def _finish(eid: str, work: _Working, states: States, now: float, out: BatchOutput) -> None:
+def _finish(eid: str, work: _Working, states: States, now: float, out: BatchOutput, caps: Caps) -> None:
     """Encode a changed state (or fail the execution if it cannot be), give it back, collect its requests."""
     if work.state is not None and work.changed and work.raw is None:
         try:
             work.raw = work.state.to_bytes()
         except Exception as exc:
-            _unsaveable(eid, work, states, _why(exc), now, out, traceback.format_exc())
+            _unsaveable(eid, work, states, _why(exc), now, out, traceback.format_exc(), caps)
     if work.dead or work.state is None:
         if work.dead:
             _drop(out, work, eid)
@@ -216,11 +218,11 @@ def _finish(eid: str, work: _Working, states: States, now: float, out: BatchOutp
 
 
 def _fail(work: _Working, eid: str, msg: Any, record: Record, reason: str, now: float, out: BatchOutput,
-          states: States, trace: str, clean: Any = ...) -> None:
+          states: States, trace: str, caps: Caps, clean: Any = ...) -> None:
     """Fail the execution on `msg`, from its state as it was before `msg` (`clean`, else replayed)."""
     try:
         if clean is ...:
-            clean = _replay(_snapshot(states, eid), work.done)
+            clean = _replay(_snapshot(states, eid), work.done, caps)
         transition = fail_on_error(clean, msg, clean_text(reason))
         encoded = _encode(transition)
         raw = transition.state.to_bytes() if transition.state is not None else None
@@ -262,7 +264,7 @@ def _quarantine(work: _Working, eid: str, msg: Any, record: Record, reason: str,
 
 
 def _unsaveable(eid: str, work: _Working, states: States, why: str, now: float, out: BatchOutput,
-                trace: str) -> None:
+                trace: str, caps: Caps) -> None:
     """The state after the batch cannot be encoded: find the first message after which it could not be
     (one replay from the snapshot, encoding after each message, collecting the effects again), keep the
     effects of the messages before it and fail the execution on it, from the state before it."""
@@ -276,7 +278,7 @@ def _unsaveable(eid: str, work: _Working, states: States, why: str, now: float, 
         state = None if snapshot is None else ExecutionState.from_bytes(snapshot)
         good = snapshot
         for i, msg in enumerate(done):
-            transition = advance(state, msg)
+            transition = advance(state, msg, caps)
             if transition.state is not None:
                 state = transition.state
             try:
@@ -297,7 +299,7 @@ def _unsaveable(eid: str, work: _Working, states: States, why: str, now: float, 
     work.done = done[:culprit]
     work.raw = None
     _fail(work, eid, msg, Record(value=encode(msg), key=eid.encode()),
-          f"its state could not be saved after {_what(msg)}: {why}", now, out, states, trace, clean=clean)
+          f"its state could not be saved after {_what(msg)}: {why}", now, out, states, trace, caps, clean=clean)
 
 
 def _snapshot(states: States, eid: str) -> bytes | None:
@@ -307,12 +309,12 @@ def _snapshot(states: States, eid: str) -> bytes | None:
         return None
 
 
-def _replay(raw: bytes | None, done: list[Any]) -> ExecutionState | None:
+def _replay(raw: bytes | None, done: list[Any], caps: Caps) -> ExecutionState | None:
     """The state as it was after `done` (advance() may have half-mutated the live one before raising): the
     last snapshot plus the batch's messages that folded cleanly."""
     state = None if raw is None else ExecutionState.from_bytes(raw)
     for msg in done:
-        transition = advance(state, msg)
+        transition = advance(state, msg, caps)
         if transition.state is not None:
             state = transition.state
     return state

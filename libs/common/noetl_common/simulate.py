@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.engine import advance
 from noetl_common.messages import (ActionCompleted, ActionFailed, ActionStarted, ChildStarted, Command, Event,
                                    StartExecution, TimerFired)
@@ -50,6 +51,7 @@ class Simulation:
     commands: list[Command] = field(default_factory=list)
     inbox: list[Any] = field(default_factory=list)
     stale: int = 0
+    caps: Caps = DEFAULT_CAPS                                           # the runtime's (noetl_common.caps)
 
     def start(self, document: dict[str, Any], payload: dict[str, Any] | None = None,
               execution_id: str = "e1") -> str:
@@ -59,7 +61,7 @@ class Simulation:
         return execution_id
 
     def deliver(self, message: Any) -> None:
-        transition = advance(self.states.get(message.execution_id), message)
+        transition = advance(self.states.get(message.execution_id), message, self.caps)
         self.stale += transition.stale
         if transition.state is not None:
             self.states[message.execution_id] = transition.state

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
+from noetl_common.caps import DEFAULT_MAX_ITERATOR_ITEMS, DEFAULT_MAX_VISITS, Caps
 from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, ActionSpec
 
 StepStatus = Literal["running", "retry_wait", "completed", "failed", "cancelled"]
@@ -82,6 +83,10 @@ class ExecutionState(BaseModel):
     lease_seconds: float = 30.0
     lease_retries: int = DEFAULT_LEASE_RETRIES          # infrastructure retries per attempt (see fold._lease_lost)
     lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
+    # The operator's caps this execution started under (noetl_common.caps: recorded by the fold at the start,
+    # so a restart or a replay with other settings decides the same way). Older snapshots: the old constants.
+    max_visits_cap: int = DEFAULT_MAX_VISITS
+    max_iterator_items: int = DEFAULT_MAX_ITERATOR_ITEMS
     status: ExecutionStatus = "RUNNING"
     started: float
     finished: float | None = None
@@ -97,6 +102,12 @@ class ExecutionState(BaseModel):
     error: str | None = None
 
     _compiled: Any = PrivateAttr(default=None)
+
+    @property
+    def caps(self) -> Caps:
+        """The caps this execution was started under, as the loader takes them (no step maximums: the fold
+        runs no step; the workers judge those)."""
+        return Caps(self.max_visits_cap, self.max_iterator_items)
 
     @property
     def terminal(self) -> bool:

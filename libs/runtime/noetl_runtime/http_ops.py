@@ -303,12 +303,26 @@ def configure_json_logging(level: str = "INFO") -> None:
 def run_service(name: str, serve: Callable[[Any], Awaitable[int | None]]) -> int:
     """A service's `python -m` entry point: settings from NOETL_*, JSON logs, `serve(settings)` until it
     returns; its exit status (None: 0), or 1 with the exception logged."""
-    from noetl_runtime.settings import load_settings
+    from pydantic import ValidationError
 
-    settings = load_settings()
+    from noetl_runtime.settings import describe_invalid, load_settings
+
+    try:
+        settings = load_settings()
+    except ValidationError as exc:   # one line naming the variable, not a traceback
+        configure_json_logging("INFO")
+        logging.getLogger(f"noetl.{name}").error("%s", describe_invalid(exc))
+        return 2
     configure_json_logging(settings.log_level)
     try:
         return asyncio.run(serve(settings)) or 0
+    except ValidationError as exc:
+        if not exc.title.endswith(("Settings", "Limits")):   # not a setting: a failure like any other
+            logging.getLogger(f"noetl.{name}").exception("%s failed", name)
+            return 1
+        # settings a service reads while it starts (the API's NOETL_STEP_MAX_*)
+        logging.getLogger(f"noetl.{name}").error("%s", describe_invalid(exc))
+        return 2
     except Exception:
         logging.getLogger(f"noetl.{name}").exception("%s failed", name)
         return 1

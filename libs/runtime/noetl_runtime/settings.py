@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from noetl_common.caps import (CEILING_MAX_ITERATOR_ITEMS, CEILING_MAX_VISITS, DEFAULT_MAX_ITERATOR_ITEMS,
+                               DEFAULT_MAX_VISITS, Caps)
+from noetl_common.dsl.validate import STEP_LIMITS
 from noetl_common.messages import (DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, MAX_LEASE_RETRIES,
                                    MAX_LEASE_RETRY_DELAY)
 from noetl_common.topics import Topics
@@ -27,7 +30,20 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
-class Settings(BaseSettings):
+class EngineLimits(BaseSettings):
+    """The operator's caps on what one playbook may ask of the engine (docs/security.md, "Loops and
+    iterators"): read by every runtime that loads playbooks or owns the fold, the same variables in every
+    mode. `Settings` (the services, `noetl server --kafka`) includes them; the embedded modes read them alone,
+    as they read HttpLimits. The core gets them as a `Caps` (`engine_caps`)."""
+    model_config = SettingsConfigDict(env_prefix="NOETL_", extra="ignore", frozen=True)
+
+    # NOETL_MAX_VISITS: the highest max_visits a step may declare (and the default's ceiling).
+    max_visits: int = Field(DEFAULT_MAX_VISITS, ge=1, le=CEILING_MAX_VISITS)
+    # NOETL_MAX_ITERATOR_ITEMS: the most items one iterator may fan out to.
+    max_iterator_items: int = Field(DEFAULT_MAX_ITERATOR_ITEMS, ge=1, le=CEILING_MAX_ITERATOR_ITEMS)
+
+
+class Settings(EngineLimits):
     model_config = SettingsConfigDict(env_prefix="NOETL_", extra="ignore", frozen=True, populate_by_name=True)
 
     # The NOETL_ name wins; KAFKA_BOOTSTRAP_SERVERS is what scripts/kafka-start.sh, testcontainers and
@@ -128,6 +144,37 @@ def load_http_limits(**overrides: Any) -> HttpLimits:
     return HttpLimits(**overrides)
 
 
+def load_engine_limits(**overrides: Any) -> EngineLimits:
+    """NOETL_MAX_VISITS and NOETL_MAX_ITERATOR_ITEMS from the environment (a ValidationError when they are not
+    whole numbers within their bounds: `describe_invalid` words it for a start-up message)."""
+    return EngineLimits(**overrides)
+
+
+def engine_caps(limits: EngineLimits, steps: StepSettings | None = None) -> Caps:
+    """The core's view of the settings. `steps`: the maximums of python steps' `limits:`, where playbooks are
+    loaded for a user (registration, `noetl run`, `noetl validate`); None for the fold, which runs no step."""
+    maximums = None if steps is None else {name: getattr(steps, f"max_{name}") for name in STEP_LIMITS}
+    return Caps.of(limits.max_visits, limits.max_iterator_items, maximums)
+
+
+def describe_invalid(exc: ValidationError, prefix: str | None = None) -> str:
+    """A settings error in one line, naming the environment variables (`NOETL_MAX_VISITS: Input should be a
+    valid integer ...`) rather than pydantic's field names and a traceback. `prefix`: the variables' prefix
+    (default: StepSettings' for its errors, NOETL_ for the others)."""
+    prefix = prefix or (STEP_PREFIX if exc.title == "StepSettings" else "NOETL_")
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        name = field.upper() if field.upper().startswith(("NOETL_", "KAFKA_")) else f"{prefix}{field.upper()}"
+        given = error.get("input")
+        shown = f" (got {given!r:.80})" if isinstance(given, (str, int, float)) else ""
+        parts.append(f"{name}: {error['msg']}{shown}" if field else f"{error['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+STEP_PREFIX = "NOETL_STEP_"   # StepSettings' variables
+
+
 def _names(raw: str) -> tuple[str, ...]:
     """A comma- or whitespace-separated list from one environment variable."""
     return tuple(part for part in raw.replace(",", " ").split() if part)
@@ -210,3 +257,18 @@ def load_step_settings(**overrides: Any) -> StepSettings:
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; keyword overrides (field names) win over it."""
     return Settings(**overrides)
+
+
+def configured_caps(with_step_maximums: bool = True) -> Caps:
+    """The caps from the environment (NOETL_MAX_VISITS, NOETL_MAX_ITERATOR_ITEMS, and NOETL_STEP_MAX_* unless
+    `with_step_maximums` is false), for the embedded modes and `noetl validate`. A ValueError with one line
+    naming the variable when one is not a whole number within its bounds."""
+    try:
+        limits = load_engine_limits()
+    except ValidationError as exc:
+        raise ValueError(describe_invalid(exc)) from None
+    try:
+        steps = load_step_settings() if with_step_maximums else None
+    except ValidationError as exc:
+        raise ValueError(describe_invalid(exc, STEP_PREFIX)) from None
+    return engine_caps(limits, steps)

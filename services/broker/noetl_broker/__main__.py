@@ -28,7 +28,16 @@ def main() -> int:
     from noetl_broker.app import create_app
     from noetl_broker.settings import load_broker_settings
 
-    settings = load_broker_settings()
+    from pydantic import ValidationError
+
+    from noetl_runtime.settings import describe_invalid
+
+    try:
+        settings = load_broker_settings()
+    except ValidationError as exc:   # one line naming the variable, not a traceback
+        configure_json_logging("INFO")
+        log.error("%s", describe_invalid(exc))
+        return 2
     configure_json_logging(settings.log_level)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -39,6 +39,7 @@ from noetl_common.explain import explain
 from noetl_common.messages import TimerFired
 from noetl_common.state import ExecutionState
 from noetl_runtime import kafka_io
+from noetl_runtime.settings import engine_caps
 
 from noetl_broker.eviction import Evictions
 from noetl_broker.metrics import Metrics
@@ -91,6 +92,8 @@ class Broker:
         self.evictions = Evictions(settings.broker_evict_after)
         self.output = Output(settings)
         self.known_pools: set[str] = set(settings.pools)
+        # NOETL_MAX_VISITS, NOETL_MAX_ITERATOR_ITEMS: the fold records them in each execution it starts here
+        self.caps = engine_caps(settings)
         self.recovered = False   # the table is recovered for the current assignment: ready to fold
         self.assigned: set[int] = set()
         self._inbox: asyncio.Queue[tuple[Any, EventT]] | None = None
@@ -153,7 +156,8 @@ class Broker:
             records = [Record(value=e.message.value, key=e.message.key, topic=e.message.topic,
                               partition=e.message.partition, offset=e.message.offset,
                               timestamp=e.message.timestamp) for _, e in batch]
-            out = fold_batch(self.states, records, now=started, late_start_after=self.settings.broker_evict_after)
+            out = fold_batch(self.states, records, now=started, late_start_after=self.settings.broker_evict_after,
+                             caps=self.caps)
             t1 = time.perf_counter()
             effects = await self.output.submit(await self._effects(out))
         except BaseException:

@@ -15,7 +15,8 @@ from rich.markup import escape
 
 from noetl_common.dsl import load_playbook
 from noetl_cli.tokens import token_app
-from noetl_cli.running import (UsageError, load_credentials, parse_payload, read_playbook_text, run_command)
+from noetl_cli.running import (UsageError, caps_from_env, load_credentials, parse_payload, read_playbook_text,
+                               run_command)
 from noetl_runtime.sqlite_store import SqliteStore
 
 app = typer.Typer(help="Run NoETL playbooks (noetl.io/v1): embedded by default.", no_args_is_help=True,
@@ -151,11 +152,12 @@ def validate(file: Path = typer.Argument(..., help="The playbook YAML file."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Check a playbook: every error with its location (exit 2), warnings for keys that do not apply."""
     try:
+        caps = caps_from_env()   # judged as `noetl run` and registration on this machine would judge it
         text = read_playbook_text(file)
     except UsageError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2)
-    playbook, problems = load_playbook(text)
+    playbook, problems = load_playbook(text, caps)
     if as_json:
         print(json.dumps({"valid": playbook is not None, "problems": [p.model_dump() for p in problems]}))
     else:
@@ -171,6 +173,12 @@ def validate(file: Path = typer.Argument(..., help="The playbook YAML file."),
 def catalog_register(paths: list[Path] = typer.Argument(..., help="Playbook files or folders."),
                      store: Optional[Path] = StoreOption) -> None:
     """Register playbooks (each file must validate)."""
+    try:
+        caps = caps_from_env()
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2)
+
     async def go() -> None:
         async with SqliteStore(store) as db:
             for path in paths:
@@ -183,7 +191,7 @@ def catalog_register(paths: list[Path] = typer.Argument(..., help="Playbook file
                             continue
                         err.print(f"[red]error:[/] {escape(str(exc))}")
                         raise typer.Exit(2)
-                    playbook, problems = load_playbook(text)
+                    playbook, problems = load_playbook(text, caps)
                     if playbook is None:
                         if path.is_dir():
                             continue

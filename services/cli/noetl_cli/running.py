@@ -12,9 +12,11 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from noetl_common.caps import Caps
 from noetl_common.dsl import load_playbook, playbook_identity
 from noetl_common.merge import deep_merge
 from noetl_runtime.report import invalid_report, run_report
+from noetl_runtime.settings import configured_caps
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_cli.live import LiveView, summary
 
@@ -23,6 +25,14 @@ EXIT = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 1, "INVALID": 2}
 
 class UsageError(Exception):
     """Bad command-line input: reported on stderr, exit status 2."""
+
+
+def caps_from_env() -> Caps:
+    """NOETL_MAX_VISITS, NOETL_MAX_ITERATOR_ITEMS and NOETL_STEP_MAX_*, or a UsageError naming the bad one."""
+    try:
+        return configured_caps()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_payload(payload: str | None, sets: list[str]) -> dict[str, Any]:
@@ -56,8 +66,9 @@ def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], crede
     # errors stay whole for grep and copy-paste.
     out = Console(file=sys.stdout if not as_json else sys.stderr, highlight=False, soft_wrap=True)
     started = time.monotonic()
+    caps = caps_from_env()
     text = read_playbook_text(file)
-    playbook, problems = load_playbook(text)
+    playbook, problems = load_playbook(text, caps)
     errors = problems_as_errors(problems)
     for p in problems:   # warnings name what was ignored or assumed; with --json they go to stderr
         if p.severity == "warning":
@@ -73,7 +84,7 @@ def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], crede
         return EXIT["INVALID"]
     document = yaml.safe_load(text)
     report = asyncio.run(_run(document, text, playbook.path, payload, catalogs, credentials, out, as_json,
-                              timeout, store_path, started))
+                              timeout, store_path, started, caps))
     if as_json:
         print(json.dumps(report, default=str))
     else:
@@ -83,7 +94,7 @@ def run_command(file: Path, payload: dict[str, Any], catalogs: list[Path], crede
 
 async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str, Any], catalogs: list[Path],
                credentials: Path | None, out: Console, as_json: bool, timeout: float | None,
-               store_path: Path | None, started: float) -> dict[str, Any]:
+               store_path: Path | None, started: float, caps: Caps) -> dict[str, Any]:
     # Imported here: the runtime pulls in the worker and every action (httpx, asyncpg, duckdb), which
     # `validate`, `catalog` and `credential` do not need (they start about twice as fast without it).
     from noetl_embedded.runtime import EmbeddedRuntime
@@ -94,7 +105,7 @@ async def _run(document: dict[str, Any], text: str, path: str, payload: dict[str
         entry = await store.catalog.register(text, document, path)
         if credentials is not None:
             await load_credentials(store, credentials)
-        runtime = EmbeddedRuntime(store, resume=False)   # a run never picks up other executions
+        runtime = EmbeddedRuntime(store, resume=False, caps=caps)   # a run never picks up other executions
         await runtime.start()
         try:
             start = runtime.start_message(document, path, entry.version, payload, time.time())

@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.refusals import Unavailable
 from noetl_embedded.runtime import EmbeddedRuntime
 from noetl_frontend.app import build_api
@@ -32,6 +33,7 @@ from noetl_render.handlers import RenderPorts
 from noetl_runtime.auth import Authenticator, AuthSettings, check_bind
 from noetl_runtime.change_feed import ChangeFeed
 from noetl_runtime.http_ops import configure_json_logging
+from noetl_runtime.settings import configured_caps
 from noetl_runtime.sqlite_store import SqliteStore
 from noetl_runtime.tokens import SqliteTokens, ensure_local_admin, local_token_file
 
@@ -40,7 +42,7 @@ WATCH_INTERVAL = 0.5   # seconds between checks that the runtime is alive
 
 
 def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, *,
-              auth: Authenticator) -> FastAPI:
+              auth: Authenticator, caps: Caps = DEFAULT_CAPS) -> FastAPI:
     """The one app of embedded mode. The runtime starts and stops with the app (its lifespan)."""
     started = False
 
@@ -85,7 +87,7 @@ def build_app(store: SqliteStore, runtime: EmbeddedRuntime, max_in_flight: int =
     ingest = IngestPorts(catalog=store.catalog, credentials=store.credentials, submit=submit, clock=time.time,
                          lease_seconds=runtime.lease_seconds, lease_retries=runtime.lease_retries,
                          lease_retry_delay=runtime.lease_retry_delay, idempotency=store.idempotency, known=known,
-                         in_flight=InFlight(max_in_flight, running, seen))
+                         in_flight=InFlight(max_in_flight, running, seen), caps=caps)
     return build_api(ingest, SqliteReadModel(store), RenderPorts(events=store.events), service="server",
                      description="NoETL-compatible HTTP API, embedded mode (SQLite, in-process workers).",
                      auth=auth, ready=ready, live=dead, lifespan=lifespan, explainer=runtime.explain, feed=feed,
@@ -108,6 +110,11 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
     and the listening socket (uvicorn would otherwise start the app, hence the runtime, before binding)."""
     configure_json_logging(log_level.upper())
     try:
+        caps = configured_caps()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
         settings = AuthSettings()
         check_bind(host, settings)
     except ValueError as exc:   # pydantic's ValidationError is one
@@ -119,9 +126,9 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
             if not locked:
                 log.error("another noetl server is using the store %s", store.path)
                 return 1
-            runtime = EmbeddedRuntime(store, **runtime_options)
+            runtime = EmbeddedRuntime(store, caps=caps, **runtime_options)
             auth = Authenticator(local_admin(store), settings=settings)
-            config = uvicorn.Config(build_app(store, runtime, max_in_flight, auth=auth), host=host,
+            config = uvicorn.Config(build_app(store, runtime, max_in_flight, auth=auth, caps=caps), host=host,
                                     port=port, log_config=None, lifespan="on", log_level=log_level.lower(),
                                     timeout_graceful_shutdown=5)
             try:

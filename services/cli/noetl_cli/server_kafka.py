@@ -86,9 +86,10 @@ def where(dsn: str) -> str:
 class KafkaServer:
     """The started roles of one `noetl server --kafka` process."""
 
-    def __init__(self, settings: BrokerSettings, max_in_flight: int | None = None) -> None:
+    def __init__(self, settings: BrokerSettings, max_in_flight: int | None = None, step_settings: Any = None) -> None:
         self.settings = settings
         self.max_in_flight = max_in_flight   # None: NOETL_MAX_IN_FLIGHT
+        self.step_settings = step_settings   # NOETL_STEP_*: the API's step maximums (None: read at start)
         self.pool: Any = None
         self.producer: Any = None       # ingest's: StartExecution, cancels and posted facts
         self.query: Any = None
@@ -196,7 +197,8 @@ class KafkaServer:
 
         # The broker runs in this process and owns every partition: /explain reads its table (docs/query.md).
         app = cluster_api(self.settings, self.pool, self.producer, ready=self.not_ready, live=self.failure,
-                          max_in_flight=self.max_in_flight, explainer=self.faust_app.noetl_broker.explain, gauges={
+                          max_in_flight=self.max_in_flight, explainer=self.faust_app.noetl_broker.explain,
+                          step_settings=self.step_settings, gauges={
             "noetl_worker_commands_in_flight": ("commands running", lambda: float(self.worker.in_flight)),
             "noetl_query_events": ("events projected", lambda: float(self.query.stats["events"])),
         })
@@ -267,9 +269,10 @@ class KafkaServer:
             shutil.rmtree(self.faust_datadir, ignore_errors=True)
 
 
-async def run_server(settings: BrokerSettings, sock: socket.socket, max_in_flight: int | None = None) -> int:
+async def run_server(settings: BrokerSettings, sock: socket.socket, max_in_flight: int | None = None,
+                     step_settings: Any = None) -> int:
     """Start every role, serve until a signal (0) or a role's failure (1), stop every role."""
-    server = KafkaServer(settings, max_in_flight)
+    server = KafkaServer(settings, max_in_flight, step_settings)
     stop = asyncio.Event()
     signals = 0
 
@@ -310,12 +313,18 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
 
     from noetl_runtime.http_ops import configure_json_logging
 
+    from noetl_runtime.settings import STEP_PREFIX, describe_invalid, load_step_settings
+
     configure_json_logging(log_level.upper())
     try:
         settings = server_settings(kafka, database_url, host, port, log_level)
     except ValidationError as exc:
-        log.error("invalid settings: %s", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                      for e in exc.errors()))
+        log.error("%s", describe_invalid(exc))
+        return 1
+    try:   # the API judges `limits:` against the maximums of this process's worker (NOETL_STEP_MAX_*)
+        step_settings = load_step_settings()
+    except ValidationError as exc:
+        log.error("%s", describe_invalid(exc, STEP_PREFIX))
         return 1
     try:
         from noetl_runtime.auth import AuthSettings, check_bind
@@ -330,7 +339,7 @@ def serve_kafka(host: str, port: int, kafka: str, database_url: str, log_level: 
         log.error("cannot listen on %s:%d: %s", host, port, _reason(exc))
         return 1
     try:
-        return asyncio.run(run_server(settings, sock, max_in_flight))
+        return asyncio.run(run_server(settings, sock, max_in_flight, step_settings))
     finally:
         sock.close()
 

@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable
 
 from noetl_common.batch import BatchOutput, Record, dead_letter, fold_batch
+from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.codec import DecodeError, decode_command, decode_inbound, encode
 from noetl_common.engine.actions import redeliver
 from noetl_common.engine.lifecycle import child_finished
@@ -42,10 +43,12 @@ EventListener = Callable[[Event], None]
 class EmbeddedRuntime:
     def __init__(self, store: SqliteStore, *, concurrency: int = 64, python_processes: int | None = None,
                  lease_seconds: float = 30.0, batch_size: int = 1000, resume: bool = True,
-                 lease_retries: int = DEFAULT_LEASE_RETRIES, lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY
-                 ) -> None:
+                 lease_retries: int = DEFAULT_LEASE_RETRIES, lease_retry_delay: float = DEFAULT_LEASE_RETRY_DELAY,
+                 caps: Caps = DEFAULT_CAPS) -> None:
         self.resume = resume   # `noetl server` resumes in-flight executions; `noetl run` runs only its own
         self.store = store
+        # The operator's caps (NOETL_MAX_VISITS, NOETL_MAX_ITERATOR_ITEMS), recorded by each execution it starts
+        self.caps = caps.for_fold()
         self.topics = Topics()
         self.bus = InMemoryBus()
         self.lease_seconds = lease_seconds
@@ -198,7 +201,7 @@ class EmbeddedRuntime:
     async def _fold_batch(self, batch: list[tuple[str, bytes]]) -> None:
         """One batch through the shared batch fold (whatever a message does, it harms only its execution),
         then one SQLite transaction, then the effects: no worker ever runs an attempt the store does not know."""
-        out = fold_batch(self._view, [raw for _key, raw in batch], now=time.time())
+        out = fold_batch(self._view, [raw for _key, raw in batch], now=time.time(), caps=self.caps)
         _log_problems(out)
         self.forged_facts += out.forged
         if not (out.states or out.events or out.dead_letters):

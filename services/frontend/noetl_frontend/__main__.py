@@ -42,8 +42,12 @@ class FrontendCluster:
     async def start(self) -> FastAPI:
         from noetl_runtime import kafka_io
         from noetl_runtime.postgres_store import open_pool
+        from noetl_runtime.settings import load_step_settings
 
         s = self.settings
+        # NOETL_STEP_MAX_*: what a python step's `limits:` may ask for, judged at registration (set them as the
+        # workers have them). Read first, so a bad value stops the start before anything is opened.
+        step_settings = load_step_settings()
         if s.secret_key is None:
             log.warning("NOETL_SECRET_KEY is not set: storing a credential will fail (set the same key on "
                         "the API and the workers)")
@@ -55,7 +59,7 @@ class FrontendCluster:
         except BaseException:
             await self.stop()
             raise
-        self.app = cluster_api(s, self.pool, self.producer, ready=self.not_ready)
+        self.app = cluster_api(s, self.pool, self.producer, ready=self.not_ready, step_settings=step_settings)
         return self.app
 
     def not_ready(self) -> str | None:

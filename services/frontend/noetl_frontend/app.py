@@ -41,7 +41,7 @@ from noetl_runtime.postgres_store import (MissingSecretKey, PostgresCatalog, Pos
 from noetl_runtime.tokens import PostgresTokens
 
 if TYPE_CHECKING:
-    from noetl_runtime.settings import Settings
+    from noetl_runtime.settings import Settings, StepSettings
 
 log = logging.getLogger("noetl.frontend")
 
@@ -74,16 +74,19 @@ def build_api(ingest: IngestPorts, read: ReadModel, render: RenderPorts, *, serv
 def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyCheck | None = None,
                 live: ReadyCheck | None = None, gauges: Mapping[str, GaugeFn] | None = None,
                 max_in_flight: int | None = None, explainer: Explainer | None = None,
-                auth: Authenticator | None = None) -> FastAPI:
+                auth: Authenticator | None = None, step_settings: StepSettings | None = None) -> FastAPI:
     """The API of a cluster over a started asyncpg pool (migrated) and a started Kafka producer. The caller
     owns both. A send Kafka refuses is a 503 (nothing was accepted, the client may retry), or a 413 when it
     is over the topic's size limit. Idempotency scopes live in Postgres; the bound on in-flight executions
-    (`max_in_flight`, else NOETL_MAX_IN_FLIGHT) reads the read model (noetl_ingest.admission)."""
+    (`max_in_flight`, else NOETL_MAX_IN_FLIGHT) reads the read model (noetl_ingest.admission). Playbooks are
+    judged against NOETL_MAX_VISITS (`settings`) and the step maximums NOETL_STEP_MAX_* (`step_settings`, else
+    read from the environment): set those as the workers have them."""
     # here: embedded `noetl server` imports this module without the Kafka extra
     from aiokafka.errors import KafkaError
     from asyncpg.exceptions import DataError
 
     from noetl_ingest.kafka_ports import KafkaSubmit, PublishingCatalog
+    from noetl_runtime.settings import engine_caps, load_step_settings
 
     s = settings
     key = s.secret_key.get_secret_value() if s.secret_key is not None else None
@@ -96,7 +99,8 @@ def cluster_api(settings: Settings, pool: Any, producer: Any, *, ready: ReadyChe
         submit=submit, clock=time.time, lease_seconds=s.lease_seconds, lease_retries=s.lease_retries,
         lease_retry_delay=s.lease_retry_delay,
         idempotency=PostgresIdempotency(pool, s.database_schema), known=executions.known,
-        in_flight=InFlight(limit, executions.running, executions.seen))
+        in_flight=InFlight(limit, executions.running, executions.seen),
+        caps=engine_caps(s, step_settings if step_settings is not None else load_step_settings()))
     read = PostgresReadModel(pool, s.database_schema)
     if explainer is None and s.broker_url:
         explainer = BrokerExplainer(s.broker_url, token=_secret(s.broker_token))

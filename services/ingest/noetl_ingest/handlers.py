@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.codec import DecodeError, decode_inbound
 from noetl_common.dsl import load_playbook
 from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, CancelExecution, StartExecution
@@ -54,6 +55,9 @@ class IngestPorts:
     idempotency: IdempotencyPort | None = None
     known: Callable[[str], Awaitable[bool]] | None = None
     in_flight: InFlight | None = None                 # the bound on in-flight executions (None: no bound)
+    # The operator's caps a playbook is judged against when registered or run (noetl_common.caps): max_visits
+    # and the step maximums of `limits:` (NOETL_MAX_VISITS, NOETL_STEP_MAX_*), so going over is a 400 here.
+    caps: Caps = DEFAULT_CAPS
 
 
 class Rejected(ValueError):
@@ -169,7 +173,7 @@ class CredentialRequest(BaseModel):
 # ----------------------------------------------------------------------------------------------- catalog
 async def register(ports: IngestPorts, req: RegisterRequest, principal: str | None = None) -> dict[str, Any]:
     text = req.text()
-    playbook, problems = load_playbook(text)
+    playbook, problems = load_playbook(text, ports.caps)
     if playbook is None:
         errors = _errors(problems)
         raise Rejected(f"invalid playbook: {len(errors)} error(s)", errors)
@@ -219,7 +223,7 @@ async def _start(ports: IngestPorts, req: RunRequest, scope: str | None, request
     if entry is None:
         raise LookupError(f"playbook {path!r} {'version ' + str(version) if version else '(latest)'}"
                           " is not in the catalog")
-    playbook, problems = load_playbook(entry.content)
+    playbook, problems = load_playbook(entry.content, ports.caps)
     if playbook is None:
         errors = _errors(problems)
         raise Rejected(f"invalid playbook {entry.path} version {entry.version}: {len(errors)} error(s)", errors)

@@ -1,6 +1,7 @@
 """The playbook DSL: load (parse + detect the dialect + normalise + validate) a NoETL playbook.
 
-    playbook, problems = load_playbook(yaml_text_or_dict)
+    playbook, problems = load_playbook(yaml_text_or_dict)            # judged against the default caps
+    playbook, problems = load_playbook(yaml_text_or_dict, caps)      # against the operator's (noetl_common.caps)
 
 `problems` holds every error and warning, each with its location path and YAML line where known;
 `playbook` is None exactly when at least one problem is an error. Loading never raises on a bad document.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from typing import Any
+
+from noetl_common.caps import DEFAULT_CAPS, Caps
 
 from .dialect import Dialect, detect_dialect
 from .models import Edge, IteratorSpec, Playbook, Problem, RetryPolicy, SaveSpec, Step
@@ -25,8 +28,9 @@ from .yaml_source import LineMap, line_for, parse_yaml
 parse_playbook_yaml = parse_yaml   # text -> (data, {path: line}, problems)
 
 
-def load_playbook(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
-    """YAML text (str) or an already-parsed document (dict) -> (Playbook | None, problems).
+def load_playbook(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | None, list[Problem]]:
+    """YAML text (str) or an already-parsed document (dict) -> (Playbook | None, problems), judged against
+    `caps` (the operator's, passed in by the adapter; the core reads no setting).
 
     Memoised: the broker re-reads states (and so playbooks) on every batch, and thousands of executions
     share a playbook. Callers only read the Playbook they get back; the problem list is a fresh copy.
@@ -34,18 +38,18 @@ def load_playbook(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
     try:
         key = source if isinstance(source, str) else json.dumps(source, sort_keys=True, default=str)
     except (TypeError, ValueError):
-        return _load(source)
-    playbook, problems = _load_cached(key, isinstance(source, str))
+        return _load(source, caps)
+    playbook, problems = _load_cached(key, isinstance(source, str), caps)
     return playbook, list(problems)
 
 
 @lru_cache(maxsize=256)
-def _load_cached(key: str, is_text: bool) -> tuple[Playbook | None, tuple[Problem, ...]]:
-    playbook, problems = _load(key if is_text else json.loads(key))
+def _load_cached(key: str, is_text: bool, caps: Caps) -> tuple[Playbook | None, tuple[Problem, ...]]:
+    playbook, problems = _load(key if is_text else json.loads(key), caps)
     return playbook, tuple(problems)
 
 
-def _load(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
+def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | None, list[Problem]]:
     try:
         if isinstance(source, str):
             data, lines, problems = parse_yaml(source)
@@ -55,17 +59,17 @@ def _load(source: str | dict) -> tuple[Playbook | None, list[Problem]]:
             data, lines, problems = source, {}, []
         dialect = detect_dialect(data)
         if dialect.name in ("v2", "v10"):
-            return problems_v10(data, dialect, lines, problems)
-        playbook, found = validate_document(data, lines)
+            return problems_v10(data, dialect, lines, problems, caps)
+        playbook, found = validate_document(data, lines, caps)
         return playbook, problems + found
     except Exception as exc:   # last line of defence: a bad document must never surface as a traceback
         return None, [Problem(path="", message=f"could not load the playbook: {type(exc).__name__}: {exc}")]
 
 
-def problems_v10(data: dict, dialect: Dialect, lines: LineMap, problems: list[Problem]
+def problems_v10(data: dict, dialect: Dialect, lines: LineMap, problems: list[Problem], caps: Caps = DEFAULT_CAPS
                  ) -> tuple[Playbook | None, list[Problem]]:
     """The second front end (dsl/v10.py): a v2/v10 document is read only by it, never half as v1."""
-    issues = Issues()
+    issues = Issues(caps)
     if dialect.type_step:
         issues.error(dialect.type_step, f"this document mixes v1 'type:' steps ({dialect.type_step}) with NoETL "
                                         f"DSL {dialect.name} steps ({dialect.reason}): use one dialect (V10-1.1)")

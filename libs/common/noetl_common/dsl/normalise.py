@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from noetl_common.caps import DEFAULT_STEP_MAX_VISITS, MAX_VISITS_SETTING
 from noetl_common.merge import deep_merge
 
 from .models import ACTION_TYPES, CONTROL_TYPES, Edge, IteratorSpec, Playbook, RetryPolicy, Step
@@ -19,9 +20,6 @@ EDGE_DATA_KEYS = ("input", "payload", "args", "with", "data")   # later wins
 EDGE_KEYS = frozenset({"step", "name", "when", "then", "else", *EDGE_DATA_KEYS})
 LOOP_OUTER = ("step", "loop", "next", "desc", "description", "max_visits", "result")
 MAX_WORKBOOK_DEPTH = 8
-# The highest max_visits a step may declare (docs/security.md, Limits): a loop's visits are events and
-# commands; a bound at load keeps one playbook from asking for millions. A constant: valid is valid everywhere.
-MAX_VISITS_LIMIT = 10_000
 
 
 # ---------------------------------------------------------------- document
@@ -198,10 +196,22 @@ def normalise_step(raw: Any, name: str, path: str, ctx: _Ctx, *, task: bool = Fa
         retry=_retry(raw.get("retry"), f"{path}.retry", issues),
         timeout=number(raw.get("timeout"), f"{path}.timeout", issues, "timeout", positive=True),
         assert_expects=expects, assert_returns=returns, auth=raw.get(auth_key) if auth_key else None,
-        max_visits=integer(raw.get("max_visits"), f"{path}.max_visits", issues, "max_visits",
-                           maximum=MAX_VISITS_LIMIT) or 100,
+        max_visits=_max_visits(raw.get("max_visits"), f"{path}.max_visits", issues),
         has_result="result" in raw, result=raw.get("result"),
         config=_config(kind, raw, data, path, issues), iterator=iterator)
+
+
+def _max_visits(value: Any, path: str, issues: Issues) -> int:
+    """The step's max_visits, within the operator's cap (docs/security.md, Limits): a loop's visits are
+    events and commands, so a bound at load keeps one playbook from asking for millions. Undeclared: 100,
+    or the cap when the operator set it lower."""
+    cap = issues.caps.max_visits
+    declared = integer(value, path, issues, "max_visits")
+    if declared is not None and declared > cap:
+        issues.error(path, f"max_visits {declared:,} is over the cap of {cap:,} ({MAX_VISITS_SETTING}); "
+                           f"lower it, or ask the operator to raise the cap")
+        return cap
+    return declared or min(DEFAULT_STEP_MAX_VISITS, cap)
 
 
 def _config(kind: str | None, raw: dict, data: dict | str, path: str, issues: Issues) -> dict[str, Any]:

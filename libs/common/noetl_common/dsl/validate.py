@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
+from noetl_common.caps import DEFAULT_CAPS, Caps, step_maximum_setting
 from noetl_common.render import syntax_error
 
 from .models import ACTION_TYPES, CONTROL_TYPES, Edge, Playbook, Problem, SaveSpec, Step
@@ -53,10 +54,12 @@ TEMPLATE_BUDGET = 200_000                                # strings/containers vi
 
 
 class Issues:
-    """Collects problems with their location paths; `locate` attaches the lines."""
+    """Collects problems with their location paths; `locate` attaches the lines. Carries the operator's caps
+    the document is judged against (noetl_common.caps), so every check that needs one finds it here."""
 
-    def __init__(self) -> None:
+    def __init__(self, caps: Caps = DEFAULT_CAPS) -> None:
         self.problems: list[Problem] = []
+        self.caps = caps
 
     def error(self, path: str, message: str) -> None:
         self.problems.append(Problem(path=path, message=message))
@@ -69,10 +72,11 @@ class Issues:
         return sum(1 for p in self.problems if p.severity == "error")
 
 
-def validate(doc: Any, lines: LineMap | None = None) -> tuple[Playbook | None, list[Problem]]:
+def validate(doc: Any, lines: LineMap | None = None, caps: Caps = DEFAULT_CAPS
+             ) -> tuple[Playbook | None, list[Problem]]:
     """The Playbook (None when there is any error) and every problem, errors and warnings."""
     from .normalise import assemble, normalise_steps, workflow_key   # normalise imports this module
-    issues, lines = Issues(), lines or {}
+    issues, lines = Issues(caps), lines or {}
     if not isinstance(doc, dict):
         issues.error("", f"a playbook must be a mapping, got {type(doc).__name__}")
         return None, locate(issues.problems, lines)
@@ -179,12 +183,14 @@ def check_steps(steps: list[Step], key: str, issues: Issues) -> None:
 
 
 # The resource limits a python step may ask for in `limits:` (docs/security.md "Limits"). Their defaults
-# and maximums are the worker's settings (NOETL_STEP_*, NOETL_STEP_MAX_*), which differ between pools, so
-# the load checks the shape and the worker checks the maximum of the pool that runs the step.
+# and maximums are the worker's settings (NOETL_STEP_*, NOETL_STEP_MAX_*). The load checks the shape, and the
+# maximums when the adapter that loads the playbook passed them in (`Caps.step_maximums`: registration,
+# `noetl run`, `noetl validate`); the worker checks the maximum of the pool that runs the step again.
 STEP_LIMITS = ("memory_mb", "cpu_seconds", "processes", "open_files", "file_size_mb")
 
 
 def check_limits(limits: Any, path: str, issues: Issues) -> None:
+    maximums = issues.caps.step_max
     if not isinstance(limits, dict):
         issues.error(path, f"limits must be a mapping of {', '.join(STEP_LIMITS)}")
         return
@@ -195,6 +201,9 @@ def check_limits(limits: Any, path: str, issues: Issues) -> None:
             continue   # rendered at dispatch; the worker checks what it renders to
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             issues.error(f"{path}.{name}", f"limits.{name} must be a positive whole number, got {value!r}")
+        elif name in maximums and value > maximums[name]:   # the worker's own wording (python_pool.step_limits)
+            issues.error(f"{path}.{name}", f"limits.{name} = {value} is above the maximum {maximums[name]} "
+                                           f"({step_maximum_setting(name)})")
 
 
 def _check_action(step: Step, issues: Issues) -> None:

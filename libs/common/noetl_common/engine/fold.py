@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from noetl_common.attempt_tokens import genuine
+from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.dsl import load_playbook
 from noetl_common.engine import iterator, v10
 from noetl_common.engine.actions import send
@@ -37,12 +38,15 @@ class Transition:
     forged: bool = False                                    # of those: a fact without its attempt's token
 
 
-def advance(state: ExecutionState | None, msg: Any) -> Transition:
-    """Fold one inbound message; return the new state, the events to append and the commands to send."""
+def advance(state: ExecutionState | None, msg: Any, caps: Caps = DEFAULT_CAPS) -> Transition:
+    """Fold one inbound message; return the new state, the events to append and the commands to send.
+
+    `caps`: the operator's caps (noetl_common.caps), given by the runtime that owns the fold. Read only when
+    `msg` starts an execution, which records them: later messages use the caps their execution started under."""
     if isinstance(msg, StartExecution):
         if state is not None:
             return Transition(state, stale=True)
-        tick = _start(msg)
+        tick = _start(msg, caps.for_fold())
     elif state is None or state.terminal:
         return Transition(state, stale=True)
     elif isinstance(msg, _FACTS) and not genuine(state.fact_key, msg.command_id, msg.token):
@@ -83,15 +87,16 @@ def fail_on_error(state: ExecutionState | None, msg: Any, error: str) -> Transit
     return Transition(tick.state, tick.events, tick.commands, tick.requests, tick.timers)
 
 
-def _start(msg: StartExecution) -> Tick:
-    playbook, problems = load_playbook(msg.playbook)
+def _start(msg: StartExecution, caps: Caps) -> Tick:
+    playbook, problems = load_playbook(msg.playbook, caps)
     base = playbook.workload if playbook else {}
     state = ExecutionState(
         execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
         workload=deep_merge(base, msg.payload), parent_execution_id=msg.parent_execution_id,
         parent_command_id=msg.parent_command_id, parent_step=msg.parent_step, return_step=msg.return_step,
         fact_key=msg.fact_key, parent_token=msg.parent_token, lease_seconds=msg.lease_seconds,
-        lease_retries=msg.lease_retries, lease_retry_delay=msg.lease_retry_delay, started=msg.time)
+        lease_retries=msg.lease_retries, lease_retry_delay=msg.lease_retry_delay, started=msg.time,
+        max_visits_cap=caps.max_visits, max_iterator_items=caps.max_iterator_items)
     tick = Tick(state, compile_state(state, playbook), msg.time)
     name = playbook.name if playbook else document_name(msg.playbook, msg.path)
     tick.emit("execution_start", name, "playbook", "STARTED", meta={

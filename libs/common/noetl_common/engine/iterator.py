@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from noetl_common.caps import DEFAULT_MAX_ITERATOR_ITEMS, MAX_ITERATOR_ITEMS_SETTING
 from noetl_common.dsl.models import IteratorSpec, Step
 from noetl_common.engine import v10
 from noetl_common.engine.actions import build_action, render_inputs, send
@@ -17,21 +18,17 @@ from noetl_common.render import TemplateError, evaluate, render, truthy
 from noetl_common.state import IteratorRun, StepRun
 
 
-# The most items one iterator may fan out to (docs/security.md, Limits): each is a command and a few events,
-# so a collection of millions would hold the fold and the event log for one execution's sake. A constant of
-# the core (a replayed fold must decide the same way everywhere), not a setting.
-MAX_ITERATOR_ITEMS = 100_000
-
-
 def start(tick: Tick, step: Step, run: StepRun, context: dict[str, Any]) -> None:
     spec = step.iterator
     assert spec is not None
-    run.iteration = IteratorRun(items=shape(spec, context))
+    run.iteration = IteratorRun(items=shape(spec, context, tick.state.max_iterator_items))
     fill(tick, step, run)
 
 
-def shape(spec: IteratorSpec, context: dict[str, Any]) -> list[Any]:
-    """where → order_by → limit → chunk."""
+def shape(spec: IteratorSpec, context: dict[str, Any], max_items: int = DEFAULT_MAX_ITERATOR_ITEMS) -> list[Any]:
+    """where → order_by → limit → chunk. `max_items`: the operator's cap (the execution's state holds it,
+    noetl_common.caps): each item is a command and a few events, so a collection of millions would hold the
+    fold and the event log for one execution's sake. Checked on the collection as rendered, before filtering."""
     try:
         collection = render(spec.collection, context)
         if isinstance(collection, dict):
@@ -43,9 +40,9 @@ def shape(spec: IteratorSpec, context: dict[str, Any]) -> list[Any]:
         else:
             raise StepError(f"iterator collection must be a list or a mapping, got {type(collection).__name__}: "
                             f"{str(collection)[:100]}")
-        if len(items) > MAX_ITERATOR_ITEMS:
-            raise StepError(f"iterator collection has {len(items):,} items, over the limit of "
-                            f"{MAX_ITERATOR_ITEMS:,} (filter it, or split the work across executions)")
+        if len(items) > max_items:
+            raise StepError(f"iterator collection has {len(items):,} items, over the limit of {max_items:,} "
+                            f"({MAX_ITERATOR_ITEMS_SETTING}; filter it, or split the work across executions)")
         if spec.where:
             items = [it for it in items if truthy(evaluate(spec.where, {**context, spec.element: it}))]
         if spec.order_by:

@@ -25,7 +25,7 @@ def compile_state(state: ExecutionState, playbook: Playbook | None = None) -> Co
     compiled = state._compiled          # one read: a pydantic private attribute costs a __getattr__ call
     if compiled is None:
         if playbook is None:
-            playbook, _problems = load_playbook(state.playbook)
+            playbook, _problems = load_playbook(state.playbook, state.caps)   # the caps it started under
         if playbook is None:
             return None
         compiled = state._compiled = Compiled(playbook, Reach(playbook))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from noetl_common import projection
+from noetl_common.caps import CEILING_MAX_VISITS, Caps
 from noetl_common.dsl import Playbook, load_playbook
 from noetl_common.explain import finished_explanation
 from noetl_common.messages import Event
@@ -32,6 +33,7 @@ PAGE_SIZES = (25, 50, 100, 200)
 MAX_EVENTS_SHOWN = 100        # the event log shows the latest ones; the JSON API has them all
 MAX_CHILDREN = 200            # child executions listed on a parent's page
 PLAYBOOK_CACHE = 64
+DRAW_CAPS = Caps(max_visits=CEILING_MAX_VISITS)   # the console draws every registered version
 MAX_CHILD_LOOKUPS = 50      # children whose start event is read to find their step
 
 
@@ -69,7 +71,8 @@ class Console:
         entry = await self.read.playbook(path, version)
         if entry is None:
             return None
-        playbook, _problems = load_playbook(entry.content) if entry.content else (None, [])
+        # Drawn, not judged: a version registered under a higher cap than today's still shows its graph.
+        playbook, _problems = load_playbook(entry.content, DRAW_CAPS) if entry.content else (None, [])
         self._playbooks[(path, entry.version)] = (entry, playbook)
         while len(self._playbooks) > PLAYBOOK_CACHE:
             self._playbooks.popitem(last=False)
