@@ -154,3 +154,74 @@ async def test_hostile_libs_and_templates_fail_the_task_with_a_clear_error(pool)
     assert isinstance(done, ActionFailed) and "nope" in done.error
     done = await run(pool, "{kind: python, input: '{{ [1, 2] }}', code: 'result = 1'}")
     assert isinstance(done, ActionFailed) and "input must be a mapping" in done.error
+
+
+# ---- a playbook task splits the pipeline (engine/composition.py): suspend, then resume with the child's end
+
+COMPOSED = """
+      - {name: pre, kind: python, input: {n: 2}, code: "result = {'n': n}"}
+      - name: child
+        kind: playbook
+        path: kids/score
+        return_step: done
+        input: {n: "{{ pre.n }}", who: "{{ _prev.n }}"}
+        spec: {policy: {rules: [{when: "{{ output.status == 'error' }}", then: {do: retry, attempts: 2}}]}}
+      - {name: post, kind: python, input: {s: "{{ child.score }}"}, code: "result = {'got': s}"}
+"""
+
+
+async def test_a_playbook_task_suspends_the_pipeline_with_its_state_and_rendered_child(pool):
+    done = await run(pool, f"\n{COMPOSED}")
+    assert isinstance(done, ActionCompleted) and done.result is None, done
+    assert done.suspended["task"] == 1
+    assert done.suspended["child"] == {"path": "kids/score", "version": None, "return_step": "done",
+                                       "input": {"n": 2, "who": 2}, "timeout": None}
+    state = done.suspended["state"]
+    assert state["results"] == {"pre": {"n": 2}} and state["prev"] == {"n": 2} and state["index"] == 1
+    assert [t["task"] for t in done.tasks] == ["pre"]
+
+
+async def resume(pool, carried: dict, outcome: dict):
+    config = {**step_config(f"\n{COMPOSED}"), "resume": {**carried, "outcome": outcome}}   # the loader's is shared
+    cmd = command("pipeline", config=config, context={"execution_id": "exec-1", "ctx": {}, "workload": {}})
+    ports = make_ports(pool)
+    await execute(cmd, ports)
+    return ports.emit.last()
+
+
+async def test_the_rest_of_the_pipeline_reads_the_childs_result_by_task_name(pool):
+    first = await run(pool, f"\n{COMPOSED}")
+    done = await resume(pool, first.suspended["state"], {"task": 1, "ok": True, "result": {"score": 7}})
+    assert isinstance(done, ActionCompleted), done
+    assert done.result["got"] == 7 and done.result["results"]["child"] == {"score": 7}
+    assert done.result["results"]["pre"] == {"n": 2}
+    assert [(t["task"], t["attempt"], t["ok"]) for t in done.tasks] == [("child", 1, True), ("post", 1, True)]
+
+
+async def test_a_failed_child_goes_through_the_tasks_policy_retry_suspends_again(pool):
+    first = await run(pool, f"\n{COMPOSED}")
+    assert isinstance(first, ActionCompleted) and first.suspended is not None, first
+    again = await resume(pool, first.suspended["state"], {"task": 1, "ok": False, "error": "child failed: x"})
+    # retry (attempts: 2): a second child is asked for, as attempt 2 of the task
+    assert isinstance(again, ActionCompleted) and again.suspended["task"] == 1, again
+    assert dict(again.suspended["state"]["attempts"]) == {1: 2}
+    assert [(t["task"], t["directive"]) for t in again.tasks] == [("child", "retry")]
+    # the second child fails too: the attempts are spent, the pipeline fails naming the task
+    failed = await resume(pool, again.suspended["state"], {"task": 1, "ok": False, "error": "child failed: y"})
+    assert isinstance(failed, ActionFailed) and failed.error.startswith("child: child failed: y"), failed
+
+
+async def test_a_resume_state_that_names_no_task_fails_the_attempt(pool):
+    done = await resume(pool, {"index": 9}, {"task": 9, "ok": True})
+    assert isinstance(done, ActionFailed) and "task 9" in done.error
+
+
+async def test_a_noop_task_gives_its_rendered_result_or_null(pool):
+    done = await run(pool, """
+      - {name: mark, kind: noop, result: {seen: "{{ workload.x }}"}}
+      - {name: quiet, kind: noop}
+      - {name: use, kind: python, input: {m: "{{ mark.seen }}"}, code: "result = {'m': m}"}
+""", context={"workload": {"x": 3}, "ctx": {"x": 3}})
+    assert isinstance(done, ActionCompleted), done
+    assert done.result["results"]["mark"] == {"seen": 3} and done.result["results"]["quiet"] is None
+    assert done.result["m"] == 3
