@@ -8,6 +8,7 @@ import yaml
 
 from noetl_common.dsl import load_playbook
 from noetl_common.messages import ActionCompleted, ActionFailed
+from noetl_common.pipeline_result import view
 from noetl_worker.actions import pipeline
 from noetl_worker.execute import execute
 from noetl_worker.python_pool import PythonPool
@@ -56,16 +57,16 @@ async def test_script_python_reads_inputs_input_data_and_context_and_returns_res
         result = {"t": twice(1), "keys": sorted(input_data), "eid": context["execution_id"]}
 """, context={"workload": {"x": 5}, "ctx": {"x": 5}})
     assert isinstance(done, ActionCompleted), done
-    assert done.result == {"t": 10, "keys": ["a", "b"], "eid": "exec-1"}
+    assert view(done.result) == {"t": 10, "keys": ["a", "b"], "eid": "exec-1"}
 
 
 async def test_top_level_return_and_main_conventions(pool):
     done = await run(pool, "{kind: python, input: {n: 3}, code: 'return n + 1'}")
-    assert isinstance(done, ActionCompleted) and done.result == 4
+    assert isinstance(done, ActionCompleted) and view(done.result) == 4
     done = await run(pool, "{kind: python, input: {n: 3}, code: 'def main(n):\n    return n * 2'}")
-    assert isinstance(done, ActionCompleted) and done.result == 6
+    assert isinstance(done, ActionCompleted) and view(done.result) == 6
     done = await run(pool, "{kind: python, code: 'x = 1'}")     # never assigns result: null
-    assert isinstance(done, ActionCompleted) and done.result is None
+    assert isinstance(done, ActionCompleted) and view(done.result) is None
 
 
 async def test_pipeline_chains_prev_results_and_overlays_the_last_result(pool):
@@ -74,8 +75,8 @@ async def test_pipeline_chains_prev_results_and_overlays_the_last_result(pool):
       - {name: two, kind: python, input: {p: "{{ _prev.v }}", o: "{{ one.v }}"}, code: "result = {'v': p + o}"}
 """)
     assert isinstance(done, ActionCompleted), done
-    assert done.result["v"] == 2 and done.result["status"] == "ok"
-    assert done.result["results"] == {"one": {"v": 1}, "two": {"v": 2}}
+    assert view(done.result)["v"] == 2 and view(done.result)["status"] == "ok"
+    assert view(done.result)["results"] == {"one": {"v": 1}, "two": {"v": 2}}
 
 
 async def test_a_failing_task_stops_the_pipeline_and_names_the_task(pool):
@@ -99,8 +100,8 @@ async def test_status_error_mapping_fails_the_task_and_continue_handles_it(pool)
         spec: {policy: {rules: [{when: "{{ output.status == 'error' }}", then: {do: continue}}]}}
       - {name: after, kind: python, input: {p: "{{ _prev }}"}, code: "result = {'prev': p}"}
 """)
-    assert isinstance(done, ActionCompleted) and done.result["prev"] is None   # the handled task is no _prev
-    assert "soft" not in done.result["results"]
+    assert isinstance(done, ActionCompleted) and view(done.result)["prev"] is None   # the handled task is no _prev
+    assert "soft" not in view(done.result)["results"]
 
 
 async def test_retry_counts_attempts_and_reports_each_task_attempt(pool):
@@ -126,7 +127,7 @@ async def test_policy_set_writes_ctx_as_a_patch_and_iter_stays_local(pool):
       - {name: b, kind: python, input: {r: "{{ row.n }}", s: "{{ iter.seen }}"}, code: "result = [r, s]"}
 """, context={"iter": {"x": 1}})
     assert isinstance(done, ActionCompleted), done
-    assert done.result["value"] == [7, True]
+    assert view(done.result)["value"] == [7, True]
     assert done.variables == {"row": {"n": 7}, "total": 7}   # iter.seen is not a ctx write
 
 
@@ -135,7 +136,7 @@ async def test_break_ends_the_pipeline_successfully(pool):
       - {name: a, kind: python, code: "result = 1", spec: {policy: {rules: [{when: true, then: {do: break}}]}}}
       - {name: b, kind: python, code: "raise ValueError('must not run')"}
 """)
-    assert isinstance(done, ActionCompleted) and done.result["status"] == "break"
+    assert isinstance(done, ActionCompleted) and view(done.result)["status"] == "break"
 
 
 async def test_a_runaway_jump_loop_fails_the_step_naming_the_limit(pool, monkeypatch):
@@ -172,7 +173,7 @@ COMPOSED = """
 
 async def test_a_playbook_task_suspends_the_pipeline_with_its_state_and_rendered_child(pool):
     done = await run(pool, f"\n{COMPOSED}")
-    assert isinstance(done, ActionCompleted) and done.result is None, done
+    assert isinstance(done, ActionCompleted) and view(done.result) is None, done
     assert done.suspended["task"] == 1
     assert done.suspended["child"] == {"path": "kids/score", "version": None, "return_step": "done",
                                        "input": {"n": 2, "who": 2}, "timeout": None}
@@ -193,8 +194,8 @@ async def test_the_rest_of_the_pipeline_reads_the_childs_result_by_task_name(poo
     first = await run(pool, f"\n{COMPOSED}")
     done = await resume(pool, first.suspended["state"], {"task": 1, "ok": True, "result": {"score": 7}})
     assert isinstance(done, ActionCompleted), done
-    assert done.result["got"] == 7 and done.result["results"]["child"] == {"score": 7}
-    assert done.result["results"]["pre"] == {"n": 2}
+    assert view(done.result)["got"] == 7 and view(done.result)["results"]["child"] == {"score": 7}
+    assert view(done.result)["results"]["pre"] == {"n": 2}
     assert [(t["task"], t["attempt"], t["ok"]) for t in done.tasks] == [("child", 1, True), ("post", 1, True)]
 
 
@@ -223,5 +224,21 @@ async def test_a_noop_task_gives_its_rendered_result_or_null(pool):
       - {name: use, kind: python, input: {m: "{{ mark.seen }}"}, code: "result = {'m': m}"}
 """, context={"workload": {"x": 3}, "ctx": {"x": 3}})
     assert isinstance(done, ActionCompleted), done
-    assert done.result["results"]["mark"] == {"seen": 3} and done.result["results"]["quiet"] is None
-    assert done.result["m"] == 3
+    assert view(done.result)["results"]["mark"] == {"seen": 3} and view(done.result)["results"]["quiet"] is None
+    assert view(done.result)["m"] == 3
+
+
+async def test_a_pipeline_result_goes_on_the_wire_with_each_task_result_once(pool):
+    # given a pipeline whose last task returns a large value
+    done = await run(pool, """
+      - {name: small, kind: python, code: "result = {'n': 1}"}
+      - {name: big, kind: python, code: "result = {'status': 'success', 'blob': 'x' * 200000}"}
+""")
+    assert isinstance(done, ActionCompleted), done
+    # then the reported message carries the blob once (the V10-2.10 overlay would repeat it three times)
+    assert done.model_dump_json().count("x" * 200000) == 1
+    # and its view is the overlay templates and the report see
+    seen = view(done.result)
+    assert seen["status"] == "ok" and seen["results"]["big"]["status"] == "success"
+    assert seen["_prev"] is seen["results"]["big"] and seen["blob"] == "x" * 200000
+    assert seen["results"]["small"] == {"n": 1} and seen["ctx"] == {}

@@ -16,6 +16,7 @@ from noetl_common.engine.errors import StepError
 from noetl_common.engine.tick import Tick
 from noetl_common.messages import ActionSpec, Command
 from noetl_common.paths import Key, lookup
+from noetl_common.pipeline_result import shipped
 from noetl_common.paths import text as path_text
 from noetl_common.render import LENIENT, TemplateError, missing_paths, referenced_names, render
 from noetl_common.state import ExecutionState, Work
@@ -125,8 +126,9 @@ def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     """The names a pipeline's templates use (a large step result is shipped only to the steps that read
     it), or the whole context when python code reads NoETL's `context`."""
     tasks = step.config.get("tasks") or []
+    # a pipeline result is shipped compact (the worker builds its view): once, not three times
     if any(_reads_context(task.get("config", {}).get("code")) for task in tasks):
-        return {k: v for k, v in context.items() if not callable(v)}
+        return {k: shipped(v) for k, v in context.items() if not callable(v)}
     templates = [{k: v for k, v in task.get("config", {}).items() if k != "code"} for task in tasks]
     templates += [[task.get("set"), task.get("rules")] for task in tasks]
     names = referenced_names(templates) | _PIPELINE_NAMES
@@ -134,7 +136,7 @@ def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     element = context.get("iter")
     if isinstance(element, dict):   # the bare iterator name of a loop
         names |= {k for k in element if not k.startswith("_")}
-    return {k: context[k] for k in names if k in context and not callable(context[k])}
+    return {k: shipped(context[k]) for k in names if k in context and not callable(context[k])}
 
 
 def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *, index: int | None = None,

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from noetl_common import pipeline_result
 from noetl_common.engine import v10 as core
 from noetl_common.engine.errors import StepError
 from noetl_common.render import LENIENT, TemplateError, render
@@ -60,12 +61,14 @@ class _Run:
     results: dict[str, Any] = field(default_factory=dict)
     prev: Any = None
     output: Any = None
+    last: str | None = None     # the last completed task (its result is results[last] and _prev)
 
 
 async def run(inv: Invocation) -> ActionOutput:
     tasks = inv.config.get("tasks") or []
     context = dict(inv.cmd.action.context)
-    state = _Run(context=context, ctx=dict(context.get("ctx") or {}), iter=dict(context.get("iter") or {}))
+    state = _Run(context=pipeline_result.views(context), ctx=dict(context.get("ctx") or {}),
+                 iter=dict(context.get("iter") or {}))
     attempts: dict[int, int] = {}
     index, runs, status, last = 0, 0, "ok", None
     outcome: dict[str, Any] | None = None
@@ -87,7 +90,8 @@ async def run(inv: Invocation) -> ActionOutput:
                 child = _child(inv, task, state, attempt)
                 if isinstance(child, dict):   # the fold starts the child, then sends the rest (composition.py)
                     carried = {"index": index, "runs": runs, "attempts": [[i, n] for i, n in attempts.items()],
-                               "last": last, "results": state.results, "prev": state.prev, "patch": state.patch,
+                               "last": last, "last_task": state.last, "results": state.results,
+                               "prev": state.prev, "patch": state.patch,
                                "iter": state.iter, "output": state.output}
                     return PipelineOutput(None, tasks=trail, suspended={"task": index, "child": child,
                                                                         "state": carried})
@@ -121,6 +125,7 @@ async def run(inv: Invocation) -> ActionOutput:
         if ok:
             state.results[task["name"]] = result
             state.prev = last = result
+            state.last = task["name"]
         attempts.pop(index, None)
         if directive == "break":
             status = "break"
@@ -154,6 +159,7 @@ def _restore(state: _Run, carried: dict[str, Any], size: int
         raise ActionError(f"the pipeline's resume state names task {index}, which does not exist")
     state.results = dict(carried.get("results") or {})
     state.prev, state.output = carried.get("prev"), carried.get("output")
+    state.last = carried.get("last_task") if isinstance(carried.get("last_task"), str) else None
     state.patch = dict(carried.get("patch") or {})
     state.ctx.update(state.patch)
     state.iter = dict(carried.get("iter") or state.iter)
@@ -190,9 +196,8 @@ class PipelineError(ActionError):
 def _result(inv: Invocation, state: _Run, last: Any, status: str) -> Any:
     if inv.config.get("whole"):      # a mapping tool: its result as is (V10-2.11)
         return last
-    base = dict(last) if isinstance(last, dict) else {"value": last}
-    base.update(status=status, results=state.results, _prev=state.prev, ctx=state.patch)
-    return base
+    # V10-2.10's overlay repeats the last result three times: it is reported compact, built where read
+    return pipeline_result.compact(state.results, state.last, status, state.patch)
 
 
 def _int(value: Any, default: int) -> int:
