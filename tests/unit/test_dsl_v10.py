@@ -94,3 +94,24 @@ def test_mixed_dialects_are_rejected_naming_both():
     playbook, problems = load_playbook(HEAD + "  - {step: start, type: python, code: x}\n"
                                               "  - {step: b, tool: {kind: noop}, next: {arcs: []}}\n")
     assert playbook is None and "mixes" in problems[0].message
+
+
+def test_playbook_and_noop_tasks_inside_a_pipeline_load_and_a_playbook_task_needs_a_path():
+    doc = yaml.safe_load("""
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: t, path: t}
+workflow:
+  - step: s
+    tool:
+      - {name: c, kind: playbook, path: kids/a, return_step: done, input: {x: 1}}
+      - {name: n, kind: noop, result: 1}
+""")
+    playbook, problems = load_playbook(doc)
+    assert playbook is not None, problems
+    kinds = [(t["name"], t["kind"]) for t in playbook.steps["s"].config["tasks"]]
+    assert kinds == [("c", "playbook"), ("n", "noop")]
+    assert playbook.steps["s"].config["tasks"][0]["config"]["return_step"] == "done"
+    doc["workflow"][0]["tool"][0].pop("path")
+    playbook, problems = load_playbook(doc)
+    assert playbook is None and any("needs path" in p.message for p in problems)

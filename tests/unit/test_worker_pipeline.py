@@ -8,6 +8,7 @@ import yaml
 
 from noetl_common.dsl import load_playbook
 from noetl_common.messages import ActionCompleted, ActionFailed
+from noetl_common.pipeline_result import view
 from noetl_worker.actions import pipeline
 from noetl_worker.execute import execute
 from noetl_worker.python_pool import PythonPool
@@ -56,16 +57,16 @@ async def test_script_python_reads_inputs_input_data_and_context_and_returns_res
         result = {"t": twice(1), "keys": sorted(input_data), "eid": context["execution_id"]}
 """, context={"workload": {"x": 5}, "ctx": {"x": 5}})
     assert isinstance(done, ActionCompleted), done
-    assert done.result == {"t": 10, "keys": ["a", "b"], "eid": "exec-1"}
+    assert view(done.result) == {"t": 10, "keys": ["a", "b"], "eid": "exec-1"}
 
 
 async def test_top_level_return_and_main_conventions(pool):
     done = await run(pool, "{kind: python, input: {n: 3}, code: 'return n + 1'}")
-    assert isinstance(done, ActionCompleted) and done.result == 4
+    assert isinstance(done, ActionCompleted) and view(done.result) == 4
     done = await run(pool, "{kind: python, input: {n: 3}, code: 'def main(n):\n    return n * 2'}")
-    assert isinstance(done, ActionCompleted) and done.result == 6
+    assert isinstance(done, ActionCompleted) and view(done.result) == 6
     done = await run(pool, "{kind: python, code: 'x = 1'}")     # never assigns result: null
-    assert isinstance(done, ActionCompleted) and done.result is None
+    assert isinstance(done, ActionCompleted) and view(done.result) is None
 
 
 async def test_pipeline_chains_prev_results_and_overlays_the_last_result(pool):
@@ -74,8 +75,8 @@ async def test_pipeline_chains_prev_results_and_overlays_the_last_result(pool):
       - {name: two, kind: python, input: {p: "{{ _prev.v }}", o: "{{ one.v }}"}, code: "result = {'v': p + o}"}
 """)
     assert isinstance(done, ActionCompleted), done
-    assert done.result["v"] == 2 and done.result["status"] == "ok"
-    assert done.result["results"] == {"one": {"v": 1}, "two": {"v": 2}}
+    assert view(done.result)["v"] == 2 and view(done.result)["status"] == "ok"
+    assert view(done.result)["results"] == {"one": {"v": 1}, "two": {"v": 2}}
 
 
 async def test_a_failing_task_stops_the_pipeline_and_names_the_task(pool):
@@ -99,8 +100,8 @@ async def test_status_error_mapping_fails_the_task_and_continue_handles_it(pool)
         spec: {policy: {rules: [{when: "{{ output.status == 'error' }}", then: {do: continue}}]}}
       - {name: after, kind: python, input: {p: "{{ _prev }}"}, code: "result = {'prev': p}"}
 """)
-    assert isinstance(done, ActionCompleted) and done.result["prev"] is None   # the handled task is no _prev
-    assert "soft" not in done.result["results"]
+    assert isinstance(done, ActionCompleted) and view(done.result)["prev"] is None   # the handled task is no _prev
+    assert "soft" not in view(done.result)["results"]
 
 
 async def test_retry_counts_attempts_and_reports_each_task_attempt(pool):
@@ -126,7 +127,7 @@ async def test_policy_set_writes_ctx_as_a_patch_and_iter_stays_local(pool):
       - {name: b, kind: python, input: {r: "{{ row.n }}", s: "{{ iter.seen }}"}, code: "result = [r, s]"}
 """, context={"iter": {"x": 1}})
     assert isinstance(done, ActionCompleted), done
-    assert done.result["value"] == [7, True]
+    assert view(done.result)["value"] == [7, True]
     assert done.variables == {"row": {"n": 7}, "total": 7}   # iter.seen is not a ctx write
 
 
@@ -135,7 +136,7 @@ async def test_break_ends_the_pipeline_successfully(pool):
       - {name: a, kind: python, code: "result = 1", spec: {policy: {rules: [{when: true, then: {do: break}}]}}}
       - {name: b, kind: python, code: "raise ValueError('must not run')"}
 """)
-    assert isinstance(done, ActionCompleted) and done.result["status"] == "break"
+    assert isinstance(done, ActionCompleted) and view(done.result)["status"] == "break"
 
 
 async def test_a_runaway_jump_loop_fails_the_step_naming_the_limit(pool, monkeypatch):
@@ -154,3 +155,90 @@ async def test_hostile_libs_and_templates_fail_the_task_with_a_clear_error(pool)
     assert isinstance(done, ActionFailed) and "nope" in done.error
     done = await run(pool, "{kind: python, input: '{{ [1, 2] }}', code: 'result = 1'}")
     assert isinstance(done, ActionFailed) and "input must be a mapping" in done.error
+
+
+# ---- a playbook task splits the pipeline (engine/composition.py): suspend, then resume with the child's end
+
+COMPOSED = """
+      - {name: pre, kind: python, input: {n: 2}, code: "result = {'n': n}"}
+      - name: child
+        kind: playbook
+        path: kids/score
+        return_step: done
+        input: {n: "{{ pre.n }}", who: "{{ _prev.n }}"}
+        spec: {policy: {rules: [{when: "{{ output.status == 'error' }}", then: {do: retry, attempts: 2}}]}}
+      - {name: post, kind: python, input: {s: "{{ child.score }}"}, code: "result = {'got': s}"}
+"""
+
+
+async def test_a_playbook_task_suspends_the_pipeline_with_its_state_and_rendered_child(pool):
+    done = await run(pool, f"\n{COMPOSED}")
+    assert isinstance(done, ActionCompleted) and view(done.result) is None, done
+    assert done.suspended["task"] == 1
+    assert done.suspended["child"] == {"path": "kids/score", "version": None, "return_step": "done",
+                                       "input": {"n": 2, "who": 2}, "timeout": None}
+    state = done.suspended["state"]
+    assert state["results"] == {"pre": {"n": 2}} and state["prev"] == {"n": 2} and state["index"] == 1
+    assert [t["task"] for t in done.tasks] == ["pre"]
+
+
+async def resume(pool, carried: dict, outcome: dict):
+    config = {**step_config(f"\n{COMPOSED}"), "resume": {**carried, "outcome": outcome}}   # the loader's is shared
+    cmd = command("pipeline", config=config, context={"execution_id": "exec-1", "ctx": {}, "workload": {}})
+    ports = make_ports(pool)
+    await execute(cmd, ports)
+    return ports.emit.last()
+
+
+async def test_the_rest_of_the_pipeline_reads_the_childs_result_by_task_name(pool):
+    first = await run(pool, f"\n{COMPOSED}")
+    done = await resume(pool, first.suspended["state"], {"task": 1, "ok": True, "result": {"score": 7}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result)["got"] == 7 and view(done.result)["results"]["child"] == {"score": 7}
+    assert view(done.result)["results"]["pre"] == {"n": 2}
+    assert [(t["task"], t["attempt"], t["ok"]) for t in done.tasks] == [("child", 1, True), ("post", 1, True)]
+
+
+async def test_a_failed_child_goes_through_the_tasks_policy_retry_suspends_again(pool):
+    first = await run(pool, f"\n{COMPOSED}")
+    assert isinstance(first, ActionCompleted) and first.suspended is not None, first
+    again = await resume(pool, first.suspended["state"], {"task": 1, "ok": False, "error": "child failed: x"})
+    # retry (attempts: 2): a second child is asked for, as attempt 2 of the task
+    assert isinstance(again, ActionCompleted) and again.suspended["task"] == 1, again
+    assert dict(again.suspended["state"]["attempts"]) == {1: 2}
+    assert [(t["task"], t["directive"]) for t in again.tasks] == [("child", "retry")]
+    # the second child fails too: the attempts are spent, the pipeline fails naming the task
+    failed = await resume(pool, again.suspended["state"], {"task": 1, "ok": False, "error": "child failed: y"})
+    assert isinstance(failed, ActionFailed) and failed.error.startswith("child: child failed: y"), failed
+
+
+async def test_a_resume_state_that_names_no_task_fails_the_attempt(pool):
+    done = await resume(pool, {"index": 9}, {"task": 9, "ok": True})
+    assert isinstance(done, ActionFailed) and "task 9" in done.error
+
+
+async def test_a_noop_task_gives_its_rendered_result_or_null(pool):
+    done = await run(pool, """
+      - {name: mark, kind: noop, result: {seen: "{{ workload.x }}"}}
+      - {name: quiet, kind: noop}
+      - {name: use, kind: python, input: {m: "{{ mark.seen }}"}, code: "result = {'m': m}"}
+""", context={"workload": {"x": 3}, "ctx": {"x": 3}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result)["results"]["mark"] == {"seen": 3} and view(done.result)["results"]["quiet"] is None
+    assert view(done.result)["m"] == 3
+
+
+async def test_a_pipeline_result_goes_on_the_wire_with_each_task_result_once(pool):
+    # given a pipeline whose last task returns a large value
+    done = await run(pool, """
+      - {name: small, kind: python, code: "result = {'n': 1}"}
+      - {name: big, kind: python, code: "result = {'status': 'success', 'blob': 'x' * 200000}"}
+""")
+    assert isinstance(done, ActionCompleted), done
+    # then the reported message carries the blob once (the V10-2.10 overlay would repeat it three times)
+    assert done.model_dump_json().count("x" * 200000) == 1
+    # and its view is the overlay templates and the report see
+    seen = view(done.result)
+    assert seen["status"] == "ok" and seen["results"]["big"]["status"] == "success"
+    assert seen["_prev"] is seen["results"]["big"] and seen["blob"] == "x" * 200000
+    assert seen["results"]["small"] == {"n": 1} and seen["ctx"] == {}

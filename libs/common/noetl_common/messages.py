@@ -169,6 +169,9 @@ class ActionCompleted(_Msg):
     variables: dict[str, Any] = Field(default_factory=dict)  # `save: {name: X}` variables
     log: str | None = None               # captured stdout/stderr (python)
     tasks: list[dict[str, Any]] | None = None   # v10 pipeline: one entry per task attempt (engine/v10.trail)
+    # v10 pipeline stopped before a `playbook` task: {task, child: {path, version, return_step, input,
+    # timeout}, state: what the rest of the pipeline resumes with} (engine/composition.py). `result` is unset.
+    suspended: dict[str, Any] | None = None
     token: str | None = Field(None, max_length=MAX_TOKEN)   # the command's token (attempt_tokens)
 
 

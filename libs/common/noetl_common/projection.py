@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from noetl_common.messages import Event
+from noetl_common.pipeline_result import view
 
 TERMINAL_STATUS = {"execution_complete": "COMPLETED", "execution_failed": "FAILED",
                    "execution_cancelled": "CANCELLED"}
@@ -42,7 +43,7 @@ def steps(events: Iterable[Event]) -> dict[str, dict[str, Any]]:
         elif name in report and kind == "action_retry" and event.current_index is None:
             report[name]["status"] = "RETRYING"
         elif name in report and kind == "step_completed":
-            report[name].update(status="COMPLETED", result=event.result, error=None)
+            report[name].update(status="COMPLETED", result=view(event.result), error=None)
         elif name in report and kind == "step_failed":
             report[name].update(status="FAILED", error=event.error)
         elif kind == "execution_cancelled":
@@ -78,7 +79,7 @@ def summary(events: list[Event]) -> dict[str, Any]:
         "path": meta.get("path"), "version": meta.get("version"), "playbook_name": first.node_name,
         "status": status, "start_time": first.timestamp, "end_time": terminal.timestamp if terminal else None,
         "duration": terminal.duration if terminal else None, "progress": progress(events),
-        "result": terminal.result if terminal and status == "COMPLETED" else None,
+        "result": view(terminal.result) if terminal and status == "COMPLETED" else None,
         "error": terminal.error if terminal else None, "last_event_time": last.timestamp,
         "quarantined": bool(terminal is not None and status == "FAILED" and (terminal.meta or {}).get("quarantined")),
     }
@@ -95,7 +96,7 @@ def render_context(events: Iterable[Event]) -> dict[str, Any]:
             context.update(workload=(event.meta or {}).get("workload", {}), execution_id=event.execution_id,
                            parent_execution_id=event.parent_execution_id)
         elif event.event_type == "step_completed":
-            results[event.node_name] = event.result
+            results[event.node_name] = view(event.result)
         if event.meta and event.meta.get("variables"):
             variables.update(event.meta["variables"])
     return {**variables, **results, **context, "vars": variables}

@@ -25,6 +25,7 @@ class Outcome:
     hang: bool = False
     variables: dict[str, Any] = field(default_factory=dict)
     log: str | None = None       # the attempt's captured output
+    suspended: dict[str, Any] | None = None   # a v10 pipeline stopped before a playbook task (composition.py)
 
 
 Worker = Callable[[Command], Outcome]
@@ -115,7 +116,8 @@ class Simulation:
             return [started]
         if outcome.ok:
             return [started, ActionCompleted(execution_id=eid, command_id=cid, time=t, result=outcome.result,
-                                             variables=outcome.variables, log=outcome.log, token=tok)]
+                                             variables=outcome.variables, log=outcome.log, token=tok,
+                                             suspended=outcome.suspended)]
         return [started, ActionFailed(execution_id=eid, command_id=cid, time=t, error=outcome.error,
                                       status_code=outcome.status_code, result=outcome.result, log=outcome.log,
                                       token=tok)]

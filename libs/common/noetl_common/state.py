@@ -32,6 +32,11 @@ class Work(BaseModel):
     child_execution_id: str | None = None
     infra_retries: int = 0             # times this attempt was re-sent because its lease expired
     result: Any = None                 # phase "save": the result being saved (kept for redelivery)
+    # A v10 pipeline split at `playbook` tasks (engine/composition.py): `part` numbers the commands of one
+    # attempt (0: the first segment; odd: a child playbook; even > 0: a continuation), `resume` holds the
+    # pipeline state they carry (folded state, so it survives snapshots and restarts).
+    part: int = 0
+    resume: dict[str, Any] | None = None
 
 
 class IteratorRun(BaseModel):

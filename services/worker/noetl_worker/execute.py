@@ -63,6 +63,7 @@ class _Done:
     variables: dict[str, Any] | None = None
     log: str | None = None
     tasks: list[dict[str, Any]] | None = None   # v10 pipeline: its task attempts
+    suspended: dict[str, Any] | None = None     # v10 pipeline stopped before a playbook task
 
 
 class _ChildStarted:
@@ -157,7 +158,8 @@ async def _run(cmd: Command, ports: WorkerPorts, secrets: Secrets) -> ActionComp
         execution_id=cmd.execution_id, command_id=cmd.command_id, time=time.time(), token=cmd.token,
         result=secrets.redact(done.result), saved=secrets.redact(done.saved),
         variables=secrets.redact(done.variables or {}), log=_join_log(done.log, inv),
-        tasks=secrets.redact(done.tasks) if done.tasks else None)
+        tasks=secrets.redact(done.tasks) if done.tasks else None,
+        suspended=secrets.redact(done.suspended) if done.suspended is not None else None)
 
 
 async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
@@ -178,7 +180,7 @@ async def _attempt(inv: Invocation) -> _Done | _ChildStarted:
 
     if inv.type == "pipeline":   # NoETL DSL v10: results are stored as returned (V10-6.2), ctx patches
         return _Done(output.result, variables=getattr(output, "variables", None) or None, log=output.log,
-                     tasks=getattr(output, "tasks", None) or None)
+                     tasks=getattr(output, "tasks", None) or None, suspended=getattr(output, "suspended", None))
     result = unwrap(output.result)
     try:
         json.dumps(result, allow_nan=False)

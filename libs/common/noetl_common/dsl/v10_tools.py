@@ -16,6 +16,7 @@ UNSUPPORTED_KINDS = ("shell", "nats", "snowflake", "snowflake_transfer", "transf
                      "result_fetch", "task_sequence", "iterator")
 TASK_META_KEYS = ("kind", "name", "spec", "output", "set")
 MAX_TASKS = 100
+PIPELINE_ONLY_KINDS = ("playbook", "noop")   # tasks of a pipeline list; as a mapping tool they are steps
 
 
 def sets_of(value: Any, path: str, issues: Issues) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def action_of(name: str, tool: Any, path: str, workbook: dict, issues: Issues) -
                 raw = _from_workbook(raw, where, workbook, issues)
                 if raw is None:
                     continue
-            task = _task(raw, f"task_{i}", where, issues)
+            task = _task(raw, f"task_{i}", where, issues, in_pipeline=True)
             if task is None:
                 continue
             if task["name"] in names:
@@ -120,7 +121,11 @@ def _from_workbook(tool: dict, path: str, workbook: dict, issues: Issues) -> dic
     return merged
 
 
-def _task(raw: Any, default_name: str, path: str, issues: Issues) -> dict | None:
+def _task(raw: Any, default_name: str, path: str, issues: Issues, in_pipeline: bool = False) -> dict | None:
+    """One task of a pipeline (or the only task of a mapping tool). Inside a pipeline `playbook` and `noop`
+    are tasks too: a `playbook` task splits the pipeline (the fold starts the child between two worker
+    segments, docs/dialect-v10.md "Pipelines with a child playbook"), a `noop` task's result is its rendered
+    `result` key, else null (V10 §2.2)."""
     if not isinstance(raw, dict):
         issues.error(path, f"a task must be a mapping with kind:, got {type(raw).__name__}")
         return None
@@ -133,11 +138,17 @@ def _task(raw: Any, default_name: str, path: str, issues: Issues) -> dict | None
         issues.error(f"{path}.kind", f"tool kind '{kind}' is not supported by this engine (NoETL DSL v2/v10 kinds "
                                      f"run here: {', '.join((*RUNNABLE_KINDS, 'playbook', 'workbook', 'noop'))})")
         return None
-    if kind not in RUNNABLE_KINDS:
-        what = "inside a pipeline" if kind in ("playbook", "noop") else "(unknown kind)"
-        issues.error(f"{path}.kind", f"tool kind '{kind}' is not supported {what} (kinds: "
-                                     f"{', '.join(RUNNABLE_KINDS)}; playbook and noop as a step's only tool)")
+    if kind not in RUNNABLE_KINDS and not (in_pipeline and kind in PIPELINE_ONLY_KINDS):
+        issues.error(f"{path}.kind", f"tool kind '{kind}' is not supported (unknown kind; kinds: "
+                                     f"{', '.join(RUNNABLE_KINDS)}, playbook, noop)")
         return None
+    if kind == "playbook":
+        if not isinstance(raw.get("path"), str) or not raw.get("path"):
+            issues.error(f"{path}.path", "a playbook task needs path: (the child playbook's catalog path)")
+            return None
+        if "retry" in raw:
+            issues.warn(f"{path}.retry", "retry on a playbook task inside a pipeline is not read: use the task's "
+                                         "spec.policy rules (do: retry)")
     spec = raw.get("spec") if isinstance(raw.get("spec"), dict) else {}
     if "output" in raw:
         issues.warn(f"{path}.output", "tool output (external result storage) is ignored: results stay inline")

@@ -16,6 +16,7 @@ from noetl_common.engine.errors import StepError
 from noetl_common.engine.tick import Tick
 from noetl_common.messages import ActionSpec, Command
 from noetl_common.paths import Key, lookup
+from noetl_common.pipeline_result import shipped
 from noetl_common.paths import text as path_text
 from noetl_common.render import LENIENT, TemplateError, missing_paths, referenced_names, render
 from noetl_common.state import ExecutionState, Work
@@ -28,10 +29,12 @@ _READS_CONTEXT = re.compile(r"\bcontext\b")
 
 
 def command_id(execution_id: str, step: str, visit: int, attempt: int, index: int | None = None,
-               phase: str = "action") -> str:
+               phase: str = "action", part: int = 0) -> str:
     cid = f"{execution_id}:{step}:{visit}:{attempt}"
     if index is not None:
         cid += f":{index}"
+    if part:   # a later command of a pipeline split at playbook tasks (engine/composition.py)
+        cid += f":p{part}"
     return cid + (":save" if phase == "save" else "")
 
 
@@ -123,8 +126,9 @@ def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     """The names a pipeline's templates use (a large step result is shipped only to the steps that read
     it), or the whole context when python code reads NoETL's `context`."""
     tasks = step.config.get("tasks") or []
+    # a pipeline result is shipped compact (the worker builds its view): once, not three times
     if any(_reads_context(task.get("config", {}).get("code")) for task in tasks):
-        return {k: v for k, v in context.items() if not callable(v)}
+        return {k: shipped(v) for k, v in context.items() if not callable(v)}
     templates = [{k: v for k, v in task.get("config", {}).items() if k != "code"} for task in tasks]
     templates += [[task.get("set"), task.get("rules")] for task in tasks]
     names = referenced_names(templates) | _PIPELINE_NAMES
@@ -132,15 +136,20 @@ def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     element = context.get("iter")
     if isinstance(element, dict):   # the bare iterator name of a loop
         names |= {k for k in element if not k.startswith("_")}
-    return {k: context[k] for k in names if k in context and not callable(context[k])}
+    return {k: shipped(context[k]) for k in names if k in context and not callable(context[k])}
 
 
 def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *, index: int | None = None,
-         phase: str = "action", result: Any = None) -> None:
+         phase: str = "action", result: Any = None, part: int = 0, resume: dict[str, Any] | None = None) -> None:
+    """`action` is the visit's (or iteration's) action; `part`/`resume` make it a later command of a pipeline
+    split at playbook tasks (its child, or its continuation: `work_action`)."""
     s = tick.state
-    cid = command_id(s.execution_id, step, visit, attempt, index, phase)
-    s.work[cid] = Work(command_id=cid, step=step, visit=visit, attempt=attempt, index=index, phase=phase,
-                       dispatched=tick.time, result=result if phase == "save" else None)
+    cid = command_id(s.execution_id, step, visit, attempt, index, phase, part)
+    work = s.work[cid] = Work(command_id=cid, step=step, visit=visit, attempt=attempt, index=index, phase=phase,
+                              dispatched=tick.time, result=result if phase == "save" else None)
+    if part:
+        work.part, work.resume = part, resume
+        action = resumed_action(action, resume)
     tick.commands.append(Command(
         command_id=cid, execution_id=s.execution_id, parent_execution_id=s.parent_execution_id, step=step,
         visit=visit, attempt=attempt, index=index, phase=phase, result=result, action=action, time=tick.time,
@@ -176,6 +185,27 @@ def _path(at: Any) -> list[Key]:
     return path[::-1]
 
 
+def resumed_action(base: ActionSpec, resume: dict[str, Any] | None) -> ActionSpec:
+    """The action of a later command of a split pipeline: its child playbook (`resume.child`), or the
+    pipeline again with the state to resume from (`config.resume`, read by the worker's pipeline action)."""
+    if resume is None:
+        return base
+    child = resume.get("child")
+    if isinstance(child, dict):
+        return ActionSpec(type="playbook", data=child.get("input") if isinstance(child.get("input"), dict) else {},
+                          config={k: child.get(k) for k in ("path", "version", "return_step")},
+                          timeout=child.get("timeout"))
+    return base.model_copy(update={"config": {**base.config, "resume": resume}})
+
+
+def work_action(run: Any, work: Work) -> ActionSpec | None:
+    """The action a work in flight runs (what a re-send sends again), None once its visit forgot it."""
+    base = run.iteration.actions.get(work.index) if work.index is not None and run.iteration else run.action
+    if base is None or not work.part:
+        return base
+    return resumed_action(base, work.resume)
+
+
 def redeliver(state: ExecutionState, include_children: bool = False) -> list[Command]:
     """The commands of every attempt still in flight, rebuilt from the state with their original ids.
 
@@ -184,8 +214,7 @@ def redeliver(state: ExecutionState, include_children: bool = False) -> list[Com
     """
     commands = []
     for work in state.work.values():
-        run = state.steps[work.step]
-        action = run.iteration.actions.get(work.index) if work.index is not None and run.iteration else run.action
+        action = work_action(state.steps[work.step], work)
         if action is None or (work.child_execution_id and not include_children):
             continue   # a started child reports back by itself
         commands.append(Command(

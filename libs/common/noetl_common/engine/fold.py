@@ -11,8 +11,8 @@ from typing import Any
 from noetl_common.attempt_tokens import genuine
 from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.dsl import load_playbook
-from noetl_common.engine import iterator, v10
-from noetl_common.engine.actions import send
+from noetl_common.engine import composition, iterator, v10
+from noetl_common.engine.actions import send, work_action
 from noetl_common.engine.dispatch import schedule
 from noetl_common.engine.leases import LEASE, LEASE_GRACE, RESEND, infra_retry_delay
 from noetl_common.engine.lifecycle import (cancel_execution, complete_execution, complete_step, document_name,
@@ -134,7 +134,7 @@ def _action_started(tick: Tick, msg: ActionStarted) -> None:
 def _mark_started(tick: Tick, work: Work, started: float, worker_id: str | None) -> None:
     """Record the start of an attempt (from ActionStarted, or from a quick attempt's own final report)."""
     work.started, work.worker_id = started, worker_id
-    if _is_attempt(tick, work):
+    if _is_attempt(tick, work) and not work.part:   # a split pipeline's attempt started with its first part
         tick.emit("action_started", work.step, "task", "STARTED", attempt=work.attempt, command_id=work.command_id,
                   worker_id=worker_id)
 
@@ -163,6 +163,13 @@ def _child_started(tick: Tick, msg: ChildStarted) -> None:
 
 
 def _child_finished(tick: Tick, msg: ChildFinished) -> None:
+    work = tick.state.work.get(msg.command_id)
+    if work is not None and composition.is_child(work):   # a child of a split v10 pipeline: go on with it
+        tick.state.work.pop(msg.command_id)
+        _release(tick, work)
+        error = None if msg.status == "COMPLETED" else \
+            f"child execution {msg.child_execution_id} {msg.status.lower()}: {msg.error}"
+        return composition.child_done(tick, work, error is None, msg.result, error)
     if msg.status == "COMPLETED":
         _action_completed(tick, ActionCompleted(execution_id=msg.execution_id, command_id=msg.command_id,
                                                 time=msg.time, result=msg.result))
@@ -190,6 +197,13 @@ def _action_completed(tick: Tick, msg: ActionCompleted) -> None:
     action = _action_of(run, work)
     if msg.tasks:
         v10.trail(tick, work.step, msg.tasks, work.index, failed=False)
+    if msg.suspended is not None:   # a v10 pipeline stopped before a playbook task (engine/composition.py)
+        error = composition.suspended(tick, work, msg.suspended)
+        if error is None:
+            return
+        s.work[work.command_id] = work   # fail the attempt as any other failure
+        return _action_failed(tick, ActionFailed(execution_id=s.execution_id, command_id=work.command_id,
+                                                 time=msg.time, error=error))
     if _is_attempt(tick, work):
         meta = {k: v for k, v in (("log", msg.log), ("saved", msg.saved)) if v is not None}
         tick.emit("action_completed", work.step, "task", "COMPLETED", attempt=work.attempt, result=msg.result,
@@ -214,6 +228,8 @@ def _action_failed(tick: Tick, msg: ActionFailed) -> None:
         tick.stale = True
         return
     _release(tick, work)
+    if composition.is_child(work):   # a split pipeline's child timed out or could not start: its policy decides
+        return composition.child_done(tick, work, False, None, msg.error)
     if work.started is None:
         _mark_started(tick, work, msg.started or msg.time, msg.worker_id)
     step = tick.playbook.steps[work.step]
@@ -322,11 +338,13 @@ def _lease_lost(tick: Tick, work: Work, error: str) -> None:
 
 
 def _resend(tick: Tick, work: Work) -> None:
-    action = _action_of(tick.state.steps[work.step], work)
+    run = tick.state.steps[work.step]
+    action = run.iteration.actions.get(work.index) if work.index is not None and run.iteration else run.action
     if action is None:   # an unfinished visit keeps its rendered action; if not, fail the attempt, never raise
         return _action_failed(tick, ActionFailed(execution_id=tick.state.execution_id, command_id=work.command_id,
                                                  time=tick.time, error="the lost attempt cannot be sent again"))
-    send(tick, work.step, work.visit, work.attempt, action, index=work.index, phase=work.phase, result=work.result)
+    send(tick, work.step, work.visit, work.attempt, action, index=work.index, phase=work.phase, result=work.result,
+         part=work.part, resume=work.resume)
     tick.state.work[work.command_id].infra_retries = work.infra_retries
 
 
@@ -351,9 +369,7 @@ def _is_attempt(tick: Tick, work: Work) -> bool:
 
 
 def _action_of(run: Any, work: Work) -> Any:
-    if work.index is not None:
-        return run.iteration.actions.get(work.index) if run.iteration else None
-    return run.action
+    return work_action(run, work)
 
 
 def _timeout(tick: Tick, work: Work) -> float | None:

@@ -14,6 +14,7 @@ from noetl_common.engine.actions import build_action, render_inputs, send
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.lifecycle import complete_step, fail_step
 from noetl_common.engine.tick import Tick
+from noetl_common.pipeline_result import view
 from noetl_common.render import TemplateError, evaluate, render, truthy
 from noetl_common.state import IteratorRun, StepRun
 
@@ -143,7 +144,7 @@ def _finish_v10(tick: Tick, step: Step, run: StepRun) -> None:
     failed iteration), and the step fails, naming the failed indexes, if any iteration failed."""
     it = run.iteration
     assert it is not None
-    results = [it.results.get(i) for i in range(it.size)]
+    results = [view(it.results.get(i)) for i in range(it.size)]   # an iteration's pipeline result, as read
     result = {"results": results, "stats": {"total": it.size, "success": len(it.results), "failed": len(it.failed)}}
     if it.failed:
         tick.state.results[step.name] = result

@@ -8,6 +8,7 @@ from noetl_common.engine.errors import StepError
 from noetl_common.engine.graph import edge_data, fire
 from noetl_common.engine.tick import Tick
 from noetl_common.messages import CancelExecution, ChildFinished
+from noetl_common.pipeline_result import view
 from noetl_common.render import TemplateError, render, this_view
 from noetl_common.state import Pending
 
@@ -190,6 +191,8 @@ def child_finished(s: Any, time: float) -> ChildFinished | None:
     if not (s.parent_execution_id and s.parent_command_id and s.terminal):
         return None
     result = s.results.get(s.return_step) if s.return_step else s.result
+    if isinstance(result, dict):   # a pipeline's compact result, as the parent (of either dialect) reads it
+        result = dict(view(result))
     return ChildFinished(execution_id=s.parent_execution_id, command_id=s.parent_command_id,
                          child_execution_id=s.execution_id, status=s.status, result=result, error=s.error,
                          time=time, token=s.parent_token)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from noetl_common.dsl.models import Edge, Step
+from noetl_common.pipeline_result import view, views
 from noetl_common.engine.errors import StepError
 from noetl_common.render import LENIENT, TemplateError, evaluate, render, truthy
 
@@ -23,7 +24,7 @@ def context(variables: dict[str, Any], results: dict[str, Any], workload: dict[s
     """V10 §6: bare ctx/workload keys < step results < reserved names. `workload`, `ctx` and `vars` are one
     map: the effective workload overlaid with every `set` write so far."""
     ctx = {**workload, **variables}
-    scope: dict[str, Any] = {**ctx, **results}
+    scope: dict[str, Any] = {**ctx, **views(results)}   # a pipeline's result is stored compact
     scope.update(workload=ctx, ctx=ctx, vars=ctx, execution_id=execution_id, catalog_id=None, **{LENIENT: True},
                  parent_execution_id=parent_execution_id, now=now,
                  job={"uuid": execution_id, "execution_id": execution_id, "id": execution_id})
@@ -41,9 +42,10 @@ def outcome(result: Any, error: str | None = None) -> dict[str, Any]:
 
 
 def step_scope(base: dict[str, Any], step: Step, result: Any, error: str | None, event: str) -> dict[str, Any]:
-    view = outcome(result, error)
-    return {**base, "result": result, "this": result, "response": result, "output": view, "outcome": view,
-            "error": view["error"], "event": {"name": event, "step": step.name}}
+    result = view(result)
+    out = outcome(result, error)
+    return {**base, "result": result, "this": result, "response": result, "output": out, "outcome": out,
+            "error": out["error"], "event": {"name": event, "step": step.name}}
 
 
 def render_sets(sets: dict[str, Any], scope: dict[str, Any], where: str) -> list[tuple[list[str], Any]]:

@@ -18,6 +18,7 @@ from typing import Any
 from noetl_common import projection
 from noetl_common.dsl import Step
 from noetl_common.messages import Event
+from noetl_common.pipeline_result import view
 
 MAX_TIMELINE_ROWS = 200     # attempts drawn; an iterator's items are one row whatever their number
 MASK = "***"
@@ -149,7 +150,7 @@ def step_detail(events: list[Event], name: str) -> dict[str, Any]:
         elif e.event_type == "step_started":
             status = "RUNNING"
         elif e.event_type in ("step_completed", "iterator_completed"):
-            status, result = "COMPLETED", e.result
+            status, result = "COMPLETED", view(e.result)   # a v10 pipeline's result is stored compact
         elif e.event_type in ("step_failed",):
             status, error = "FAILED", e.error
     rows = sorted(attempts.values(), key=lambda r: (r["index"] is not None, r["index"] or 0, r["attempt"] or 0))

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from noetl_common import pipeline_result
 from noetl_common.engine import v10 as core
 from noetl_common.engine.errors import StepError
 from noetl_common.render import LENIENT, TemplateError, render
@@ -60,22 +61,43 @@ class _Run:
     results: dict[str, Any] = field(default_factory=dict)
     prev: Any = None
     output: Any = None
+    last: str | None = None     # the last completed task (its result is results[last] and _prev)
 
 
 async def run(inv: Invocation) -> ActionOutput:
     tasks = inv.config.get("tasks") or []
     context = dict(inv.cmd.action.context)
-    state = _Run(context=context, ctx=dict(context.get("ctx") or {}), iter=dict(context.get("iter") or {}))
+    state = _Run(context=pipeline_result.views(context), ctx=dict(context.get("ctx") or {}),
+                 iter=dict(context.get("iter") or {}))
     attempts: dict[int, int] = {}
     index, runs, status, last = 0, 0, "ok", None
+    outcome: dict[str, Any] | None = None
+    if isinstance(inv.config.get("resume"), dict):   # the rest of a pipeline split at a playbook task
+        index, runs, attempts, last, outcome = _restore(state, inv.config["resume"], len(tasks))
     trail: list[dict[str, Any]] = []
     while index < len(tasks):
-        runs += 1
-        if runs > MAX_TASK_RUNS:
-            raise ActionError(f"the pipeline ran {MAX_TASK_RUNS:,} tasks (the limit): a jump loop?")
         task = tasks[index]
-        attempt = attempts[index] = attempts.get(index, 0) + 1
-        ok, result, error, view = await _attempt(inv, task, state, attempt)
+        if outcome is not None and outcome.get("task") == index:   # the child's end is this task's attempt
+            attempt = attempts.get(index, 1)
+            ok, result, error, view = _child_outcome(task, outcome, attempt)
+            outcome = None
+        else:
+            runs += 1
+            if runs > MAX_TASK_RUNS:
+                raise ActionError(f"the pipeline ran {MAX_TASK_RUNS:,} tasks (the limit): a jump loop?")
+            attempt = attempts[index] = attempts.get(index, 0) + 1
+            if task["kind"] == "playbook":
+                child = _child(inv, task, state, attempt)
+                if isinstance(child, dict):   # the fold starts the child, then sends the rest (composition.py)
+                    carried = {"index": index, "runs": runs, "attempts": [[i, n] for i, n in attempts.items()],
+                               "last": last, "last_task": state.last, "results": state.results,
+                               "prev": state.prev, "patch": state.patch,
+                               "iter": state.iter, "output": state.output}
+                    return PipelineOutput(None, tasks=trail, suspended={"task": index, "child": child,
+                                                                        "state": carried})
+                ok, result, error, view = child   # its inputs failed to render: a failed attempt of the task
+            else:
+                ok, result, error, view = await _attempt(inv, task, state, attempt)
         scope = {**_scope(state, task, attempt), "output": view, "outcome": view, "result": result,
                  "error": view["error"]}
         try:
@@ -103,6 +125,7 @@ async def run(inv: Invocation) -> ActionOutput:
         if ok:
             state.results[task["name"]] = result
             state.prev = last = result
+            state.last = task["name"]
         attempts.pop(index, None)
         if directive == "break":
             status = "break"
@@ -121,6 +144,47 @@ async def run(inv: Invocation) -> ActionOutput:
 class PipelineOutput(ActionOutput):
     variables: dict[str, Any] = field(default_factory=dict)   # ctx patch (top-level keys)
     tasks: list[dict[str, Any]] = field(default_factory=list)  # one entry per task attempt
+    suspended: dict[str, Any] | None = None   # stopped before a playbook task: {task, child, state}
+
+
+def _restore(state: _Run, carried: dict[str, Any], size: int
+             ) -> tuple[int, int, dict[int, int], Any, dict[str, Any] | None]:
+    """The state a previous part of this pipeline reported (engine/composition.py), as the fold sent it back."""
+    try:
+        index, runs = int(carried["index"]), int(carried.get("runs") or 0)
+        attempts = {int(i): int(n) for i, n in carried.get("attempts") or []}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ActionError(f"the pipeline's resume state is malformed: {exc}") from exc
+    if not 0 <= index < size:
+        raise ActionError(f"the pipeline's resume state names task {index}, which does not exist")
+    state.results = dict(carried.get("results") or {})
+    state.prev, state.output = carried.get("prev"), carried.get("output")
+    state.last = carried.get("last_task") if isinstance(carried.get("last_task"), str) else None
+    state.patch = dict(carried.get("patch") or {})
+    state.ctx.update(state.patch)
+    state.iter = dict(carried.get("iter") or state.iter)
+    outcome = carried.get("outcome") if isinstance(carried.get("outcome"), dict) else None
+    return index, runs, attempts, carried.get("last"), outcome
+
+
+def _child(inv: Invocation, task: dict, state: _Run, attempt: int) -> dict[str, Any] | tuple:
+    """The child playbook a `playbook` task starts (V10 §2.2: path, version, return_step, input rendered
+    with the pipeline's scope), or the failed attempt when they do not render."""
+    started = time.monotonic()
+    try:
+        inputs, config, _ = _render_task(task, _scope(state, task, attempt), inv.data)
+    except StepError as exc:
+        return (False, None, str(exc), _view(task, None, str(exc), attempt, started, None))
+    return {"path": config.get("path"), "version": config.get("version"), "return_step": config.get("return_step"),
+            "input": inputs, "timeout": task.get("timeout")}
+
+
+def _child_outcome(task: dict, outcome: dict[str, Any], attempt: int) -> tuple[bool, Any, str | None, dict]:
+    """The end of the child, as the fold reported it: a task attempt like any other (V10-2.9 included)."""
+    result = outcome.get("result")
+    error = None if outcome.get("ok") else str(outcome.get("error") or "the child playbook failed")
+    error = error or _status_error(result)
+    return error is None, result, error, _view(task, result, error, attempt, time.monotonic(), None)
 
 
 class PipelineError(ActionError):
@@ -132,9 +196,8 @@ class PipelineError(ActionError):
 def _result(inv: Invocation, state: _Run, last: Any, status: str) -> Any:
     if inv.config.get("whole"):      # a mapping tool: its result as is (V10-2.11)
         return last
-    base = dict(last) if isinstance(last, dict) else {"value": last}
-    base.update(status=status, results=state.results, _prev=state.prev, ctx=state.patch)
-    return base
+    # V10-2.10's overlay repeats the last result three times: it is reported compact, built where read
+    return pipeline_result.compact(state.results, state.last, status, state.patch)
 
 
 def _int(value: Any, default: int) -> int:
@@ -206,6 +269,11 @@ async def _attempt(inv: Invocation, task: dict, state: _Run, attempt: int) -> tu
         status_code = getattr(exc, "status_code", None)
     except TimeoutError:
         result, error = None, f"timed out after {task.get('timeout')}s"
+    return error is None, result, error, _view(task, result, error, attempt, started, status_code)
+
+
+def _view(task: dict, result: Any, error: str | None, attempt: int, started: float, status_code: Any) -> dict:
+    """The `output` of one task attempt (V10-6.3), as policies and the next task see it."""
     view = {"status": "error" if error else "ok", "data": result, "ref": None,
             "error": {"kind": "task", "retryable": True, "code": status_code, "message": error} if error else None,
             "meta": {"attempt": attempt, "duration_ms": int((time.monotonic() - started) * 1000)}}
@@ -215,7 +283,7 @@ async def _attempt(inv: Invocation, task: dict, state: _Run, attempt: int) -> tu
         view["http"] = {"status": code, "headers": (result or {}).get("headers") if isinstance(result, dict) else None}
     if error and task["kind"] == "python":
         view["py"] = {"exception_type": error.split(":", 1)[0], "traceback": None}
-    return error is None, result, error, view
+    return view
 
 
 def _status_error(result: Any) -> str | None:
@@ -265,6 +333,8 @@ async def _call(inv: Invocation, task: dict, inputs: dict[str, Any], config: dic
                 scope: dict[str, Any]) -> Any:
     kind = task["kind"]
     timeout = task.get("timeout")
+    if kind == "noop":   # V10 §2.2: the rendered `result` key, else null
+        return config.get("result")
     if kind == "python":
         code = config.get("code") if "code_template" in task["config"] else task["config"].get("code")
         return await _python(inv, str(code or ""), task["config"].get("libs"), inputs, scope, timeout)
