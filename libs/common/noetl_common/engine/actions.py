@@ -128,7 +128,6 @@ def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     templates = [{k: v for k, v in task.get("config", {}).items() if k != "code"} for task in tasks]
     templates += [[task.get("set"), task.get("rules")] for task in tasks]
     names = referenced_names(templates) | _PIPELINE_NAMES
-    names |= {k for k in context if k not in context.get("workload", {}) and k in names}
     element = context.get("iter")
     if isinstance(element, dict):   # the bare iterator name of a loop
         names |= {k for k in element if not k.startswith("_")}
