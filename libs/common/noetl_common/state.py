@@ -99,7 +99,7 @@ class ExecutionState(BaseModel):
 
     _compiled: Any = PrivateAttr(default=None)
     # (the playbook dict, its JSON): the document never changes after start (nothing assigns into it), yet
-    # re-encoding it was half of every snapshot's cost (two snapshots per step). Keyed by the dict's
+    # re-encoding it was half of every snapshot's cost (a snapshot per fold batch, about one per step). Keyed by the dict's
     # identity, so a state given another playbook re-encodes; a state read back from bytes starts empty.
     _playbook_json: Any = PrivateAttr(default=None)
 
