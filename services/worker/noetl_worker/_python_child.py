@@ -40,6 +40,36 @@ RLIMITS = {                   # limit name -> (resource, unit in bytes or 1)
 }
 
 
+# The prelude of NoETL DSL v10 script-style python (V10-3.1..3.5): its modules and helpers are globals of
+# the step's namespace (the pipeline action adds the task's `libs` imports after it). It lives here, not in
+# the pipeline action, so that the slot supervisor imports its modules once before it forks step processes
+# and warms each new step process with it: a step process serves one execution, and importing uuid and
+# datetime in each one cost ~10 ms of CPU per execution (more than 200 trivial tasks' own python).
+SCRIPT_MODULES = ("os", "json", "uuid", "datetime")
+SCRIPT_PRELUDE = '''
+import os, json, uuid, datetime
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc)
+def format_iso8601(dt):
+    return dt.isoformat()
+def deep_merge(a, b):
+    out = dict(a or {})
+    for k, v in (b or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+def get_val(d, path, default=None):
+    cur = d
+    for part in str(path).split('.'):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            return default
+    return cur
+def make_serializable(x):
+    return json.loads(json.dumps(x, default=str))
+'''
+
+
 # --- framing ----------------------------------------------------------------------------------------
 def pack(header: Any, body: bytes = b"") -> bytes:
     """A payload of a small header and an opaque body. marshal is fast and is only ever read from the
@@ -165,7 +195,6 @@ def run_one(code: str, data: dict, context: dict | None, codes: dict, plans: dic
     """The JSON reply `[ok, result, error]` for one call; output goes to sys.stdout/sys.stderr."""
     try:
         if script is not None:
-            code = _script_source(code)
             value = _call_script(code, script, data, context, codes, plans)
         else:
             value = _call(code, data, context, codes, plans)
@@ -173,7 +202,13 @@ def run_one(code: str, data: dict, context: dict | None, codes: dict, plans: dic
         return _reply(False, None, str(exc))
     except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code are errors too
         # Registered only now (one name, many codes): the traceback then shows the user's lines.
-        linecache.cache[_FILENAME] = (len(code), None, code.splitlines(True), _FILENAME)
+        shown = code
+        if script is not None:   # the lines that ran: a wrapped script's (a top-level `return`)
+            try:
+                shown = _script_source(code)
+            except SyntaxError:
+                pass
+        linecache.cache[_FILENAME] = (len(shown), None, shown.splitlines(True), _FILENAME)
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next  # the user's frames only: ours are noise in a step log
@@ -210,14 +245,7 @@ def _call(code: str, data: dict, context: dict | None, codes: dict, plans: dict)
     main = namespace.get("main")
     if not callable(main):
         raise _BindError("code does not define a callable main()")
-    fcode = getattr(main, "__code__", None)
-    plan = plans.get(fcode) if fcode is not None else None
-    if plan is None:
-        plan = _plan(main)
-        if fcode is not None:
-            if len(plans) >= _CODE_CACHE_SIZE:
-                plans.pop(next(iter(plans)))
-            plans[fcode] = plan
+    plan = _plan_of(main, plans)
     if frozen is not None and "context" not in data:
         data = {**data, "context": frozen}  # a `context` parameter, or **kwargs, receives it too
     args, kwargs = _bind(plan, data)
@@ -240,6 +268,7 @@ def _call_script(code: str, prelude: str, data: dict, context: dict | None, code
     """NoETL DSL v10 python (V10-3.1..3.5): the inputs, `input_data`, `context`, the prelude's modules and
     helpers are globals of one namespace; a callable `main` is called (bound by name), else the value of
     `result` is the task result (null when the code never assigns it)."""
+    body = _script_compiled(code, codes)
     namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
     exec(_compiled(prelude, codes), namespace)
     frozen = freeze(context) if context is not None else None
@@ -249,13 +278,13 @@ def _call_script(code: str, prelude: str, data: dict, context: dict | None, code
     for key, value in data.items():
         if isinstance(key, str) and key.isidentifier():
             namespace[key] = value
-    exec(_compiled(code, codes), namespace)
+    exec(body, namespace)
     main = namespace.get("main")
     if callable(main) and "result" not in namespace:
         bound = {**(dict(context) if context else {}), **data}
         if frozen is not None:
             bound["context"] = frozen
-        args, kwargs = _bind(_plan(main), bound)
+        args, kwargs = _bind(_plan_of(main, plans), bound)
         value = main(*args, **kwargs)
         if inspect.iscoroutine(value):
             import asyncio
@@ -264,14 +293,40 @@ def _call_script(code: str, prelude: str, data: dict, context: dict | None, code
     return namespace.get("result")
 
 
-def _compiled(code: str, codes: dict) -> Any:
-    compiled = codes.get(code)
+def _compiled(code: str, codes: dict, key: Any = None) -> Any:
+    """`code` compiled, kept under `key` (default: the code itself) among the last _CODE_CACHE_SIZE."""
+    key = code if key is None else key
+    compiled = codes.get(key)
     if compiled is None:
         compiled = compile(code, _FILENAME, "exec")
         if len(codes) >= _CODE_CACHE_SIZE:
             codes.pop(next(iter(codes)))
-        codes[code] = compiled
+        codes[key] = compiled
     return compiled
+
+
+def _script_compiled(code: str, codes: dict) -> Any:
+    """Script-style code, compiled once: finding out whether it needs wrapping (a top-level `return`) costs a
+    compile, which was most of a trivial task's time when it ran on every call. A SyntaxError is raised on
+    every call (nothing is kept), naming the user's lines as before."""
+    compiled = codes.get(("script", code))
+    if compiled is None:
+        source = _script_source(code)
+        compiled = _compiled(source, codes, ("script", code))
+    return compiled
+
+
+def _plan_of(main: Any, plans: dict) -> tuple:
+    """main's plan, kept per code object among the last _CODE_CACHE_SIZE."""
+    fcode = getattr(main, "__code__", None)
+    plan = plans.get(fcode) if fcode is not None else None
+    if plan is None:
+        plan = _plan(main)
+        if fcode is not None:
+            if len(plans) >= _CODE_CACHE_SIZE:
+                plans.pop(next(iter(plans)))
+            plans[fcode] = plan
+    return plan
 
 
 def _plan(main: Any) -> tuple:
@@ -363,11 +418,29 @@ class ReadOnlyList(list):
     __iadd__ = __imul__ = _read_only
 
 
-def freeze(value: Any) -> Any:
+_CONTAINERS = (dict, list, tuple)
+
+
+def freeze(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A read-only copy. A container met twice (v10's `ctx`, `workload` and `vars` are one map) is copied
+    once and stays one object, as it was. Scalars are copied by dict's own copy (C), then the containers
+    among the values are replaced by frozen copies: most of a context is scalars."""
     if isinstance(value, dict):
-        return ReadOnlyDict((k, freeze(v)) for k, v in value.items())
+        memo = {} if memo is None else memo
+        frozen = memo.get(id(value))
+        if frozen is None:
+            frozen = memo[id(value)] = ReadOnlyDict(value)
+            for k, v in value.items():
+                if isinstance(v, _CONTAINERS):
+                    dict.__setitem__(frozen, k, freeze(v, memo))
+        return frozen
     if isinstance(value, (list, tuple)):
-        return ReadOnlyList(freeze(v) for v in value)
+        memo = {} if memo is None else memo
+        frozen = memo.get(id(value))
+        if frozen is None:
+            frozen = memo[id(value)] = ReadOnlyList(
+                freeze(v, memo) if isinstance(v, _CONTAINERS) else v for v in value)
+        return frozen
     return value
 
 

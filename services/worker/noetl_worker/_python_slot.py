@@ -72,8 +72,9 @@ class StepProcess:
                 os._exit(code)
         for fd in (call_r, reply_w, out_w):
             os.close(fd)
-        # Warm it up now (imports, compile, JSON): its first real call then runs at full speed.
-        warm_up = runner.pack((self.workdir, {}), runner.pickle.dumps((_WARM_UP, {}, None)))
+        # Warm it up now (imports, compile, JSON, the v10 script prelude): its first real call then runs at
+        # full speed. The call is (code, data, context, script), as step_main reads it.
+        warm_up = runner.pack((self.workdir, {}), runner.pickle.dumps((_WARM_UP, {}, None, runner.SCRIPT_PRELUDE)))
         runner.write_all(self.call_w, runner.frame(warm_up))
         self.status: int | None = None
 
@@ -336,7 +337,7 @@ def main(control_fd: int) -> None:
     config = marshal.loads(control.recv(1 << 16) or marshal.dumps(None))
     if config is None:
         return
-    for name in config.get("preload", []):
+    for name in (*runner.SCRIPT_MODULES, *config.get("preload", [])):
         try:
             __import__(name)
         except Exception as exc:

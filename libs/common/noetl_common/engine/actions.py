@@ -125,18 +125,40 @@ _PIPELINE_NAMES = frozenset({"ctx", "workload", "vars", "iter", "job", "executio
 def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     """The names a pipeline's templates use (a large step result is shipped only to the steps that read
     it), or the whole context when python code reads NoETL's `context`."""
-    tasks = step.config.get("tasks") or []
-    # a pipeline result is shipped compact (the worker builds its view): once, not three times
-    if any(_reads_context(task.get("config", {}).get("code")) for task in tasks):
+    names = _pipeline_names(step)
+    if names is None:
+        # a pipeline result is shipped compact (the worker builds its view): once, not three times
         return {k: shipped(v) for k, v in context.items() if not callable(v)}
-    templates = [{k: v for k, v in task.get("config", {}).items() if k != "code"} for task in tasks]
-    templates += [[task.get("set"), task.get("rules")] for task in tasks]
-    names = referenced_names(templates) | _PIPELINE_NAMES
-    names |= {k for k in context if k not in context.get("workload", {}) and k in names}
     element = context.get("iter")
     if isinstance(element, dict):   # the bare iterator name of a loop
         names |= {k for k in element if not k.startswith("_")}
     return {k: shipped(context[k]) for k in names if k in context and not callable(context[k])}
+
+
+# A memo of _pipeline_names by config: id -> (the config, names); holding the config keeps its id from being
+# reused. A pure function of the step, so a fold that starts afresh (a restart) computes the same.
+_SHIPPED: dict[int, tuple[dict[str, Any], frozenset[str] | None]] = {}
+_SHIPPED_MAX = 2048
+
+
+def _pipeline_names(step: Step) -> frozenset[str] | None:
+    """The context names a pipeline's tasks read (None: its python reads NoETL's `context`, ship it all).
+    Worked out once per step: parsing every task's templates on every dispatch was the largest cost a v10
+    step added to the fold."""
+    config = step.config
+    cached = _SHIPPED.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    tasks = config.get("tasks") or []
+    names: frozenset[str] | None = None
+    if not any(_reads_context(task.get("config", {}).get("code")) for task in tasks):
+        templates = [{k: v for k, v in task.get("config", {}).items() if k != "code"} for task in tasks]
+        templates += [[task.get("set"), task.get("rules")] for task in tasks]
+        names = frozenset(referenced_names(templates) | _PIPELINE_NAMES)
+    if len(_SHIPPED) >= _SHIPPED_MAX:
+        _SHIPPED.clear()
+    _SHIPPED[id(config)] = (config, names)
+    return names
 
 
 def send(tick: Tick, step: str, visit: int, attempt: int, action: ActionSpec, *, index: int | None = None,

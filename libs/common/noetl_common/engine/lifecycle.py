@@ -96,8 +96,8 @@ def _complete_v10(tick: Tick, name: str, result: Any) -> None:
         for edge in v10.fire(step, scope):
             if edge.set:
                 patch.update(v10.apply_writes(s.variables, v10.render_sets(edge.set, scope, edge.path)))
+                tick.invalidate()   # only a write changes the context the next dispatch renders with
             arrivals.append((edge.step, edge_data(edge, scope)))
-        tick.invalidate()
     except StepError as exc:
         return fail_step(tick, name, str(exc))
     s.set_status(name, "completed")

@@ -22,34 +22,13 @@ from noetl_worker.actions import duckdb as duckdb_action
 from noetl_worker.actions import http as http_action
 from noetl_worker.actions import postgres as postgres_action
 from noetl_worker.actions import secrets as secrets_action
+from noetl_worker._python_child import SCRIPT_PRELUDE as HELPERS
 from noetl_worker.actions.base import ActionError, ActionOutput, Invocation
 
 MAX_TASK_RUNS = 10_000          # V10-9.4: a runaway jump loop fails the step
 RESERVED = {"execution_id", "catalog_id", "job", "event", "output", "result", "iter", "ctx", "workload", "input",
             "keychain", "secret", "results", "_prev", "_task", "_attempt"}
 NOT_CONFIG = ("code", "code_template", "libs", "input", "args", "_assert")
-HELPERS = '''
-import os, json, uuid, datetime
-def now_utc():
-    return datetime.datetime.now(datetime.timezone.utc)
-def format_iso8601(dt):
-    return dt.isoformat()
-def deep_merge(a, b):
-    out = dict(a or {})
-    for k, v in (b or {}).items():
-        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
-    return out
-def get_val(d, path, default=None):
-    cur = d
-    for part in str(path).split('.'):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        else:
-            return default
-    return cur
-def make_serializable(x):
-    return json.loads(json.dumps(x, default=str))
-'''
 
 
 @dataclass
