@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import v10_gates as gates
 from .models import Edge, IteratorSpec, Playbook, RetryPolicy, Step
 from .v10_tools import RUNNABLE_KINDS, UNSUPPORTED_KINDS, action_of, duration, sets_of  # noqa: F401 (re-exported)
 from .validate import Issues, identity
@@ -67,6 +68,9 @@ def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
         steps[step.name] = step
     _check_targets(steps, issues)
     entry = _entry(doc, raw_steps, steps, issues)
+    final = gates.final_step(doc, steps, entry, issues)
+    no_next_is_error = gates.no_next_is_error(doc, issues)
+    gates.alias_clashes(raw_steps, steps, issues)
     if issues.error_count:
         return None
     name, path = identity(doc)
@@ -77,7 +81,7 @@ def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
                     description=None if meta.get("description") is None else str(meta.get("description")),
                     workload=doc.get("workload") if isinstance(doc.get("workload"), dict) else {},
                     steps=steps, dialect="v10" if dialect == "v10" else "v2", entry=entry,
-                    ctx=ctx if isinstance(ctx, dict) else {})
+                    ctx=ctx if isinstance(ctx, dict) else {}, final=final, no_next_is_error=no_next_is_error)
 
 
 def _entry(doc: dict, raw_steps: list, steps: dict[str, Step], issues: Issues) -> str:
@@ -135,14 +139,15 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
             hint = " (it belongs inside tool:)" if key in TOOL_KEYS else ""
             issues.error(f"{path}.{key}", f"step '{name}': unknown step key '{key}'{hint} (NoETL DSL v2/v10 step "
                                           f"keys: {', '.join(sorted(STEP_KEYS))})")
-    if "output" in raw:
-        issues.warn(f"{path}.output", "step output (external result storage) is ignored: results stay inline")
     for alias in ("args", "set_ctx"):
         if alias in raw:
             issues.warn(f"{path}.{alias}", f"'{alias}' is an older v10 key: read as "
                                            f"{'input' if alias == 'args' else 'set with ctx. keys'}")
     data = _inputs(raw, path, issues)
     sets = sets_of(raw.get("set"), f"{path}.set", issues)
+    alias = gates.output_alias(raw.get("output"), f"{path}.output", issues)
+    if alias is not None:   # V10-10.3: an extra name for the step's result, an implicit step `set`
+        sets = {alias: "{{ result }}", **sets}
     if isinstance(raw.get("set_ctx"), dict):
         sets.update({f"ctx.{k}": v for k, v in raw["set_ctx"].items()})
     if dialect == "v2" and not isinstance(raw.get("next"), dict):   # V10-5.10: a v2 list is v1's next
@@ -164,6 +169,7 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
         timeout = duration(raw["timeout"], f"{path}.timeout", issues) if raw.get("timeout") is not None else timeout
     common = dict(name=name, desc=_text(raw.get("desc", raw.get("description"))), path=path, next=edges,
                   next_mode=mode, set=sets, timeout=timeout,
+                  admit=gates.admit_rules(raw.get("spec"), f"{path}.spec", issues),
                   retry=v1_retry(raw.get("retry"), f"{path}.retry", issues) if dialect == "v2" else None)
     if isinstance(action.data, dict) and action.data:   # a child playbook's own input, under the step's
         data = _merge_data(action.data, data)
