@@ -351,3 +351,33 @@ workflow:
 """)
     found = errors(doc)
     assert len(found) == 1 and words in found[0][1] and found[0][0].endswith("output.as"), found
+
+
+# ---------------------------------------------------------------- the report counts a pipeline's last attempt
+
+def test_a_task_retried_to_exhaustion_reports_every_attempt():
+    """V10-11.3: `attempts` counts the attempts of the step's last task, the failed last one included
+    (e2e python_retry_exception: 5 attempts, the report said 4)."""
+    from noetl_common.messages import ActionFailed
+    from noetl_common.projection import steps
+    doc = pb("""
+workflow:
+  - step: start
+    tool: [{name: t, kind: python, code: "raise ValueError('x')"}]
+""")
+    # given a pipeline step in flight
+    sim = Simulation(lambda cmd: Outcome(hang=True))
+    sim.start(doc)
+    while sim.inbox:   # the start and the attempt's action_started (no timer fires)
+        sim.deliver(sim.inbox.pop(0))
+    cmd = sim.commands[0]
+    # when its worker reports three failed attempts of its task (two retries, then the policy gives up)
+    tasks = [{"task": "t", "attempt": n, "ok": False, "error": "ValueError: x",
+              "directive": "retry" if n < 3 else "fail"} for n in (1, 2, 3)]
+    sim.deliver(ActionFailed(execution_id="e1", command_id=cmd.command_id, time=sim.now, error="t: ValueError: x",
+                             tasks=tasks, token=cmd.token))
+    # then the report counts three attempts, and each retried attempt's error is logged once
+    assert steps(sim.events)["start"]["attempts"] == 3
+    assert [e.attempt for e in sim.events if e.event_type == "action_started"] == [1, 2, 3]
+    assert len([e for e in sim.events if e.event_type == "action_error"]) == 3
+    assert sim.state().status == "FAILED"

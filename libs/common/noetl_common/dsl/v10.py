@@ -56,6 +56,8 @@ def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
         issues.error("workflow", "workflow must be a non-empty list of steps")
         return None
     workbook = _workbook(doc.get("workbook"), issues)
+    if dialect == "v2":
+        _v2_unsupported(raw_steps, issues)
     steps: dict[str, Step] = {}
     for i, raw in enumerate(raw_steps):
         path = f"workflow[{i}]"
@@ -184,21 +186,38 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
 
 
 V2_STEP_KEYS = {"step", "desc", "description", "tool", "args", "input", "loop", "next", "retry", "timeout"}
-V2_UNSUPPORTED = {"case": "v2 `case` rules", "sink": "v2 `sink`", "vars": "v2 `vars`", "assert": "v2 `assert`"}
+V2_UNSUPPORTED = {"case": "v2 `case` rules", "sink": "v2 `sink`", "save": "v2 `save` (a sink)",
+                  "vars": "v2 `vars`", "assert": "v2 `assert`"}
+V2_CONTROL_KINDS = ("router", "end")   # V10-2.14: v2 `router` = noop, v2 `end` = a control step
+
+
+def _v2_unsupported(raw_steps: list, issues: Issues) -> None:
+    """`case`, `sink`/`save`, `vars` and `assert` on v2 steps (v2 event rules, sinks and variables) are not run
+    by this engine: one load error at the first use, naming each construct and the steps using it (a
+    document is rejected once for what it needs, not once per step)."""
+    first, parts = None, []
+    for key, what in V2_UNSUPPORTED.items():
+        users = [(i, raw.get("step")) for i, raw in enumerate(raw_steps) if isinstance(raw, dict) and key in raw]
+        if users:
+            first = min(first, users[0][0]) if first is not None else users[0][0]
+            names = ", ".join(f"'{name}'" for _, name in users[:5]) + (", ..." if len(users) > 5 else "")
+            parts.append(f"{what} (step{'s' if len(users) > 1 else ''} {names})")
+    if parts:
+        key = next(k for k in V2_UNSUPPORTED if k in raw_steps[first])
+        issues.error(f"workflow[{first}].{key}", f"{'; '.join(parts)}: not supported by this engine (NoETL DSL "
+                                                 f"v2); write the steps in the v10 dialect (next arcs, set, policies)")
 
 
 def _from_v2(raw: dict, name: str, path: str, issues: Issues) -> dict | None:
-    """V10-2.2/2.6: a v2 step as the v10 shape: `tool: K` takes the step's kind keys; `case`, `sink` and
-    `vars` (v2 event rules and variables) are not run by this engine: a load error naming them."""
-    for key, what in V2_UNSUPPORTED.items():
-        if key in raw:
-            issues.error(f"{path}.{key}", f"step '{name}': {what} is not supported by this engine (NoETL DSL v2); "
-                                          f"write the step in the v10 dialect (next arcs, set, policies)")
+    """V10-2.2/2.6: a v2 step as the v10 shape: `tool: K` takes the step's kind keys; a step using what this
+    engine does not run (V2_UNSUPPORTED, reported once by `_v2_unsupported`) is None."""
     if any(key in raw for key in V2_UNSUPPORTED):
         return None
     out = {k: v for k, v in raw.items() if k in V2_STEP_KEYS}
     tool = raw.get("tool")
     moved = {k: v for k, v in raw.items() if k not in V2_STEP_KEYS}
+    if tool in V2_CONTROL_KINDS or (isinstance(tool, dict) and tool.get("kind") in V2_CONTROL_KINDS):
+        tool = "noop"
     if isinstance(tool, str):
         out["tool"] = {"kind": tool, **moved}
     elif moved:

@@ -104,6 +104,9 @@ def _from_workbook(tool: dict, path: str, workbook: dict, issues: Issues) -> dic
         return None
     entry_path, entry = workbook[ref]
     inner = entry.get("tool")
+    if isinstance(inner, str):   # v2 (V10-2.6): `tool: K` with the kind's keys on the entry itself
+        inner = {"kind": inner, **{k: v for k, v in entry.items() if k not in ("name", "desc", "description",
+                                                                               "tool", "assert")}}
     if not isinstance(inner, dict) or inner.get("kind") in (None, "workbook"):
         issues.error(f"{entry_path}.tool", f"workbook entry '{ref}' needs tool: {{kind: ...}}")
         return None
