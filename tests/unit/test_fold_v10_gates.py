@@ -381,3 +381,38 @@ workflow:
     assert [e.attempt for e in sim.events if e.event_type == "action_started"] == [1, 2, 3]
     assert len([e for e in sim.events if e.event_type == "action_error"]) == 3
     assert sim.state().status == "FAILED"
+
+
+# ---------------------------------------------------------------- v2 list `next` (V10-5.10)
+
+V2_NEXT = """
+workflow:
+  - step: start
+    tool: python
+    code: "result = 1"
+    next:
+      - {step: big, when: "{{ result > 5 }}"}
+      - {step: small, when: "{{ result < 0 }}"}
+      - step: fallback
+  - step: big
+    tool: python
+    code: "result = 2"
+  - step: small
+    tool: python
+    code: "result = 3"
+  - step: fallback
+    tool: python
+    code: "result = 4"
+"""
+
+
+@pytest.mark.parametrize("value, ran", [(9, ["start", "big"]), (1, ["start", "fallback"]),
+                                         (-1, ["start", "small"])])
+def test_a_v2_list_next_fires_every_true_when_else_only_the_unconditional_entries(value, ran):
+    doc = pb(V2_NEXT)
+    playbook, _ = load_playbook(doc)
+    assert playbook is not None and playbook.dialect == "v2"
+    sim = Simulation(lambda cmd: Outcome(result=value if cmd.step == "start" else 0))
+    sim.start(doc)
+    sim.run()
+    assert steps_run(sim) == ran and sim.state().status == "COMPLETED"

@@ -98,7 +98,10 @@ def _complete_v10(tick: Tick, name: str, result: Any) -> None:
             tick.invalidate()
         scope = v10.step_scope(tick.context(), step, result, None, event)
         arrivals = []
-        fired = [] if s.winding_down else v10.fire(step, scope)   # winding down: no new step (V10-1.8)
+        if s.winding_down:   # no new step starts (V10-1.8)
+            fired = []
+        else:   # a v2 list `next` is v1's rule (V10-5.10), an arcs router exclusive/inclusive (V10-5.2)
+            fired = v10_gates.fire_list(step.next, scope) if step.next_mode == "all" else v10.fire(step, scope)
         no_match = v10_gates.no_match_error(tick, step, len(fired))
         if no_match:
             if before is not None:   # the step failed: its `set` is not applied

@@ -77,3 +77,24 @@ def no_match_error(tick: Tick, step: Step, fired: int) -> str | None:
     return (f"no next arc matched ({len(step.next)} arc{'s' if len(step.next) != 1 else ''}) and "
             f"executor.spec.no_next_is_error is true")
 
+
+
+def fire_list(edges: list, scope: dict[str, Any]) -> list:
+    """A v2 list `next` (V10-5.10): exactly v1 §3 (every entry whose `when` holds fires, a then/else entry
+    fires one of its lists, and only if nothing fired do the unconditional entries), with v10's lenient
+    `when` (V10-5.3: undefined = false)."""
+    fired: list = []
+    defaults: list = []
+    any_fired = False
+    for edge in edges:
+        if edge.then is not None or edge.otherwise is not None:
+            chosen = edge.then if v10.holds(edge.when, scope, edge.path) else edge.otherwise
+            fired.extend(fire_list(chosen or [], scope))
+            any_fired = True
+        elif edge.when is not None:
+            if v10.holds(edge.when, scope, edge.path):
+                fired.append(edge)
+                any_fired = True
+        else:
+            defaults.append(edge)
+    return fired if any_fired else defaults
