@@ -155,7 +155,8 @@ if [[ -d "$ROOT/../shared/conformance/cases-v10" ]]; then
   set +e
   timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
     python scripts/conformance-known.py --known docs/dialect-v10-failing.txt -- \
-      --cmd "noetl run" --cases "$ROOT/../shared/conformance/cases-v10" --pg-dsn "$NOETL_TEST_PG_DSN"
+      --cmd "noetl run" --cases "$ROOT/../shared/conformance/cases-v10" --cases "$ROOT/tests/cases-v10-gates" \
+      --pg-dsn "$NOETL_TEST_PG_DSN"
   rc=$?
   set -e
   [[ $rc -eq 124 ]] && echo "conformance (v10) exceeded ${CONFORMANCE_TIMEOUT}s"
@@ -232,7 +233,7 @@ if [[ -f "$CONFORMANCE" ]]; then
     NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$CONFORMANCE_TIMEOUT" \
       python scripts/conformance-known.py --known docs/dialect-v10-failing-kafka.txt -- \
         --cmd "noetl run --server http://127.0.0.1:$SERVER_PORT" --cases "$ROOT/../shared/conformance/cases-v10" \
-        --pg-dsn "$NOETL_TEST_PG_DSN"
+        --cases "$ROOT/tests/cases-v10-gates" --pg-dsn "$NOETL_TEST_PG_DSN"
     rc_v10=$?
     section "schemathesis: against 'noetl server --kafka' (scripts/schemathesis.sh)"
     NOETL_API_TOKEN="$NOETL_API_TOKEN" timeout --kill-after=30 "$SCHEMATHESIS_TIMEOUT" \

@@ -28,7 +28,7 @@ Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 EventType = Literal[
     "execution_start", "step_started", "action_started", "action_completed", "action_error", "action_retry",
     "iteration_started", "iteration_completed", "iteration_failed", "iterator_completed", "step_completed",
-    "step_failed", "execution_complete", "execution_failed", "execution_cancelled",
+    "step_failed", "step_skipped", "execution_complete", "execution_failed", "execution_cancelled",
 ]
 TERMINAL_EVENTS = ("execution_complete", "execution_failed", "execution_cancelled")
 

@@ -46,6 +46,8 @@ def steps(events: Iterable[Event]) -> dict[str, dict[str, Any]]:
             report[name].update(status="COMPLETED", result=view(event.result), error=None)
         elif name in report and kind == "step_failed":
             report[name].update(status="FAILED", error=event.error)
+        elif kind == "step_skipped" and name not in report:   # v10 admission refused it (V10-5.9)
+            report[name] = {"status": "SKIPPED", "result": None, "attempts": 0, "visits": 0, "error": None}
         elif kind == "execution_cancelled":
             for step in report.values():
                 if step["status"] in ("RUNNING", "RETRYING"):
@@ -60,7 +62,7 @@ def progress(events: list[Event]) -> int:
     report = steps(events)
     if not report:
         return 0
-    finished = sum(1 for s in report.values() if s["status"] in ("COMPLETED", "FAILED"))
+    finished = sum(1 for s in report.values() if s["status"] in ("COMPLETED", "FAILED", "SKIPPED"))
     return int(100 * finished / len(report))
 
 

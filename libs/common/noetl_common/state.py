@@ -106,6 +106,9 @@ class ExecutionState(BaseModel):
     timers: dict[str, float] = Field(default_factory=dict)     # durable deadlines: key -> due (epoch s)
     result: Any = None                 # the execution result (rendered at `end`)
     error: str | None = None
+    # v10 executor.spec.final_step (V10-1.8): a step failed, so no new step starts; the steps in flight finish,
+    # then the final step runs and the execution ends FAILED with `error`.
+    winding_down: bool = False
 
     _compiled: Any = PrivateAttr(default=None)
     # (the playbook dict, its JSON): the document never changes after start (nothing assigns into it), yet

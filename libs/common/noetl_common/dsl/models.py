@@ -87,6 +87,9 @@ class Step(_Model):
     # "inclusive" = every match) and the step-level `set` applied after a successful visit.
     next_mode: Literal["all", "exclusive", "inclusive"] = "all"
     set: dict[str, Any] = Field(default_factory=dict)
+    # v10 `spec.policy.admit.rules` (V10-5.9), checked when the step is about to start: [{when, allow, path}]
+    # (`when` None = the else rule); the first match decides, no match allows.
+    admit: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
     def is_control(self) -> bool:
@@ -120,6 +123,10 @@ class Playbook(_Model):
     dialect: Literal["v1", "v2", "v10"] = "v1"
     entry: str = "start"               # the first step (v10: executor.spec.entry_step or the first step)
     ctx: dict[str, Any] = Field(default_factory=dict)   # v10 root `ctx:` (V10-7.5): seeds the ctx map
+    # v10 executor.spec (V10-1.8): the step run once after the workflow is quiescent, whatever its outcome,
+    # and whether a step whose arcs all miss fails (instead of ending its branch).
+    final: str | None = None
+    no_next_is_error: bool = False
 
     def step(self, name: str) -> Step:
         return self.steps[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import v10_gates as gates
 from .models import Edge, IteratorSpec, Playbook, RetryPolicy, Step
 from .v10_tools import RUNNABLE_KINDS, UNSUPPORTED_KINDS, action_of, duration, sets_of  # noqa: F401 (re-exported)
 from .validate import Issues, identity
@@ -55,6 +56,8 @@ def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
         issues.error("workflow", "workflow must be a non-empty list of steps")
         return None
     workbook = _workbook(doc.get("workbook"), issues)
+    if dialect == "v2":
+        _v2_unsupported(raw_steps, issues)
     steps: dict[str, Step] = {}
     for i, raw in enumerate(raw_steps):
         path = f"workflow[{i}]"
@@ -67,6 +70,9 @@ def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
         steps[step.name] = step
     _check_targets(steps, issues)
     entry = _entry(doc, raw_steps, steps, issues)
+    final = gates.final_step(doc, steps, entry, issues)
+    no_next_is_error = gates.no_next_is_error(doc, issues)
+    gates.alias_clashes(raw_steps, steps, issues)
     if issues.error_count:
         return None
     name, path = identity(doc)
@@ -77,7 +83,7 @@ def normalise_v10(doc: dict, dialect: str, issues: Issues) -> Playbook | None:
                     description=None if meta.get("description") is None else str(meta.get("description")),
                     workload=doc.get("workload") if isinstance(doc.get("workload"), dict) else {},
                     steps=steps, dialect="v10" if dialect == "v10" else "v2", entry=entry,
-                    ctx=ctx if isinstance(ctx, dict) else {})
+                    ctx=ctx if isinstance(ctx, dict) else {}, final=final, no_next_is_error=no_next_is_error)
 
 
 def _entry(doc: dict, raw_steps: list, steps: dict[str, Step], issues: Issues) -> str:
@@ -135,14 +141,15 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
             hint = " (it belongs inside tool:)" if key in TOOL_KEYS else ""
             issues.error(f"{path}.{key}", f"step '{name}': unknown step key '{key}'{hint} (NoETL DSL v2/v10 step "
                                           f"keys: {', '.join(sorted(STEP_KEYS))})")
-    if "output" in raw:
-        issues.warn(f"{path}.output", "step output (external result storage) is ignored: results stay inline")
     for alias in ("args", "set_ctx"):
         if alias in raw:
             issues.warn(f"{path}.{alias}", f"'{alias}' is an older v10 key: read as "
                                            f"{'input' if alias == 'args' else 'set with ctx. keys'}")
     data = _inputs(raw, path, issues)
     sets = sets_of(raw.get("set"), f"{path}.set", issues)
+    alias = gates.output_alias(raw.get("output"), f"{path}.output", issues)
+    if alias is not None:   # V10-10.3: an extra name for the step's result, an implicit step `set`
+        sets = {alias: "{{ result }}", **sets}
     if isinstance(raw.get("set_ctx"), dict):
         sets.update({f"ctx.{k}": v for k, v in raw["set_ctx"].items()})
     if dialect == "v2" and not isinstance(raw.get("next"), dict):   # V10-5.10: a v2 list is v1's next
@@ -164,6 +171,7 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
         timeout = duration(raw["timeout"], f"{path}.timeout", issues) if raw.get("timeout") is not None else timeout
     common = dict(name=name, desc=_text(raw.get("desc", raw.get("description"))), path=path, next=edges,
                   next_mode=mode, set=sets, timeout=timeout,
+                  admit=gates.admit_rules(raw.get("spec"), f"{path}.spec", issues),
                   retry=v1_retry(raw.get("retry"), f"{path}.retry", issues) if dialect == "v2" else None)
     if isinstance(action.data, dict) and action.data:   # a child playbook's own input, under the step's
         data = _merge_data(action.data, data)
@@ -178,21 +186,38 @@ def _step(raw: Any, path: str, dialect: str, workbook: dict, issues: Issues) -> 
 
 
 V2_STEP_KEYS = {"step", "desc", "description", "tool", "args", "input", "loop", "next", "retry", "timeout"}
-V2_UNSUPPORTED = {"case": "v2 `case` rules", "sink": "v2 `sink`", "vars": "v2 `vars`", "assert": "v2 `assert`"}
+V2_UNSUPPORTED = {"case": "v2 `case` rules", "sink": "v2 `sink`", "save": "v2 `save` (a sink)",
+                  "vars": "v2 `vars`", "assert": "v2 `assert`"}
+V2_CONTROL_KINDS = ("router", "end")   # V10-2.14: v2 `router` = noop, v2 `end` = a control step
+
+
+def _v2_unsupported(raw_steps: list, issues: Issues) -> None:
+    """`case`, `sink`/`save`, `vars` and `assert` on v2 steps (v2 event rules, sinks and variables) are not run
+    by this engine: one load error at the first use, naming each construct and the steps using it (a
+    document is rejected once for what it needs, not once per step)."""
+    first, parts = None, []
+    for key, what in V2_UNSUPPORTED.items():
+        users = [(i, raw.get("step")) for i, raw in enumerate(raw_steps) if isinstance(raw, dict) and key in raw]
+        if users:
+            first = min(first, users[0][0]) if first is not None else users[0][0]
+            names = ", ".join(f"'{name}'" for _, name in users[:5]) + (", ..." if len(users) > 5 else "")
+            parts.append(f"{what} (step{'s' if len(users) > 1 else ''} {names})")
+    if parts:
+        key = next(k for k in V2_UNSUPPORTED if k in raw_steps[first])
+        issues.error(f"workflow[{first}].{key}", f"{'; '.join(parts)}: not supported by this engine (NoETL DSL "
+                                                 f"v2); write the steps in the v10 dialect (next arcs, set, policies)")
 
 
 def _from_v2(raw: dict, name: str, path: str, issues: Issues) -> dict | None:
-    """V10-2.2/2.6: a v2 step as the v10 shape: `tool: K` takes the step's kind keys; `case`, `sink` and
-    `vars` (v2 event rules and variables) are not run by this engine: a load error naming them."""
-    for key, what in V2_UNSUPPORTED.items():
-        if key in raw:
-            issues.error(f"{path}.{key}", f"step '{name}': {what} is not supported by this engine (NoETL DSL v2); "
-                                          f"write the step in the v10 dialect (next arcs, set, policies)")
+    """V10-2.2/2.6: a v2 step as the v10 shape: `tool: K` takes the step's kind keys; a step using what this
+    engine does not run (V2_UNSUPPORTED, reported once by `_v2_unsupported`) is None."""
     if any(key in raw for key in V2_UNSUPPORTED):
         return None
     out = {k: v for k, v in raw.items() if k in V2_STEP_KEYS}
     tool = raw.get("tool")
     moved = {k: v for k, v in raw.items() if k not in V2_STEP_KEYS}
+    if tool in V2_CONTROL_KINDS or (isinstance(tool, dict) and tool.get("kind") in V2_CONTROL_KINDS):
+        tool = "noop"
     if isinstance(tool, str):
         out["tool"] = {"kind": tool, **moved}
     elif moved:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .models import RetryPolicy, Step
+from .v10_gates import output_alias
 from .validate import Issues
 
 RUNNABLE_KINDS = ("python", "http", "postgres", "duckdb", "secrets")   # run by the worker's pipeline action
@@ -104,6 +105,9 @@ def _from_workbook(tool: dict, path: str, workbook: dict, issues: Issues) -> dic
         return None
     entry_path, entry = workbook[ref]
     inner = entry.get("tool")
+    if isinstance(inner, str):   # v2 (V10-2.6): `tool: K` with the kind's keys on the entry itself
+        inner = {"kind": inner, **{k: v for k, v in entry.items() if k not in ("name", "desc", "description",
+                                                                               "tool", "assert")}}
     if not isinstance(inner, dict) or inner.get("kind") in (None, "workbook"):
         issues.error(f"{entry_path}.tool", f"workbook entry '{ref}' needs tool: {{kind: ...}}")
         return None
@@ -150,8 +154,7 @@ def _task(raw: Any, default_name: str, path: str, issues: Issues, in_pipeline: b
             issues.warn(f"{path}.retry", "retry on a playbook task inside a pipeline is not read: use the task's "
                                          "spec.policy rules (do: retry)")
     spec = raw.get("spec") if isinstance(raw.get("spec"), dict) else {}
-    if "output" in raw:
-        issues.warn(f"{path}.output", "tool output (external result storage) is ignored: results stay inline")
+    alias = output_alias(raw.get("output"), f"{path}.output", issues)
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name:
         issues.error(f"{path}.name", f"a task name must be text, got {name!r}")
@@ -159,6 +162,8 @@ def _task(raw: Any, default_name: str, path: str, issues: Issues, in_pipeline: b
     task = {"name": name, "kind": kind, "config": {k: v for k, v in raw.items() if k not in TASK_META_KEYS},
             "set": sets_of(raw.get("set"), f"{path}.set", issues),
             "rules": _rules(spec.get("policy"), f"{path}.spec.policy", issues)}
+    if alias is not None:   # V10-10.3: an extra name for the task's result, a task `set` (V10-2.15) before its own
+        task["set"] = {alias: "{{ output }}", **task["set"]}
     if kind == "python":
         code = raw.get("code")
         if code is None and raw.get("code_b64", raw.get("code_base64")) is not None:

@@ -1,7 +1,7 @@
 """Scheduling: turn pending steps into visits once the join rule allows, and start each visit."""
 from __future__ import annotations
 
-from noetl_common.engine import iterator
+from noetl_common.engine import iterator, v10_gates
 from noetl_common.engine.actions import build_action, render_inputs, send
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.v10 import noop_result as v10_noop_result
@@ -29,6 +29,14 @@ def dispatch(tick: Tick, name: str) -> None:
     s = tick.state
     arrivals = s.pending.pop(name).arrivals
     step = tick.playbook.steps[name]
+    refused = None
+    if step.admit:   # V10-5.9: checked on arrival; a denied step does not run and its branch ends quietly
+        try:
+            allowed, rule = v10_gates.admission(step, tick.context(), _merged(arrivals))
+            if not allowed:
+                return tick.emit("step_skipped", name, "step", "SKIPPED", meta={"admit": rule})
+        except StepError as exc:
+            refused = f"admit: {exc}"
     previous = s.steps.get(name)
     visit = previous.visit + 1 if previous else 1
     run = StepRun(status="running", visit=visit, attempt=1, started=tick.time, data={},
@@ -38,9 +46,9 @@ def dispatch(tick: Tick, name: str) -> None:
     tick.emit("step_started", name, "step", "RUNNING", meta={"visit": visit})
     if visit > step.max_visits:
         return fail_step(tick, name, f"step '{name}' reached max_visits={step.max_visits}; visit {visit} refused")
-    edge_data: dict = {}
-    for data in arrivals:                   # the edge data of all arrivals, in arrival order
-        edge_data = deep_merge(edge_data, data)
+    if refused:
+        return fail_step(tick, name, refused)
+    edge_data = _merged(arrivals)
     context = tick.context()
     try:
         run.data, deferred = render_inputs(step, context, edge_data)
@@ -57,3 +65,11 @@ def dispatch(tick: Tick, name: str) -> None:
         send(tick, name, visit, 1, run.action, phase="save", result=None)
     else:
         send(tick, name, visit, 1, run.action)
+
+
+def _merged(arrivals: list[dict]) -> dict:
+    """The edge data of all arrivals, in arrival order."""
+    edge_data: dict = {}
+    for data in arrivals:
+        edge_data = deep_merge(edge_data, data)
+    return edge_data

@@ -11,7 +11,7 @@ from typing import Any
 from noetl_common.attempt_tokens import genuine
 from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.dsl import load_playbook
-from noetl_common.engine import composition, iterator, v10
+from noetl_common.engine import composition, iterator, v10, v10_gates
 from noetl_common.engine.actions import send, work_action
 from noetl_common.engine.dispatch import schedule
 from noetl_common.engine.leases import LEASE, LEASE_GRACE, RESEND, infra_retry_delay
@@ -57,6 +57,8 @@ def advance(state: ExecutionState | None, msg: Any, caps: Caps = DEFAULT_CAPS) -
         _HANDLERS[type(msg)](tick, msg)
     if not tick.state.terminal:
         schedule(tick)
+        if not tick.state.terminal and finished(tick) and tick.playbook.final and v10_gates.start_final(tick):
+            schedule(tick)   # V10-1.8: quiescent, so the final step runs (once)
         if not tick.state.terminal and finished(tick):
             complete_execution(tick)
     return Transition(tick.state, tick.events, tick.commands, tick.requests, tick.timers, tick.stale)

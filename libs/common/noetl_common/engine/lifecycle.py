@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from noetl_common.engine import v10
+from noetl_common.engine import v10, v10_gates
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.graph import edge_data, fire
 from noetl_common.engine.tick import Tick
@@ -73,6 +73,11 @@ def fail_step(tick: Tick, name: str, error: str) -> None:
     tick.emit("step_failed", name, "step", "FAILED", error=error, attempt=run.attempt)
     if tick.playbook.dialect != "v1" and _route_failure(tick, name, error):
         return
+    if tick.playbook.final is not None:   # V10-1.8: the final step runs whatever the outcome
+        if name == tick.playbook.final:
+            return fail_execution(tick, v10_gates.final_error(tick, name, error))
+        if v10_gates.wind_down(tick, name, error):
+            return
     fail_execution(tick, f"step '{name}' failed: {error}")
 
 
@@ -85,6 +90,7 @@ def _complete_v10(tick: Tick, name: str, result: Any) -> None:
     s.results[name] = result
     tick.invalidate()
     event = "loop.done" if step.iterator is not None else "call.done"
+    before = dict(s.variables) if step.set and tick.playbook.no_next_is_error else None
     try:
         patch = {}
         if step.set:
@@ -93,7 +99,16 @@ def _complete_v10(tick: Tick, name: str, result: Any) -> None:
             tick.invalidate()
         scope = v10.step_scope(tick.context(), step, result, None, event)
         arrivals = []
-        for edge in v10.fire(step, scope):
+        if s.winding_down:   # no new step starts (V10-1.8)
+            fired = []
+        else:   # a v2 list `next` is v1's rule (V10-5.10), an arcs router exclusive/inclusive (V10-5.2)
+            fired = v10_gates.fire_list(step.next, scope) if step.next_mode == "all" else v10.fire(step, scope)
+        no_match = v10_gates.no_match_error(tick, step, len(fired))
+        if no_match:
+            if before is not None:   # the step failed: its `set` is not applied
+                s.variables = before
+            raise StepError(no_match)
+        for edge in fired:
             if edge.set:
                 patch.update(v10.apply_writes(s.variables, v10.render_sets(edge.set, scope, edge.path)))
                 tick.invalidate()   # only a write changes the context the next dispatch renders with
@@ -115,7 +130,7 @@ def _route_failure(tick: Tick, name: str, error: str) -> bool:
     """V10-5.8: arcs with a `when` are evaluated on a failed step; if one fires the run goes on (a cleanup
     path) and the execution still ends FAILED with this step's error (`ExecutionState.error`, sticky)."""
     s, step = tick.state, tick.playbook.steps[name]
-    if not any(edge.when for edge in step.next):
+    if s.winding_down or not any(edge.when for edge in step.next):
         return False
     scope = v10.step_scope(tick.context(), step, s.results.get(name), error, "call.error")
     try:

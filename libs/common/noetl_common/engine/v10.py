@@ -122,14 +122,12 @@ def trail(tick: Any, step: str, tasks: list[dict[str, Any]] | None, index: int |
     attempt after it an `action_started` (so the report's `attempts` counts task attempts, V10-11.3). The
     final failed attempt is the fold's own action_error."""
     entries = list(tasks or [])[:1000]
-    if failed and entries:
-        entries = entries[:-1]
-    for entry in entries:
+    for n, entry in enumerate(entries):
         attempt = int(entry.get("attempt") or 1)
         meta = {"task": entry.get("task"), "directive": entry.get("directive")}
-        if attempt > 1:
+        if attempt > 1:   # also for the final failed attempt: the report counts it (V10-11.3)
             tick.emit("action_started", step, "task", "STARTED", attempt=attempt, current_index=index, meta=meta)
-        if entry.get("ok"):
+        if entry.get("ok") or (failed and n == len(entries) - 1):
             continue
         tick.emit("action_error", step, "task", "FAILED", attempt=attempt, error=entry.get("error"),
                   current_index=index, meta=meta)
