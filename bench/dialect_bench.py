@@ -35,10 +35,10 @@ def fold_run(document: dict) -> tuple[int, float, float]:
     calls = 0
     real_advance = simulate.advance
 
-    def timed(state, msg):
+    def timed(state, msg, caps):   # simulate passes its caps on
         nonlocal wall, cpu, calls
         c0, t0 = time.thread_time(), time.perf_counter()
-        out = real_advance(state, msg)
+        out = real_advance(state, msg, caps)
         wall += time.perf_counter() - t0
         cpu += time.thread_time() - c0
         calls += 1

@@ -20,10 +20,10 @@ def measure(document: dict) -> tuple[int, float]:
     calls = 0
     real_advance = simulate.advance
 
-    def timed(state, msg):
+    def timed(state, msg, caps):   # simulate passes its caps on
         nonlocal spent, calls
         t0 = time.perf_counter()
-        out = real_advance(state, msg)
+        out = real_advance(state, msg, caps)
         spent += time.perf_counter() - t0
         calls += 1
         return out

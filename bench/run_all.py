@@ -20,6 +20,7 @@ def main() -> int:
     runs: list[tuple[str, list[str]]] = [
         ("fold_bench.py", repeat),
         ("embedded_bench.py", repeat),
+        ("dialect_bench.py", repeat),   # v10 next to v1: the same chain, fold rate and embedded ms/step
         ("broker_bench.py", repeat),
         # quick: fewer latency chains (100 transitions), still the full 1,000 concurrent executions
         ("kafka_bench.py", [*repeat, "--chains", "2"] if quick else []),

@@ -141,13 +141,13 @@ def test_apply_batch_without_a_cache_fails_only_the_execution_whose_fold_raised(
     real = batch.advance
     calls = {"n": 0}
 
-    def flaky(state: Any, msg: Any) -> Any:
+    def flaky(state: Any, msg: Any, caps: Any) -> Any:     # the batch passes the runtime's caps on
         if msg.execution_id == "e-boom":
             calls["n"] += 1
             if calls["n"] == 2:
                 state.workload["half"] = "mutated"     # half-mutate, then blow up
                 raise RuntimeError("boom")
-        return real(state, msg)
+        return real(state, msg, caps)
 
     monkeypatch.setattr(batch, "advance", flaky)
     table: dict[str, bytes] = {}
