@@ -304,3 +304,21 @@ async def test_a_command_of_an_older_fold_with_all_three_copies_still_runs(pool)
 """, context={"ctx": {"a": 1}, "workload": {"a": 1}, "vars": {"a": 1}})
     assert isinstance(done, ActionCompleted), done
     assert view(done.result) == [1, 1]
+
+
+async def test_python_that_never_names_the_context_gets_none_and_main_still_binds_from_it(pool):
+    # code that does not name NoETL's context gets none built, sent or frozen (the v1 rule) ...
+    done = await run(pool, """
+      kind: python
+      code: |
+        result = globals()["con" + "text"] is None
+""", context={"ctx": {"a": 1}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result) is True
+    # ... while a `main` is still bound by name from it (V10-3.x), and code naming it reads it
+    done = await run(pool, """
+      - {name: m, kind: python, code: "def main(ctx):\\n    return ctx['a']"}
+      - {name: c, kind: python, code: "result = context['ctx']['a'] + 1"}
+""", context={"ctx": {"a": 1}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result)["results"] == {"m": 1, "c": 2}
