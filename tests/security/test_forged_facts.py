@@ -139,8 +139,10 @@ def test_embedded_server_drops_forged_facts_and_takes_the_genuine_one(embedded: 
         _forge_and_check(admin, worker, eid,
                          lambda: _metric(admin.get("/metrics").text, "noetl_forged_facts"))
         with sqlite3.connect(f"file:{embedded.store}?mode=ro", uri=True) as db:
-            (raw,) = db.execute("SELECT snapshot FROM states WHERE execution_id = ?", (eid,)).fetchone()
-        key = ExecutionState.from_bytes(bytes(raw)).fact_key
+            # the snapshot is stored without its playbook, which state_playbooks holds once (sqlite_store)
+            (rest, playbook) = db.execute("SELECT s.snapshot, p.playbook FROM states s JOIN state_playbooks p"
+                                          " USING (execution_id) WHERE execution_id = ?", (eid,)).fetchone()
+        key = ExecutionState.from_bytes(ExecutionState.join_snapshot(bytes(rest), bytes(playbook))).fact_key
         assert key and len(key) >= 43
         _genuine_completes(admin, worker, eid, key)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import yaml
 
 from noetl_common.dsl import load_playbook
+from noetl_common.engine import v10
 from noetl_common.simulate import Outcome, Simulation
 
 
@@ -216,7 +217,11 @@ workflow:
     assert action.type == "pipeline"
     assert [t["name"] for t in action.config["tasks"]] == ["a", "b"]
     assert action.config["tasks"][0]["config"]["input"] == {"c": "{{ city }}"}   # rendered by the worker
-    assert action.context["workload"] == {"city": "Paris"} and action.context["job"]["uuid"] == "e1"
+    assert action.context["ctx"] == {"city": "Paris"} and action.context["job"]["uuid"] == "e1"
+    # the ctx map is shipped once: `workload` and `vars` are the same map, bound again by the worker
+    assert "workload" not in action.context and "vars" not in action.context
+    seen = v10.unship_context(action.context)
+    assert seen["workload"] is seen["vars"] is seen["ctx"]
 
 
 def test_lookups_on_undefined_values_are_undefined_in_v10_templates_and_printing_one_still_fails():

@@ -75,10 +75,9 @@ def test_script_python_gives_the_same_answer_each_call_and_its_errors_each_time(
     codes: dict = {}
     plans: dict = {}
     for n in range(3):
-        assert json.loads(child.run_one("return n * 2", {"n": n}, {}, codes, plans,
-                                        child.SCRIPT_PRELUDE)) == [True, n * 2, None]
+        assert json.loads(child.run_one("return n * 2", {"n": n}, {}, codes, plans, "")) == [True, n * 2, None]
     for _ in range(2):
-        ok, _, error = json.loads(child.run_one("result = (", {}, {}, codes, plans, child.SCRIPT_PRELUDE))
+        ok, _, error = json.loads(child.run_one("result = (", {}, {}, codes, plans, ""))
         assert not ok and error.startswith("SyntaxError")
 
 
@@ -97,7 +96,6 @@ def test_the_context_is_read_only_all_the_way_down_and_shared_maps_stay_one():
 def test_the_warm_up_call_is_one_a_step_process_can_run():
     """The supervisor's warm-up call must match step_main's call format (it silently did not, once)."""
     slot_source = (Path(child.__file__).with_name("_python_slot.py")).read_text()
-    assert "pickle.dumps((_WARM_UP, {}, None, runner.SCRIPT_PRELUDE))" in slot_source
-    code, data, context, script = pickle.loads(pickle.dumps(("def main():\n    return None\n", {}, None,
-                                                             child.SCRIPT_PRELUDE)))
+    assert 'pickle.dumps((_WARM_UP, {}, None, ""))' in slot_source
+    code, data, context, script = pickle.loads(pickle.dumps(("def main():\n    return None\n", {}, None, "")))
     assert json.loads(child.run_one(code, data, context, {}, {}, script)) == [True, None, None]

@@ -8,6 +8,7 @@ import yaml
 from noetl_common import projection
 from noetl_common.pipeline_result import compact, view
 from noetl_common.simulate import Outcome, Simulation
+from noetl_common.state import ExecutionState
 
 BLOB = "x" * 50_000
 
@@ -60,3 +61,15 @@ def test_view_is_total_on_hostile_or_malformed_values():
     assert view([1]) == [1] and view(None) is None
     # a non-mapping last result is {value: ...} (V10-2.10 Decision)
     assert view(compact({"a": 4}, "a", "break", {"k": 1}))["value"] == 4
+
+
+def test_the_state_knows_its_compact_results_through_every_write_and_after_a_read_back():
+    state = ExecutionState(execution_id="e", path="p", playbook={}, workload={}, started=0.0,
+                           results={"old": compact({"t": 1}, "t", "ok", {}), "plain": 1})
+    assert state.compact_results() == {"old"}
+    state.set_result("new", compact({"u": 2}, "u", "ok", {}))
+    state.set_result("old", {"now": "plain"})        # a re-visit replaced the compact result
+    assert state.compact_results() == {"new"}
+    assert ExecutionState.from_bytes(state.to_bytes()).compact_results() == {"new"}
+    state.results = {"x": compact({}, None, "ok", {})}   # another dict: worked out again
+    assert state.compact_results() == {"x"}

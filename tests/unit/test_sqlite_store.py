@@ -10,6 +10,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from noetl_common.messages import Event
+from noetl_common.state import ExecutionState
 from noetl_runtime import secret_key
 from noetl_runtime.sqlite_store import SqliteStore
 
@@ -217,6 +218,63 @@ async def test_states_survive_reopen(db_path: Path) -> None:
     try:
         assert await s.load_states() == {"r": b"snap"}
         assert [e.event_type for e in await s.events("r")] == ["execution_start"]
+    finally:
+        s.close()
+
+
+def real_state(execution_id: str = "p") -> ExecutionState:
+    return ExecutionState(execution_id=execution_id, path="t/p", started=1.0, workload={"w": 1},
+                          playbook={"apiVersion": "noetl.io/v1", "workload": {"w": 1, "pad": "p" * 5000},
+                                    "workflow": [{"step": "start"}]})
+
+
+async def test_a_snapshot_in_parts_keeps_its_playbook_once_and_reads_back_whole(db_path: Path,
+                                                                               store: SqliteStore) -> None:
+    # given a state saved in parts twice (two fold batches)
+    state = real_state()
+    store.commit_batch_sync([], {"p": state.snapshot_parts()})
+    state.seq = 7
+    store.commit_batch_sync([], {"p": state.snapshot_parts()})
+    # then each read gives the whole snapshot, the same bytes as to_bytes()
+    assert store.load_state_sync("p") == state.to_bytes()
+    assert await store.load_states() == {"p": state.to_bytes()}
+    assert ExecutionState.from_bytes(store.load_state_sync("p")).seq == 7
+    # and the snapshot row holds no playbook: it is stored once, beside it
+    conn = sqlite3.connect(db_path)
+    (snapshot,) = conn.execute("SELECT snapshot FROM states WHERE execution_id = 'p'").fetchone()
+    (count,) = conn.execute("SELECT count(*) FROM state_playbooks").fetchone()
+    conn.close()
+    assert b"p" * 5000 not in bytes(snapshot) and count == 1
+
+
+async def test_a_whole_snapshot_after_parts_is_read_as_it_was_written(store: SqliteStore) -> None:
+    # a failure path writes a whole snapshot: no playbook may be joined to it on the way back
+    state = real_state()
+    store.commit_batch_sync([], {"p": state.snapshot_parts()})
+    state.seq = 3
+    store.commit_batch_sync([], {"p": state.to_bytes()})
+    assert store.load_state_sync("p") == state.to_bytes()
+    assert ExecutionState.from_bytes(store.load_state_sync("p")).seq == 3
+
+
+async def test_a_store_written_before_snapshots_in_parts_still_reads(db_path: Path) -> None:
+    # given a store as the previous version left it: whole snapshots, no state_playbooks table
+    state = real_state("old")
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path)
+    conn.executescript("CREATE TABLE states (execution_id TEXT PRIMARY KEY, snapshot BLOB NOT NULL,"
+                       " terminal INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL);"
+                       "PRAGMA user_version=2;")
+    conn.execute("INSERT INTO states VALUES (?, ?, 0, 1.0)", ("old", state.to_bytes()))
+    conn.commit()
+    conn.close()
+    # when this version opens it, the snapshot reads back whole, and a new batch is saved in parts
+    s = SqliteStore(db_path)
+    try:
+        assert await s.load_states() == {"old": state.to_bytes()}
+        state.seq = 9
+        s.commit_batch_sync([], {"old": state.snapshot_parts()})
+        assert ExecutionState.from_bytes(s.load_state_sync("old")).seq == 9
     finally:
         s.close()
 

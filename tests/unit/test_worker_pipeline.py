@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from noetl_common import codec
 from noetl_common.dsl import load_playbook
 from noetl_common.messages import ActionCompleted, ActionFailed
 from noetl_common.pipeline_result import view
+from noetl_common.simulate import Outcome, Simulation
 from noetl_worker.actions import pipeline
 from noetl_worker.execute import execute
 from noetl_worker.python_pool import PythonPool
@@ -242,3 +244,81 @@ async def test_a_pipeline_result_goes_on_the_wire_with_each_task_result_once(poo
     assert seen["status"] == "ok" and seen["results"]["big"]["status"] == "success"
     assert seen["_prev"] is seen["results"]["big"] and seen["blob"] == "x" * 200000
     assert seen["results"]["small"] == {"n": 1} and seen["ctx"] == {}
+
+
+async def test_a_command_carries_the_ctx_map_once_and_the_step_still_sees_it_as_workload_vars_and_ctx(pool):
+    # given v10 steps that read the ctx map under its three names, in a run with a large workload: through
+    # templates only (the fold ships the names they use), and through python's `context` (it ships them all)
+    doc = yaml.safe_load("""
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: t, path: t}
+workload: {blob: marker-0123456789}
+workflow:
+  - step: s
+    tool:
+      kind: python
+      input: {w: "{{ workload.blob }}", v: "{{ vars.blob }}", c: "{{ ctx.blob }}"}
+      code: |
+        result = {"w": w, "v": v, "c": c}
+    next: {arcs: [{step: t}]}
+  - step: t
+    tool:
+      kind: python
+      code: |
+        result = {"same": context["workload"] is context["vars"] is context["ctx"], "n": len(context["vars"]["blob"])}
+""")
+    doc["workload"]["blob"] += "x" * 50_000
+    blob = doc["workload"]["blob"]
+    sent: list = []
+    sim = Simulation(lambda cmd: sent.append(cmd) or Outcome(result=None))
+    sim.start(doc)
+    sim.run()
+    by_step = {cmd.step: cmd for cmd in sent}
+    # when the fold's commands cross the wire
+    raw_s, raw_t = codec.encode(by_step["s"]), codec.encode(by_step["t"])
+    # then the map is in them once, under `ctx` (the whole context also has ctx's keys bare: V10 §6 names)
+    assert raw_s.count(b"marker-0123456789") == 1
+    assert raw_t.count(b"marker-0123456789") == 2
+    for raw in (raw_s, raw_t):
+        shipped = codec.decode_command(raw).action.context
+        assert shipped["ctx"] == {"blob": blob} and "workload" not in shipped and "vars" not in shipped
+    # and the steps, run from the decoded commands, see it under all three names (one read-only map)
+    ports = make_ports(pool)
+    await execute(codec.decode_command(raw_s), ports)
+    done = ports.emit.last()
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result) == {"w": blob, "v": blob, "c": blob}
+    await execute(codec.decode_command(raw_t), ports)
+    done = ports.emit.last()
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result) == {"same": True, "n": len(blob)}
+
+
+async def test_a_command_of_an_older_fold_with_all_three_copies_still_runs(pool):
+    done = await run(pool, """
+      kind: python
+      code: |
+        result = [workload_seen, vars_seen]
+      input: {workload_seen: "{{ workload.a }}", vars_seen: "{{ vars.a }}"}
+""", context={"ctx": {"a": 1}, "workload": {"a": 1}, "vars": {"a": 1}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result) == [1, 1]
+
+
+async def test_python_that_never_names_the_context_gets_none_and_main_still_binds_from_it(pool):
+    # code that does not name NoETL's context gets none built, sent or frozen (the v1 rule) ...
+    done = await run(pool, """
+      kind: python
+      code: |
+        result = globals()["con" + "text"] is None
+""", context={"ctx": {"a": 1}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result) is True
+    # ... while a `main` is still bound by name from it (V10-3.x), and code naming it reads it
+    done = await run(pool, """
+      - {name: m, kind: python, code: "def main(ctx):\\n    return ctx['a']"}
+      - {name: c, kind: python, code: "result = context['ctx']['a'] + 1"}
+""", context={"ctx": {"a": 1}})
+    assert isinstance(done, ActionCompleted), done
+    assert view(done.result)["results"] == {"m": 1, "c": 2}

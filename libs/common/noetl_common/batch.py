@@ -61,6 +61,9 @@ class Failure:
 @dataclass
 class BatchOutput:
     states: dict[str, bytes] = field(default_factory=dict)     # changed snapshots, by execution id
+    # the same snapshots as (everything but the playbook, the playbook member): ExecutionState.snapshot_parts,
+    # for a store that keeps the playbook once per execution. Missing for a snapshot a failure path wrote.
+    snapshot_parts: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     partitions: dict[str, int | None] = field(default_factory=dict)   # the partition each changed state folds on
     timers: dict[str, dict[str, float]] = field(default_factory=dict)  # post-batch deadlines of changed states
     deadlines: list[tuple[str, str, float]] = field(default_factory=list)   # (execution, key, due) set by the batch
@@ -192,9 +195,12 @@ def fold_batch(states: States, messages: Iterable[Record | bytes], *, now: float
 
 def _finish(eid: str, work: _Working, states: States, now: float, out: BatchOutput, caps: Caps) -> None:
     """Encode a changed state (or fail the execution if it cannot be), give it back, collect its requests."""
+    parts = None
     if work.state is not None and work.changed and work.raw is None:
         try:
-            work.raw = work.state.to_bytes()
+            split = work.state.snapshot_parts()
+            work.raw = ExecutionState.join_snapshot(*split)
+            parts = split
         except Exception as exc:
             _unsaveable(eid, work, states, _why(exc), now, out, traceback.format_exc(), caps)
     if work.dead or work.state is None:
@@ -210,6 +216,8 @@ def _finish(eid: str, work: _Working, states: States, now: float, out: BatchOutp
     if not work.changed or work.raw is None:
         return
     out.states[eid] = work.raw
+    if parts is not None:
+        out.snapshot_parts[eid] = parts
     out.partitions[eid] = work.partition
     out.timers[eid] = {} if state.terminal else dict(state.timers)
     if state.terminal and not work.was_terminal:

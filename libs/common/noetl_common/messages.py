@@ -81,6 +81,8 @@ class ActionSpec(_Msg):
     # dotted text of commands and snapshots written before paths were structured (`paths.from_dotted`).
     deferred: list[list[str | int] | str] = Field(default_factory=list)
     context: dict[str, Any] = Field(default_factory=dict)  # the names deferred templates and `save` use
+    # (a v10 pipeline: the names its tasks use, with the `ctx` map once: `workload` and `vars`, which are that
+    # same map, are left out and bound again by the worker; engine/v10.ship_context, unship_context)
 
 
 class Command(_Msg):

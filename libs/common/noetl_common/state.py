@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from noetl_common.caps import DEFAULT_MAX_ITERATOR_ITEMS, DEFAULT_MAX_VISITS, Caps
 from noetl_common.messages import DEFAULT_LEASE_RETRIES, DEFAULT_LEASE_RETRY_DELAY, ActionSpec
+from noetl_common.pipeline_result import is_compact
 
 _PLAYBOOK = frozenset({"playbook"})
 StepStatus = Literal["running", "retry_wait", "completed", "failed", "cancelled"]
@@ -115,6 +116,10 @@ class ExecutionState(BaseModel):
     # re-encoding it was half of every snapshot's cost (a snapshot per fold batch, about one per step). Keyed by the dict's
     # identity, so a state given another playbook re-encodes; a state read back from bytes starts empty.
     _playbook_json: Any = PrivateAttr(default=None)
+    # (the results dict, the names of its compact values: pipeline_result): a v10 render context views those,
+    # and finding them by a pass over every result on every message made a long chain quadratic. Kept by
+    # `set_result`; rebuilt when `results` is another dict (a state read back from bytes starts empty).
+    _compact: Any = PrivateAttr(default=None)
 
     @property
     def caps(self) -> Caps:
@@ -137,17 +142,44 @@ class ExecutionState(BaseModel):
         else:
             self.active.discard(name)
 
+    def set_result(self, name: str, result: Any) -> None:
+        """A step's latest result (the fold writes results only through here, so `compact_results` holds)."""
+        self.results[name] = result
+        memo = self._compact
+        if memo is not None and memo[0] is self.results:
+            if is_compact(result):
+                memo[1].add(name)
+            else:
+                memo[1].discard(name)
+
+    def compact_results(self) -> set[str]:
+        """The names of the results stored in a pipeline's compact form."""
+        memo = self._compact
+        if memo is None or memo[0] is not self.results:
+            memo = self._compact = (self.results, {k for k, v in self.results.items() if is_compact(v)})
+        return memo[1]
+
     def to_bytes(self) -> bytes:
         """The same bytes as `model_dump_json()`, with the playbook's encoding reused (see _playbook_json)."""
+        return self.join_snapshot(*self.snapshot_parts())
+
+    def snapshot_parts(self) -> tuple[bytes, bytes]:
+        """The snapshot in two parts: everything but the playbook, and the `"playbook":{...}` member. The second
+        is the same bytes object for every snapshot of this state (the document never changes after start), so
+        a store may keep it once per execution instead of in every snapshot (noetl_runtime.sqlite_store)."""
         cached = self._playbook_json
         if cached is None or cached[0] is not self.playbook:
             whole = self.model_dump_json(include=_PLAYBOOK)          # {"playbook":...}
-            cached = self._playbook_json = (self.playbook, whole[1:-1])
-        rest = self.model_dump_json(exclude=_PLAYBOOK)
+            cached = self._playbook_json = (self.playbook, whole[1:-1].encode())
+        return self.model_dump_json(exclude=_PLAYBOOK).encode(), cached[1]
+
+    @staticmethod
+    def join_snapshot(rest: bytes, playbook: bytes) -> bytes:
+        """The whole snapshot from its `snapshot_parts`."""
         # "playbook" sits between "version" and "workload" (field order); `,"workload":` cannot occur
         # earlier: execution_id, path and version are strings or a number, where a quote is escaped.
-        at = rest.index(',"workload":')
-        return f"{rest[:at]},{cached[1]}{rest[at:]}".encode()
+        at = rest.index(b',"workload":')
+        return b"".join((rest[:at], b",", playbook, rest[at:]))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ExecutionState:

@@ -23,12 +23,13 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel
 
 from noetl_common.messages import TERMINAL_EVENTS, DeadLetter, Event
+from noetl_common.state import ExecutionState
 from noetl_common.ports import CatalogEntry, Claim, Credential
 from noetl_common.refusals import Conflict
 from noetl_runtime import secret_key
 
 DEFAULT_PATH = Path("~/.noetl/noetl.db")
-SCHEMA_VERSION = 2   # 2: the idempotency table
+SCHEMA_VERSION = 3   # 2: the idempotency table; 3: state_playbooks (snapshots without their playbook)
 
 _TERMINAL_STATUS = {
     "execution_complete": "COMPLETED",
@@ -36,6 +37,10 @@ _TERMINAL_STATUS = {
     "execution_cancelled": "CANCELLED",
 }
 _TERMINAL_SQL = ",".join(f"'{t}'" for t in TERMINAL_EVENTS)
+# A snapshot to save: whole, or as ExecutionState.snapshot_parts (the playbook member is then kept once).
+Snapshot = bytes | tuple[bytes, bytes]
+_LOAD_STATES = ("SELECT s.execution_id, s.snapshot, p.playbook FROM states s"
+                " LEFT JOIN state_playbooks p ON p.execution_id = s.execution_id")
 
 # The events the logs API lists (noetl_common.attempt_logs.is_attempt_log, in SQL): every failed attempt, and
 # the completed attempts that printed something. Queries repeat it verbatim so SQLite uses the partial index.
@@ -82,6 +87,13 @@ CREATE TABLE IF NOT EXISTS states (
     updated_at   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS states_active ON states (terminal);
+-- The playbook member of an execution's snapshots, once: with a row here, states.snapshot is the snapshot
+-- without it (ExecutionState.snapshot_parts). The document never changes after start, and writing it again
+-- in every snapshot (one per fold batch, about one per step) was half of each one's bytes.
+CREATE TABLE IF NOT EXISTS state_playbooks (
+    execution_id TEXT PRIMARY KEY,
+    playbook     BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (   -- messages the fold could not use (embedded mode's noetl.dlq)
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     execution_id TEXT,                    -- the message's key: its execution, when it had one
@@ -202,18 +214,18 @@ class SqliteStore:
         with self._tx() as db:
             return self._insert_events(db, events)
 
-    async def save_states(self, states: Mapping[str, bytes], terminal: Collection[str] = ()) -> None:
+    async def save_states(self, states: Mapping[str, Snapshot], terminal: Collection[str] = ()) -> None:
         """Upsert opaque snapshots. An execution is flagged terminal (for good) when its id is in `terminal`
         or its log holds a terminal event; `load_states()` skips terminal ones."""
         with self._tx() as db:
             self._upsert_states(db, states, terminal)
 
-    async def commit_batch(self, events: Iterable[Event], states: Mapping[str, bytes],
+    async def commit_batch(self, events: Iterable[Event], states: Mapping[str, Snapshot],
                            terminal: Collection[str] = ()) -> int:
         """Append events and save snapshots in ONE transaction: either all of it is stored or none."""
         return self.commit_batch_sync(events, states, terminal)
 
-    def commit_batch_sync(self, events: Iterable[Event], states: Mapping[str, bytes],
+    def commit_batch_sync(self, events: Iterable[Event], states: Mapping[str, Snapshot],
                           terminal: Collection[str] = (), *, bodies: Sequence[bytes] | None = None,
                           dead_letters: Iterable[DeadLetter] = ()) -> int:
         """commit_batch for callers that run it in a thread of their own (the embedded fold loop). `bodies`:
@@ -235,8 +247,9 @@ class SqliteStore:
         return [(eid, bytes(value), reason) for eid, value, reason in rows]
 
     def load_state_sync(self, execution_id: str) -> bytes | None:
-        rows = self._query("SELECT snapshot FROM states WHERE execution_id = ?", (execution_id,))
-        return bytes(rows[0][0]) if rows else None
+        """The execution's last snapshot, whole (`ExecutionState.from_bytes` reads it)."""
+        rows = self._query(_LOAD_STATES + " WHERE s.execution_id = ?", (execution_id,))
+        return _whole(rows[0][1], rows[0][2]) if rows else None
 
     async def events(self, execution_id: str, after_seq: int = -1) -> list[Event]:
         """The execution's log in seq order (only events with seq > after_seq)."""
@@ -248,8 +261,8 @@ class SqliteStore:
         return self.load_state_sync(execution_id)
 
     async def load_states(self, active_only: bool = True) -> dict[str, bytes]:
-        sql = "SELECT execution_id, snapshot FROM states" + (" WHERE terminal = 0" if active_only else "")
-        return {eid: bytes(snap) for eid, snap in self._query(sql)}
+        sql = _LOAD_STATES + (" WHERE s.terminal = 0" if active_only else "")
+        return {eid: _whole(snap, playbook) for eid, snap, playbook in self._query(sql)}
 
     async def executions(self, execution_id: str | None = None, limit: int | None = None) -> list[ExecutionSummary]:
         """Summaries, newest start first (or the one asked for)."""
@@ -281,15 +294,27 @@ class SqliteStore:
         return added
 
     @staticmethod
-    def _upsert_states(db: sqlite3.Connection, states: Mapping[str, bytes], terminal: Collection[str]) -> None:
+    def _upsert_states(db: sqlite3.Connection, states: Mapping[str, Snapshot], terminal: Collection[str]) -> None:
         now = time.time()
         for eid, snapshot in states.items():
+            if isinstance(snapshot, tuple):
+                snapshot, playbook = snapshot
+                db.execute("INSERT INTO state_playbooks (execution_id, playbook) VALUES (?1, ?2) ON CONFLICT"
+                           " (execution_id) DO UPDATE SET playbook = excluded.playbook"
+                           " WHERE state_playbooks.playbook IS NOT excluded.playbook", (eid, playbook))
+            else:   # a whole snapshot: nothing may be joined to it when it is read
+                db.execute("DELETE FROM state_playbooks WHERE execution_id = ?", (eid,))
             db.execute(
                 "INSERT INTO states (execution_id, snapshot, terminal, updated_at) VALUES (?1, ?2,"
                 f" ?3 OR EXISTS (SELECT 1 FROM events WHERE execution_id = ?1 AND event_type IN ({_TERMINAL_SQL})),"
                 " ?4) ON CONFLICT (execution_id) DO UPDATE SET snapshot = excluded.snapshot,"
                 " terminal = MAX(states.terminal, excluded.terminal), updated_at = excluded.updated_at",
                 (eid, snapshot, eid in terminal, now))
+
+
+def _whole(snapshot: bytes, playbook: bytes | None) -> bytes:
+    """A stored snapshot, whole again (a store written before state_playbooks holds whole ones only)."""
+    return ExecutionState.join_snapshot(bytes(snapshot), bytes(playbook)) if playbook is not None else bytes(snapshot)
 
 
 def _project(db: sqlite3.Connection, ev: Event) -> None:

@@ -208,7 +208,9 @@ class EmbeddedRuntime:
             return
         # Durable before any effect (architecture invariant 6). The write happens in a thread so the workers
         # keep running meanwhile; this loop is the only writer of these states and waits.
-        await asyncio.to_thread(self.store.commit_batch_sync, out.events, out.states, out.terminal,
+        # a snapshot goes in two parts where it can: the store keeps the playbook once per execution
+        states = {eid: out.snapshot_parts.get(eid, raw) for eid, raw in out.states.items()}
+        await asyncio.to_thread(self.store.commit_batch_sync, out.events, states, out.terminal,
                                 bodies=out.event_bytes, dead_letters=out.dead_letters)
         self.dead_lettered += len(out.dead_letters)
         for command, raw in zip(out.commands, out.command_bytes):

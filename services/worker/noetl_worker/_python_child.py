@@ -264,13 +264,17 @@ def _script_source(code: str) -> str:
     return f"def __noetl_body__():\n{body}\n    return None\nresult = __noetl_body__()\n"
 
 
-def _call_script(code: str, prelude: str, data: dict, context: dict | None, codes: dict, plans: dict) -> Any:
-    """NoETL DSL v10 python (V10-3.1..3.5): the inputs, `input_data`, `context`, the prelude's modules and
-    helpers are globals of one namespace; a callable `main` is called (bound by name), else the value of
-    `result` is the task result (null when the code never assigns it)."""
+def _call_script(code: str, extra: str, data: dict, context: dict | None, codes: dict, plans: dict) -> Any:
+    """NoETL DSL v10 python (V10-3.1..3.5): the inputs, `input_data`, `context`, the modules and helpers of
+    SCRIPT_PRELUDE and `extra` (the task's `libs` imports) are globals of one namespace; a callable `main` is
+    called (bound by name), else the value of `result` is the task result (null when the code never assigns
+    it). The prelude lives here, so a call carries only its `extra` lines."""
     body = _script_compiled(code, codes)
     namespace: dict[str, Any] = {"__name__": "__noetl_step__", "__builtins__": builtins}
-    exec(_compiled(prelude, codes), namespace)
+    prelude = codes.get(("prelude", extra))
+    if prelude is None:
+        prelude = _compiled(SCRIPT_PRELUDE + extra, codes, ("prelude", extra))
+    exec(prelude, namespace)
     frozen = freeze(context) if context is not None else None
     namespace["context"] = frozen
     namespace["input_data"] = data

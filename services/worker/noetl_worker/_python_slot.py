@@ -74,7 +74,7 @@ class StepProcess:
             os.close(fd)
         # Warm it up now (imports, compile, JSON, the v10 script prelude): its first real call then runs at
         # full speed. The call is (code, data, context, script), as step_main reads it.
-        warm_up = runner.pack((self.workdir, {}), runner.pickle.dumps((_WARM_UP, {}, None, runner.SCRIPT_PRELUDE)))
+        warm_up = runner.pack((self.workdir, {}), runner.pickle.dumps((_WARM_UP, {}, None, "")))
         runner.write_all(self.call_w, runner.frame(warm_up))
         self.status: int | None = None
 

@@ -173,7 +173,8 @@ class PythonPool:
                   context: Mapping[str, Any] | None = None, script: str | None = None) -> PythonOutcome:
         """`execution`: the step processes of one execution are reused for its later steps; None gets a
         process of its own. `limits`: the step's overrides. `context`: NoETL's read-only `context`.
-        `script`: run NoETL DSL v10 style (the code's `result`, or its `main`), after this prelude."""
+        `script`: run NoETL DSL v10 style (the code's `result`, or its `main`), after the step process's own
+        SCRIPT_PRELUDE and these extra lines (a task's `libs` imports; "" for none)."""
         try:
             granted = step_limits(self.settings, limits)
         except LimitError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 
 from noetl_common.attempt_tokens import token_for
 from noetl_common.dsl.models import Step
+from noetl_common.engine import v10
 from noetl_common.engine.errors import StepError
 from noetl_common.engine.tick import Tick
 from noetl_common.messages import ActionSpec, Command
@@ -128,11 +129,11 @@ def _pipeline_context(step: Step, context: dict[str, Any]) -> dict[str, Any]:
     names = _pipeline_names(step)
     if names is None:
         # a pipeline result is shipped compact (the worker builds its view): once, not three times
-        return {k: shipped(v) for k, v in context.items() if not callable(v)}
+        return v10.ship_context({k: shipped(v) for k, v in context.items() if not callable(v)})
     element = context.get("iter")
     if isinstance(element, dict):   # the bare iterator name of a loop
         names |= {k for k in element if not k.startswith("_")}
-    return {k: shipped(context[k]) for k in names if k in context and not callable(context[k])}
+    return v10.ship_context({k: shipped(context[k]) for k in names if k in context and not callable(context[k])})
 
 
 # A memo of _pipeline_names by config: id -> (the config, names); holding the config keeps its id from being

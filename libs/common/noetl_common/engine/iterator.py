@@ -147,7 +147,7 @@ def _finish_v10(tick: Tick, step: Step, run: StepRun) -> None:
     results = [view(it.results.get(i)) for i in range(it.size)]   # an iteration's pipeline result, as read
     result = {"results": results, "stats": {"total": it.size, "success": len(it.results), "failed": len(it.failed)}}
     if it.failed:
-        tick.state.results[step.name] = result
+        tick.state.set_result(step.name, result)
         detail = "; ".join(f"[{i}] {err}" for i, err in sorted(it.failed.items()))
         return fail_step(tick, step.name, f"iteration(s) {', '.join(map(str, sorted(it.failed)))} failed: {detail}")
     tick.emit("iterator_completed", step.name, "iterator", "COMPLETED", result=result)

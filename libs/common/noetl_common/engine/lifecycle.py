@@ -26,7 +26,7 @@ def complete_step(tick: Tick, name: str, result: Any) -> None:
         return _complete_v10(tick, name, result)
     step = tick.playbook.steps[name]
     run = tick.state.steps[name]
-    tick.state.results[name] = result     # its own `next` and `result:` may name it (`{{ envelope.x }}`)
+    tick.state.set_result(name, result)   # its own `next` and `result:` may name it (`{{ envelope.x }}`)
     tick.invalidate()
     scope = step_scope(tick, result, run.data)
     try:
@@ -87,7 +87,7 @@ def _complete_v10(tick: Tick, name: str, result: Any) -> None:
     """V10-7.1/5.2: the step `set` (before routing), then exclusive/inclusive arcs and their `set`s. A step
     without `next` (or whose arcs all miss) ends its branch; the last one to complete gives the result."""
     s, step, run = tick.state, tick.playbook.steps[name], tick.state.steps[name]
-    s.results[name] = result
+    s.set_result(name, result)
     tick.invalidate()
     event = "loop.done" if step.iterator is not None else "call.done"
     before = dict(s.variables) if step.set and tick.playbook.no_next_is_error else None

@@ -78,7 +78,7 @@ class Tick:
         if self._context is None and self.compiled is not None and self.compiled.playbook.dialect != "v1":
             s = self.state
             self._context = v10.context(s.variables, s.results, s.workload, s.execution_id,
-                                        s.parent_execution_id, self._now)
+                                        s.parent_execution_id, self._now, s.compact_results())
         if self._context is None:
             s = self.state
             ctx: dict[str, Any] = {**s.variables, **s.results}

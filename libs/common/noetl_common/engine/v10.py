@@ -19,16 +19,47 @@ from noetl_common.render import LENIENT, TemplateError, evaluate, render, truthy
 ERROR_STATUSES = frozenset(("error", "failed", "failure"))
 
 
+# `workload` and `vars` name the same map as `ctx` (V10 §6). A command ships that map once, under `ctx`; the
+# worker binds the other two names to it again (`ship_context` / `unship_context`).
+CTX_ALIASES = ("workload", "vars")
+
+
 def context(variables: dict[str, Any], results: dict[str, Any], workload: dict[str, Any], execution_id: str,
-            parent_execution_id: str | None, now: Any) -> dict[str, Any]:
+            parent_execution_id: str | None, now: Any, compact: Any = None) -> dict[str, Any]:
     """V10 §6: bare ctx/workload keys < step results < reserved names. `workload`, `ctx` and `vars` are one
-    map: the effective workload overlaid with every `set` write so far."""
+    map: the effective workload overlaid with every `set` write so far. `compact`: the names of the results
+    stored compact (a pipeline's result; `ExecutionState.compact_results`), None to look at every result."""
     ctx = {**workload, **variables}
-    scope: dict[str, Any] = {**ctx, **views(results)}   # a pipeline's result is stored compact
+    if compact is None:
+        scope: dict[str, Any] = {**ctx, **views(results)}
+    else:   # only the compact results need their view: no pass over every result per message
+        scope = {**ctx, **results}
+        for name in compact:
+            scope[name] = view(results[name])
     scope.update(workload=ctx, ctx=ctx, vars=ctx, execution_id=execution_id, catalog_id=None, **{LENIENT: True},
                  parent_execution_id=parent_execution_id, now=now,
                  job={"uuid": execution_id, "execution_id": execution_id, "id": execution_id})
     return scope
+
+
+def ship_context(context: dict[str, Any]) -> dict[str, Any]:
+    """The context as a command carries it: the `ctx` map once, without its aliases (a command of a run whose
+    `ctx` is large was three copies of it, encoded, stored and decoded on every dispatch)."""
+    ctx = context.get("ctx")
+    if ctx is None or not any(context.get(alias) is ctx for alias in CTX_ALIASES):
+        return context
+    return {k: v for k, v in context.items() if not (k in CTX_ALIASES and v is ctx)}
+
+
+def unship_context(context: dict[str, Any]) -> dict[str, Any]:
+    """The context a command carries, with `workload` and `vars` bound to its `ctx` again (a new dict). A
+    command of an older fold carries all three: they are kept as they came."""
+    context = dict(context)
+    ctx = context.get("ctx")
+    if isinstance(ctx, dict):
+        for alias in CTX_ALIASES:
+            context.setdefault(alias, ctx)
+    return context
 
 
 def outcome(result: Any, error: str | None = None) -> dict[str, Any]:

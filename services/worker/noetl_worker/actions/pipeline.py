@@ -9,6 +9,7 @@ rules pick the next move. ctx writes leave as `variables` (the fold's ctx map, e
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +23,15 @@ from noetl_worker.actions import duckdb as duckdb_action
 from noetl_worker.actions import http as http_action
 from noetl_worker.actions import postgres as postgres_action
 from noetl_worker.actions import secrets as secrets_action
-from noetl_worker._python_child import SCRIPT_PRELUDE as HELPERS
 from noetl_worker.actions.base import ActionError, ActionOutput, Invocation
 
 MAX_TASK_RUNS = 10_000          # V10-9.4: a runaway jump loop fails the step
 RESERVED = {"execution_id", "catalog_id", "job", "event", "output", "result", "iter", "ctx", "workload", "input",
             "keychain", "secret", "results", "_prev", "_task", "_attempt"}
 NOT_CONFIG = ("code", "code_template", "libs", "input", "args", "_assert")
+# Python code that can read NoETL's `context`: it names it, or defines a `main` (bound by name from it). Other
+# code gets none: building, sending and freezing it was most of what a trivial task cost over a v1 step.
+_NEEDS_CONTEXT = re.compile(r"\b(context|main)\b")
 
 
 @dataclass
@@ -45,7 +48,7 @@ class _Run:
 
 async def run(inv: Invocation) -> ActionOutput:
     tasks = inv.config.get("tasks") or []
-    context = dict(inv.cmd.action.context)
+    context = core.unship_context(inv.cmd.action.context)   # `ctx` comes once; `workload`, `vars` are it too
     state = _Run(context=pipeline_result.views(context), ctx=dict(context.get("ctx") or {}),
                  iter=dict(context.get("iter") or {}))
     attempts: dict[int, int] = {}
@@ -77,14 +80,16 @@ async def run(inv: Invocation) -> ActionOutput:
                 ok, result, error, view = child   # its inputs failed to render: a failed attempt of the task
             else:
                 ok, result, error, view = await _attempt(inv, task, state, attempt)
-        scope = {**_scope(state, task, attempt), "output": view, "outcome": view, "result": result,
-                 "error": view["error"]}
+        rule = None
         try:
-            if ok and task.get("set"):   # V10-2.15: `output` is the task's result itself here
-                _write(state, task["set"], {**scope, "output": result})
-            rule = _choose(task.get("rules") or [], scope, ok)
-            if rule is not None and rule.get("set"):
-                _write(state, rule["set"], scope)
+            if task.get("set") or task.get("rules"):   # (the scope is built only for a task that reads it)
+                scope = {**_scope(state, task, attempt), "output": view, "outcome": view, "result": result,
+                         "error": view["error"]}
+                if ok and task.get("set"):   # V10-2.15: `output` is the task's result itself here
+                    _write(state, task["set"], {**scope, "output": result})
+                rule = _choose(task.get("rules") or [], scope, ok)
+                if rule is not None and rule.get("set"):
+                    _write(state, rule["set"], scope)
         except StepError as exc:
             trail.append({"task": task["name"], "attempt": attempt, "ok": False, "error": str(exc),
                           "directive": "fail"})
@@ -350,10 +355,11 @@ async def _python(inv: Invocation, code: str, libs: Any, inputs: dict[str, Any],
     pool = inv.ports.python_pool
     if pool is None:
         raise ActionError("this worker has no python pool, so it cannot run python code")
-    prelude = HELPERS + "".join(_import_line(alias, module) for alias, module in (libs or {}).items())
-    context = {k: v for k, v in scope.items() if not callable(v) and k != LENIENT}
+    extra = "".join(_import_line(alias, module) for alias, module in libs.items()) if libs else ""
+    context = ({k: v for k, v in scope.items() if not callable(v) and k != LENIENT}
+               if _NEEDS_CONTEXT.search(code) else None)
     outcome = await pool.run(code, inputs, timeout, execution=inv.cmd.execution_id, context=context,
-                             script=prelude)
+                             script=extra)
     if outcome.log:
         inv.notes.append(outcome.log.rstrip("\n"))
     if not outcome.ok:
