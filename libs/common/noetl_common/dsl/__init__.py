@@ -23,7 +23,7 @@ from .v10 import normalise_v10
 from .validate import Issues, locate
 from .validate import identity as playbook_identity
 from .validate import validate as validate_document
-from .yaml_source import LineMap, line_for, parse_yaml
+from .yaml_source import MAX_DOCUMENT_DEPTH, LineMap, line_for, nested_too_deeply, parse_yaml
 
 parse_playbook_yaml = parse_yaml   # text -> (data, {path: line}, problems)
 
@@ -35,6 +35,8 @@ def load_playbook(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbo
     Memoised: the broker re-reads states (and so playbooks) on every batch, and thousands of executions
     share a playbook. Callers only read the Playbook they get back; the problem list is a fresh copy.
     """
+    if not isinstance(source, str) and nested_too_deeply(source):   # before json.dumps can recurse on it
+        return None, [_too_deep()]
     try:
         key = source if isinstance(source, str) else json.dumps(source, sort_keys=True, default=str)
     except (TypeError, ValueError):
@@ -55,6 +57,8 @@ def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | Non
             data, lines, problems = parse_yaml(source)
             if any(p.severity == "error" for p in problems):
                 return None, problems
+            if nested_too_deeply(data):
+                return None, [_too_deep()]
         else:
             data, lines, problems = source, {}, []
         dialect = detect_dialect(data)
@@ -64,6 +68,10 @@ def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | Non
         return playbook, problems + found
     except Exception as exc:   # last line of defence: a bad document must never surface as a traceback
         return None, [Problem(path="", message=f"could not load the playbook: {type(exc).__name__}: {exc}")]
+
+
+def _too_deep() -> Problem:
+    return Problem(path="", message=f"the document is nested too deeply (more than {MAX_DOCUMENT_DEPTH} levels)")
 
 
 def problems_v10(data: dict, dialect: Dialect, lines: LineMap, problems: list[Problem], caps: Caps = DEFAULT_CAPS
