@@ -35,10 +35,10 @@ def load_playbook(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbo
     Memoised: the broker re-reads states (and so playbooks) on every batch, and thousands of executions
     share a playbook. Callers only read the Playbook they get back; the problem list is a fresh copy.
     """
-    if not isinstance(source, str) and nested_too_deeply(source):   # before json.dumps can recurse on it
-        return None, [_too_deep()]
     try:
         key = source if isinstance(source, str) else json.dumps(source, sort_keys=True, default=str)
+    except RecursionError:   # nested past what json can walk; shallower ones are judged by _load (cache miss)
+        return None, [_too_deep()]
     except (TypeError, ValueError):
         return _load(source, caps)
     playbook, problems = _load_cached(key, isinstance(source, str), caps)
@@ -57,10 +57,10 @@ def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | Non
             data, lines, problems = parse_yaml(source)
             if any(p.severity == "error" for p in problems):
                 return None, problems
-            if nested_too_deeply(data):
-                return None, [_too_deep()]
         else:
             data, lines, problems = source, {}, []
+        if nested_too_deeply(data):   # before anything below walks it recursively
+            return None, [_too_deep()]
         dialect = detect_dialect(data)
         if dialect.name in ("v2", "v10"):
             return problems_v10(data, dialect, lines, problems, caps)
