@@ -23,7 +23,7 @@ from .v10 import normalise_v10
 from .validate import Issues, locate
 from .validate import identity as playbook_identity
 from .validate import validate as validate_document
-from .yaml_source import LineMap, line_for, parse_yaml
+from .yaml_source import MAX_DOCUMENT_DEPTH, LineMap, line_for, nested_too_deeply, parse_yaml
 
 parse_playbook_yaml = parse_yaml   # text -> (data, {path: line}, problems)
 
@@ -37,6 +37,8 @@ def load_playbook(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbo
     """
     try:
         key = source if isinstance(source, str) else json.dumps(source, sort_keys=True, default=str)
+    except RecursionError:   # nested past what json can walk; shallower ones are judged by _load (cache miss)
+        return None, [_too_deep()]
     except (TypeError, ValueError):
         return _load(source, caps)
     playbook, problems = _load_cached(key, isinstance(source, str), caps)
@@ -57,6 +59,8 @@ def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | Non
                 return None, problems
         else:
             data, lines, problems = source, {}, []
+        if nested_too_deeply(data):   # before anything below walks it recursively
+            return None, [_too_deep()]
         dialect = detect_dialect(data)
         if dialect.name in ("v2", "v10"):
             return problems_v10(data, dialect, lines, problems, caps)
@@ -64,6 +68,10 @@ def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | Non
         return playbook, problems + found
     except Exception as exc:   # last line of defence: a bad document must never surface as a traceback
         return None, [Problem(path="", message=f"could not load the playbook: {type(exc).__name__}: {exc}")]
+
+
+def _too_deep() -> Problem:
+    return Problem(path="", message=f"the document is nested too deeply (more than {MAX_DOCUMENT_DEPTH} levels)")
 
 
 def problems_v10(data: dict, dialect: Dialect, lines: LineMap, problems: list[Problem], caps: Caps = DEFAULT_CAPS

@@ -91,8 +91,8 @@ def _entry(doc: dict, raw_steps: list, steps: dict[str, Step], issues: Issues) -
     spec = executor.get("spec") if isinstance(executor.get("spec"), dict) else {}
     entry = spec.get("entry_step")
     if entry is not None:
-        if entry not in steps:
-            issues.error("executor.spec.entry_step", f"entry_step '{entry}' names no step")
+        if not isinstance(entry, str) or entry not in steps:
+            issues.error("executor.spec.entry_step", f"entry_step {entry!r} names no step")
         return str(entry)
     first = raw_steps[0].get("step") if isinstance(raw_steps[0], dict) else None
     if "start" in steps and first != "start":
@@ -252,8 +252,34 @@ def _inputs(raw: dict, path: str, issues: Issues) -> dict | str:
     return {}
 
 
+STEP_SPEC_KEYS = {"timeout", "policy"}
+STEP_POLICY_KEYS = {"admit"}
+STEP_POLICY_IGNORABLE = {"lifecycle", "failure", "emit"}   # V10-2.4: hints for upstream's runtime
+
+
 def _step_timeout(spec: Any, path: str, issues: Issues) -> float | None:
-    if not isinstance(spec, dict) or spec.get("timeout") is None:
+    """Step `spec` (V10-2.4): `timeout` is read here, `policy.admit` by gates.admit_rules. Any other key is a
+    load error (V10-1.3: never silently ignored); `policy.lifecycle/failure/emit` are ignorable (a warning)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        issues.error(path, f"step spec must be a mapping (timeout, policy), got {type(spec).__name__}")
+        return None
+    for key in spec:
+        if key not in STEP_SPEC_KEYS:
+            issues.error(f"{path}.{key}", f"unknown step spec key '{key}' (NoETL DSL v2/v10 step spec keys: "
+                                          f"{', '.join(sorted(STEP_SPEC_KEYS))})")
+    policy = spec.get("policy")
+    if policy is not None and not isinstance(policy, dict):
+        issues.error(f"{path}.policy", f"step spec.policy must be a mapping (admit), got {type(policy).__name__}")
+    elif isinstance(policy, dict):
+        for key in policy:
+            if key in STEP_POLICY_IGNORABLE:
+                issues.warn(f"{path}.policy.{key}", f"step spec.policy.{key} is a runtime hint: ignored (V10-2.4)")
+            elif key not in STEP_POLICY_KEYS:
+                issues.error(f"{path}.policy.{key}", f"unknown step spec.policy key '{key}' (NoETL DSL v2/v10: "
+                                                     f"admit; ignorable: {', '.join(sorted(STEP_POLICY_IGNORABLE))})")
+    if spec.get("timeout") is None:
         return None
     return duration(spec["timeout"], f"{path}.timeout", issues)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .models import RetryPolicy, Step
 from .v10_gates import output_alias
-from .validate import Issues
+from .validate import Issues, integer, number
 
 RUNNABLE_KINDS = ("python", "http", "postgres", "duckdb", "secrets")   # run by the worker's pipeline action
 # V10-2.14: kinds needing systems this project does not run: a load error naming step and kind.
@@ -228,10 +228,31 @@ def _rules(policy: Any, path: str, issues: Issues) -> list[dict]:
             if isinstance(then.get(alias), dict):
                 issues.warn(f"{where}.then.{alias}", f"'{alias}' is an older v10 key: read as set with {prefix} keys")
                 sets.update({f"{prefix}{k}": v for k, v in then[alias].items()})
-        out.append({"when": when, "do": then["do"], "attempts": then.get("attempts", 3),
-                    "backoff": str(then.get("backoff") or "none"), "delay": then.get("delay", 1.0),
+        attempts, delay = _retry_numbers(then, f"{where}.then", issues)
+        out.append({"when": when, "do": then["do"], "attempts": attempts,
+                    "backoff": str(then.get("backoff") or "none"), "delay": delay,
                     "to": then.get("to"), "set": sets, "path": where})
     return out
+
+
+def _retry_numbers(then: dict, path: str, issues: Issues) -> tuple[int, float]:
+    """V10-9.3 `attempts` (an integer >= 1, default 3) and `delay` (seconds >= 0, a string is parsed as a
+    number, default 1.0). A value that is neither is a load error, not a silent default at run time (V10-1.3)."""
+    attempts = then.get("attempts", 3)
+    if isinstance(attempts, float) and attempts.is_integer():
+        attempts = int(attempts)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        issues.error(f"{path}.attempts", f"policy attempts must be an integer >= 1, got {attempts!r}")
+        attempts = 3
+    delay = then.get("delay", 1.0)
+    try:
+        delay = float(delay) if not isinstance(delay, bool) else None
+    except (TypeError, ValueError):
+        delay = None
+    if delay is None or not 0 <= delay < float("inf"):
+        issues.error(f"{path}.delay", f"policy delay must be a number of seconds >= 0, got {then.get('delay')!r}")
+        delay = 1.0
+    return attempts, delay
 
 
 def _check_jumps(task: dict, names: set[str], path: str, issues: Issues) -> None:
@@ -247,8 +268,9 @@ def _playbook(name: str, tool: dict, path: str, issues: Issues) -> Step:
     if isinstance(retry, dict):
         if "retry_on" in retry:
             issues.warn(f"{path}.retry.retry_on", "retry_on is not enforced: the child is retried on any failure")
-        policy = RetryPolicy(max_attempts=int(retry.get("max_attempts", 3)),
-                             initial_delay=float(retry.get("backoff", 0) or 0))
+        attempts = integer(retry.get("max_attempts", 3), f"{path}.retry.max_attempts", issues, "max_attempts")
+        backoff = number(retry.get("backoff", 0) or 0, f"{path}.retry.backoff", issues, "backoff")
+        policy = RetryPolicy(max_attempts=attempts or 1, initial_delay=backoff or 0.0)
     timeout = tool.get("timeout")
     return Step(name=name, type="playbook", data=data if isinstance(data, (dict, str)) else {}, path=path,
                 config={"path": tool.get("path"), "version": tool.get("version"),

@@ -23,6 +23,7 @@ _PARENT = re.compile(r"(.*)(?:\.[^.\[\]]*|\[\d+\])$")
 # once the data is serialised (a 552-byte "billion laughs" document expands to billions of nodes).
 MAX_DOCUMENT_CHARS = 4 * 1024 * 1024
 MAX_EXPANDED_NODES = 1_000_000
+MAX_DOCUMENT_DEPTH = 200   # nesting levels; real playbooks use < 20, and the runtime nests results deeper still
 
 
 class _TooLarge(Exception):
@@ -149,3 +150,18 @@ def _index(node: yaml.Node, path: str, lines: LineMap, problems: list[Problem], 
             child = f"{path}[{i}]"
             lines.setdefault(child, item.start_mark.line + 1)
             _index(item, child, lines, problems, seen)
+
+
+def nested_too_deeply(data: Any, limit: int = MAX_DOCUMENT_DEPTH) -> bool:
+    """True when mappings/lists nest more than `limit` levels: checked without recursion, so a hostile
+    document (a parsed JSON body, say) is refused with one problem instead of a RecursionError later."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
