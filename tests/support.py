@@ -4,9 +4,17 @@ Importable because pyproject's pytest settings put tests/ on sys.path (`pythonpa
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 
 def free_port() -> int:
@@ -91,3 +99,66 @@ def printed_traceback(text: str) -> bool:
     traceback, but in a `--json` report it is a JSON string, so its newlines are escaped (`\\n`) and it does
     not match."""
     return "Traceback (most recent call last):\n" in text
+
+
+# ------------------------------------------------------------------------------------ a real `noetl server`
+NOETL = Path(sys.executable).with_name("noetl")
+
+
+def until(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy (returned), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+class NoetlServer:
+    """`noetl server --port PORT ARGS` in its own process group (its python step processes with it, as a
+    supervisor would hold them), its output appended to `log`. `start()` returns once /ready answers 200 and
+    fails with the log's tail when the process exits first."""
+
+    def __init__(self, args: Sequence[str | Path], env: dict[str, str], log: Path, *, port: int | None = None,
+                 cwd: Path | None = None) -> None:
+        self.args, self.env, self.log, self.cwd = list(args), env, log, cwd
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Any:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([str(NOETL), "server", "--port", str(self.port), *map(str, self.args)],
+                                         env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        until(self.ready, timeout, f"noetl server on {self.url} to be ready")
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, \
+            f"noetl server exited ({self.proc and self.proc.returncode}):\n{self.logs()[-3000:]}"
+        try:
+            return httpx.get(self.url + "/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30, *, group: bool = True) -> int | None:
+        """Send `sig` to the process group (or the server alone), wait for the exit and return its status;
+        SIGKILL the group when it has not ended within `timeout` (the test then fails on what it checks)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            (os.killpg if group else os.kill)(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """A crash: SIGKILL to the whole group, nothing gets to clean up."""
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
