@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,61 @@ def pg_token(dsn: str, schema: str, role: str = "admin") -> str:
         finally:
             await conn.close()
     return asyncio.run(go())
+
+
+# ------------------------------------------------------------------------------------ Postgres, synchronously
+def pg_execute(dsn: str, sql: str) -> None:
+    """Run one statement (or several, without arguments) on its own connection."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    asyncio.run(go())
+
+
+def pg_rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [dict(row) for row in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+    return asyncio.run(go())
+
+
+@contextmanager
+def scratch_database(dsn: str, prefix: str) -> Iterator[str]:
+    """A database of its own on the Postgres server of `dsn` (for a module whose playbooks create tables in
+    `public`), dropped with its connections afterwards; yields its DSN."""
+    import urllib.parse
+    import uuid
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    pg_execute(dsn, f"CREATE DATABASE {name}")
+    try:
+        yield urllib.parse.urlsplit(dsn)._replace(path=f"/{name}").geturl()
+    finally:
+        pg_execute(dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def postgres_credentials(dsn: str, names: Sequence[str]) -> dict[str, Any]:
+    """`noetl run --credentials` content: each name a `postgres` credential for the database of `dsn`."""
+    import urllib.parse
+
+    p = urllib.parse.urlsplit(dsn)
+    data = {"dsn": dsn, "host": p.hostname, "port": p.port or 5432, "user": p.username or "postgres",
+            "password": urllib.parse.unquote(p.password or ""), "database": p.path.lstrip("/")}
+    return {name: {"type": "postgres", "data": data} for name in names}
 
 
 # ------------------------------------------------------------------------------ the API's OpenAPI document
@@ -143,8 +199,9 @@ class NoetlServer:
             return False
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30, *, group: bool = True) -> int | None:
-        """Send `sig` to the process group (or the server alone), wait for the exit and return its status;
-        SIGKILL the group when it has not ended within `timeout` (the test then fails on what it checks)."""
+        """Send `sig` to the process group (or the server alone), wait for the exit and return its status. A
+        server still running after `timeout` is SIGKILLed with its group and fails the test: a stop that
+        hangs is a fault."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -154,6 +211,8 @@ class NoetlServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+                raise AssertionError(f"noetl server did not end within {timeout}s of signal {sig}:\n"
+                                     f"{self.logs()[-3000:]}") from None
         return self.proc.returncode
 
     def kill(self) -> None:
