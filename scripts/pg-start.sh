@@ -3,7 +3,7 @@
 #
 #   eval "$(scripts/pg-start.sh [PORT])"     # PORT: argument, else $PGPORT, else 55433
 #   ... tests use $NOETL_TEST_PG_DSN ...
-#   scripts/pg-stop.sh                       # uses $NOETL_TEST_PG_INFO (or the port) to find it
+#   scripts/pg-stop.sh "$NOETL_TEST_PG_INFO"   # only with the info file printed here: never by port
 #
 # stdout carries only the `export` lines; progress goes to stderr. A port given as an argument must be
 # free; otherwise, when the default port is taken, the next free port is used.

@@ -4,9 +4,18 @@ Importable because pyproject's pytest settings put tests/ on sys.path (`pythonpa
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 
 def free_port() -> int:
@@ -57,6 +66,61 @@ def pg_token(dsn: str, schema: str, role: str = "admin") -> str:
     return asyncio.run(go())
 
 
+# ------------------------------------------------------------------------------------ Postgres, synchronously
+def pg_execute(dsn: str, sql: str) -> None:
+    """Run one statement (or several, without arguments) on its own connection."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    asyncio.run(go())
+
+
+def pg_rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [dict(row) for row in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+    return asyncio.run(go())
+
+
+@contextmanager
+def scratch_database(dsn: str, prefix: str) -> Iterator[str]:
+    """A database of its own on the Postgres server of `dsn` (for a module whose playbooks create tables in
+    `public`), dropped with its connections afterwards; yields its DSN."""
+    import urllib.parse
+    import uuid
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    pg_execute(dsn, f"CREATE DATABASE {name}")
+    try:
+        yield urllib.parse.urlsplit(dsn)._replace(path=f"/{name}").geturl()
+    finally:
+        pg_execute(dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def postgres_credentials(dsn: str, names: Sequence[str]) -> dict[str, Any]:
+    """`noetl run --credentials` content: each name a `postgres` credential for the database of `dsn`."""
+    import urllib.parse
+
+    p = urllib.parse.urlsplit(dsn)
+    data = {"dsn": dsn, "host": p.hostname, "port": p.port or 5432, "user": p.username or "postgres",
+            "password": urllib.parse.unquote(p.password or ""), "database": p.path.lstrip("/")}
+    return {name: {"type": "postgres", "data": data} for name in names}
+
+
 # ------------------------------------------------------------------------------ the API's OpenAPI document
 def _document_valid(document: dict[str, Any], schema: dict[str, Any], value: Any) -> bool:
     from jsonschema import Draft202012Validator
@@ -91,3 +155,69 @@ def printed_traceback(text: str) -> bool:
     traceback, but in a `--json` report it is a JSON string, so its newlines are escaped (`\\n`) and it does
     not match."""
     return "Traceback (most recent call last):\n" in text
+
+
+# ------------------------------------------------------------------------------------ a real `noetl server`
+NOETL = Path(sys.executable).with_name("noetl")
+
+
+def until(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy (returned), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+class NoetlServer:
+    """`noetl server --port PORT ARGS` in its own process group (its python step processes with it, as a
+    supervisor would hold them), its output appended to `log`. `start()` returns once /ready answers 200 and
+    fails with the log's tail when the process exits first."""
+
+    def __init__(self, args: Sequence[str | Path], env: dict[str, str], log: Path, *, port: int | None = None,
+                 cwd: Path | None = None) -> None:
+        self.args, self.env, self.log, self.cwd = list(args), env, log, cwd
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Any:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([str(NOETL), "server", "--port", str(self.port), *map(str, self.args)],
+                                         env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        until(self.ready, timeout, f"noetl server on {self.url} to be ready")
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, \
+            f"noetl server exited ({self.proc and self.proc.returncode}):\n{self.logs()[-3000:]}"
+        try:
+            return httpx.get(self.url + "/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30, *, group: bool = True) -> int | None:
+        """Send `sig` to the process group (or the server alone), wait for the exit and return its status. A
+        server still running after `timeout` is SIGKILLed with its group and fails the test: a stop that
+        hangs is a fault."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            (os.killpg if group else os.kill)(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"noetl server did not end within {timeout}s of signal {sig}:\n"
+                                     f"{self.logs()[-3000:]}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """A crash: SIGKILL to the whole group, nothing gets to clean up."""
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

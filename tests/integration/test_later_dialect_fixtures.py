@@ -13,7 +13,6 @@ with outbound traffic blocked the way test_noetl_fixtures.py does it (a proxy wh
 """
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import os
@@ -21,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.parse
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +28,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from support import free_port
+from support import free_port, pg_execute, postgres_credentials, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -115,40 +113,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def database(pg_dsn: str) -> Iterator[str]:
-    import asyncpg
-    name = f"noetl_later_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    try:
-        yield urllib.parse.urlsplit(pg_dsn)._replace(path=f"/{name}").geturl()
-    finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-def _sql(dsn: str, sql: str) -> None:
-    import asyncpg
-
-    async def go() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-    asyncio.run(go())
-
-
-def _credentials(dsn: str, names: tuple[str, ...]) -> dict[str, Any]:
-    p = urllib.parse.urlsplit(dsn)
-    data = {"dsn": dsn, "host": p.hostname, "port": p.port or 5432, "user": p.username or "postgres",
-            "password": urllib.parse.unquote(p.password or ""), "database": p.path.lstrip("/")}
-    return {name: {"type": "postgres", "data": data} for name in names}
+    with scratch_database(pg_dsn, "noetl_later") as dsn:
+        yield dsn
 
 
 def run(file: Path, tmp: Path, credentials: dict[str, Any] | None = None, payload: dict | None = None
@@ -312,10 +278,10 @@ def test_e2e_postgres_test_reads_the_catalog_then_fails_where_its_python_expects
     from the store). `start` is a pipeline, so `{{ start }}` is a mapping (V10-2.10), never the list `process`
     looks for: it returns `{status: error}` (V10-2.9) and the run fails there, as the duckdb_test twin says
     of the same pattern."""
-    _sql(database, "CREATE SCHEMA IF NOT EXISTS noetl; CREATE TABLE IF NOT EXISTS noetl.catalog (kind text);"
+    pg_execute(database, "CREATE SCHEMA IF NOT EXISTS noetl; CREATE TABLE IF NOT EXISTS noetl.catalog (kind text);"
                    "TRUNCATE noetl.catalog; INSERT INTO noetl.catalog VALUES ('Playbook'), ('Playbook'), ('Credential')")
     file = fixture("e2e@1e41859 fixtures/playbooks/postgres_test.yaml")
-    code, report = run(file, tmp_path, credentials=_credentials(database, ("pg_noetl_k8s",)))
+    code, report = run(file, tmp_path, credentials=postgres_credentials(database, ("pg_noetl_k8s",)))
     assert (report["status"], code) == ("FAILED", 1), report
     start = report["steps"]["start"]
     assert start["status"] == "COMPLETED"

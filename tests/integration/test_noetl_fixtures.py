@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from support import free_port
+from support import free_port, pg_execute, pg_rows, postgres_credentials, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT.parent / "shared" / "noetl-fixtures"        # read through ../shared, never copied
@@ -44,22 +44,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def pg(pg_dsn: str) -> Iterator["Database"]:
-    import asyncpg
-    name = f"noetl_fixtures_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    parts = urllib.parse.urlsplit(pg_dsn)
-    try:
-        yield Database(parts._replace(path=f"/{name}").geturl())
-    finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with scratch_database(pg_dsn, "noetl_fixtures") as dsn:
+        yield Database(dsn)
 
 
 class Database:
@@ -67,25 +53,14 @@ class Database:
         self.dsn = dsn
 
     def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        return asyncio.run(self._run(sql, args, fetch=True))
+        return pg_rows(self.dsn, sql, *args)
 
     def execute(self, sql: str) -> None:
-        asyncio.run(self._run(sql, (), fetch=False))
-
-    async def _run(self, sql: str, args: tuple, fetch: bool) -> Any:
-        import asyncpg
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            return [dict(r) for r in await conn.fetch(sql, *args)] if fetch else await conn.execute(sql)
-        finally:
-            await conn.close()
+        pg_execute(self.dsn, sql)
 
     def credentials(self) -> dict[str, Any]:
         """The three credential names the fixtures use, all for this database."""
-        p = urllib.parse.urlsplit(self.dsn)
-        data = {"dsn": self.dsn, "host": p.hostname, "port": p.port or 5432, "user": p.username or "postgres",
-                "password": urllib.parse.unquote(p.password or ""), "database": p.path.lstrip("/")}
-        return {name: {"type": "postgres", "data": data} for name in ("pg_local", "pg_k8s", "test_postgres")}
+        return postgres_credentials(self.dsn, ("pg_local", "pg_k8s", "test_postgres"))
 
 
 # ---------------------------------------------------------------- running a fixture

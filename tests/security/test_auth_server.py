@@ -14,19 +14,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from support import bearer, free_port, local_admin_token
+from support import NOETL, NoetlServer, bearer, free_port, local_admin_token, until
 
-NOETL = str(Path(sys.executable).with_name("noetl"))
 
 HELLO = textwrap.dedent("""\
     apiVersion: noetl.io/v1
@@ -64,32 +61,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Server:
+class Server(NoetlServer):
     def __init__(self, store: Path) -> None:
-        self.store, self.port = store, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = store.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "Server":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([NOETL, "server", "--port", str(self.port), "--store", str(self.store)],
-                                         env=clean_env(), stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"not ready:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(20)
+        super().__init__(["--store", store], clean_env(), store.with_suffix(".log"))
+        self.store = store
 
     def cli(self, *args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
         """`noetl ARGS` on this machine: NOETL_STORE in the server's folder, as ~/.noetl would be."""
@@ -115,14 +90,6 @@ def token(server: Server, role: str, name: str) -> str:
     assert made.returncode == 0, made.stderr
     value = made.stdout.strip()
     assert value.startswith("noetl_") and value not in made.stderr   # on stdout alone, once
-    return value
-
-
-def until(check: Any, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
     return value
 
 

@@ -14,8 +14,6 @@ The core's side (given/when/then): tests/security/test_limits_core.py."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,10 +26,9 @@ from typing import Any
 import httpx
 import pytest
 
-from support import bearer, free_port, local_admin_token, pg_token
-from test_auth_server import clean_env, until
+from support import NOETL, NoetlServer, bearer, free_port, local_admin_token, pg_token, until
+from test_auth_server import clean_env
 
-NOETL = str(Path(sys.executable).with_name("noetl"))
 PYTHON = sys.executable
 CAPS = {"NOETL_MAX_VISITS": "50", "NOETL_MAX_ITERATOR_ITEMS": "5", "NOETL_STEP_MAX_MEMORY_MB": "1024"}
 
@@ -240,43 +237,16 @@ def check_caps_over_http(api: Api) -> None:
     assert api.client.get("/health").status_code == 200
 
 
-class EmbeddedServer:
+class EmbeddedServer(NoetlServer):
+    """`noetl server` on the store named by the env's NOETL_STORE, in `home`."""
+
     def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.home, self.env, self.port = home, env, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"server-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> EmbeddedServer:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([NOETL, "server", "--port", str(self.port)], env=self.env, cwd=self.home,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        until(self._ready, 60)
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-        try:
-            return httpx.get(self.url + "/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        port = free_port()
+        super().__init__([], env, home / f"server-{port}.log", port=port, cwd=home)
+        self.home = home
 
     def api(self) -> Api:
         return Api(self.url, bearer(local_admin_token(Path(self.env["NOETL_STORE"]))))
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def test_noetl_server_honours_the_caps(home: Path) -> None:
@@ -335,18 +305,13 @@ def test_the_separate_services_refuse_a_hostile_setting_at_start(home: Path, mod
 class KafkaServer(EmbeddedServer):
     """`noetl server --kafka` (the DSN from a 0600 file, as the docs tell operators)."""
 
-    def start(self) -> KafkaServer:
+    def start(self, timeout: float = 120) -> KafkaServer:
         dsn_file = self.home / "database-url"
         dsn_file.touch(mode=0o600)
         dsn_file.write_text(self.env["NOETL_DATABASE_URL"] + "\n")
-        env = {k: v for k, v in self.env.items() if k != "NOETL_DATABASE_URL"}
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [NOETL, "server", "--port", str(self.port), "--kafka", env["NOETL_KAFKA_BOOTSTRAP"],
-                 "--database-url-file", str(dsn_file)], env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
-        until(self._ready, 120)
-        return self
+        self.env = {k: v for k, v in self.env.items() if k != "NOETL_DATABASE_URL"}
+        self.args = ["--kafka", self.env["NOETL_KAFKA_BOOTSTRAP"], "--database-url-file", dsn_file]
+        return super().start(timeout)
 
     def api(self) -> Api:
         return Api(self.url, bearer(self.env["NOETL_API_TOKEN"]))

@@ -135,7 +135,7 @@ def serve(host: str, port: int, store_path: Path | None, log_level: str = "INFO"
                 sock = config.bind_socket()   # logs the reason and exits 1 when the port is taken
             except SystemExit:
                 return 1
-            server = uvicorn.Server(config)
+            server = _Server(config, runtime)
             log.info("noetl server on http://%s:%d (store %s)", host, port, store.path)
             try:
                 asyncio.run(_serve_while_alive(server, sock, runtime))
@@ -156,6 +156,21 @@ def local_admin(store: SqliteStore) -> SqliteTokens:
         log.info("created the admin token %r in %s (mode 0600): `noetl run --server` on this machine uses it; "
                  "`noetl token create` makes others", created.name, path)
     return tokens
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that tells the runtime to stop at the signal itself. uvicorn stops the app (and so
+    the runtime) only after it has closed its connections, up to `timeout_graceful_shutdown` later; meanwhile
+    the same signal may have killed the step processes (a process group, a systemd cgroup), and their
+    attempts must not be recorded as failed (EmbeddedRuntime.request_stop)."""
+
+    def __init__(self, config: uvicorn.Config, runtime: EmbeddedRuntime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.runtime.request_stop()
+        super().handle_exit(sig, frame)
 
 
 async def _serve_while_alive(server: uvicorn.Server, sock: Any, runtime: EmbeddedRuntime) -> None:

@@ -65,12 +65,14 @@ class EmbeddedRuntime:
         self._listeners: list[EventListener] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._running: set[asyncio.Task[Any]] = set()
-        self.timers = TimerLoop(self._publish_inbound)
+        self.timers = TimerLoop(self._timer_fired)
         self.pool: PythonPool | None = None
         self.crashed: BaseException | None = None
+        self.stopping = False   # request_stop() was called: workers' facts and timers are no longer folded
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self.stopping = False
         tune_gc()
         self.pool = PythonPool(self.python_processes)
         self.ports = WorkerPorts(emit=self._emit, credentials=self.store.credentials, catalog=self.store.catalog,
@@ -139,7 +141,18 @@ class EmbeddedRuntime:
         for request in transition.requests:
             self._publish_inbound(request)
 
+    def request_stop(self) -> None:
+        """A stop was asked for (`noetl server` got SIGTERM/SIGINT): from now on no attempt starts, no
+        worker's fact (started, heartbeat, completed, failed) is recorded and no timer fires, so every attempt
+        in flight is abandoned exactly as a crash leaves it: still in flight in the store, redelivered by the
+        restart with a full lease, same command id and attempt number (docs/embedded.md, "Stopping").
+        Recording nothing is the point: the signal that stops us may also reach the step processes (a process
+        group, a systemd cgroup), and a failure seen now would be the stop's doing, not the step's; a lease
+        left without heartbeats must not expire either. Safe in a signal handler (it only sets a flag)."""
+        self.stopping = True
+
     async def stop(self) -> None:
+        self.stopping = True
         self.timers.stop()
         for task in [*self._tasks, *self._running]:
             task.cancel()
@@ -190,7 +203,13 @@ class EmbeddedRuntime:
         # requests and results share one queue here: per-execution order is what matters, as on Kafka
         self.bus.publish(self.topics.requests, message.execution_id, encode(message))
 
+    def _timer_fired(self, message: Any) -> None:
+        if not self.stopping:   # the restart reschedules every deadline from the states
+            self._publish_inbound(message)
+
     async def _emit(self, message: Any) -> None:
+        if self.stopping:   # abandoned: the restart reruns the attempt (request_stop)
+            return
         self._publish_inbound(message)
 
     async def _fold_loop(self) -> None:
@@ -239,6 +258,8 @@ class EmbeddedRuntime:
         slots = asyncio.Semaphore(self.concurrency)
         while True:
             for _key, raw in await self.bus.take(self.topics.commands("default"), self.batch_size):
+                if self.stopping:   # its attempt stays in flight in the state; the restart redelivers it
+                    continue
                 try:
                     command = decode_command(raw)
                 except DecodeError as exc:

@@ -19,6 +19,7 @@ from noetl_common.caps import DEFAULT_CAPS, Caps
 from .dialect import Dialect, detect_dialect
 from .models import Edge, IteratorSpec, Playbook, Problem, RetryPolicy, SaveSpec, Step
 from .normalise import normalise as normalise_document
+from .read_only import read_only
 from .v10 import normalise_v10
 from .validate import Issues, locate
 from .validate import identity as playbook_identity
@@ -33,14 +34,16 @@ def load_playbook(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbo
     `caps` (the operator's, passed in by the adapter; the core reads no setting).
 
     Memoised: the broker re-reads states (and so playbooks) on every batch, and thousands of executions
-    share a playbook. Callers only read the Playbook they get back; the problem list is a fresh copy.
+    share a playbook. So the Playbook is read-only (read_only.py: an edit in place raises TypeError instead
+    of leaking into later runs); the problem list is a fresh copy.
     """
     try:
         key = source if isinstance(source, str) else json.dumps(source, sort_keys=True, default=str)
     except RecursionError:   # nested past what json can walk; shallower ones are judged by _load (cache miss)
         return None, [_too_deep()]
     except (TypeError, ValueError):
-        return _load(source, caps)
+        playbook, found = _load(source, caps)
+        return read_only(playbook), found
     playbook, problems = _load_cached(key, isinstance(source, str), caps)
     return playbook, list(problems)
 
@@ -48,7 +51,7 @@ def load_playbook(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbo
 @lru_cache(maxsize=256)
 def _load_cached(key: str, is_text: bool, caps: Caps) -> tuple[Playbook | None, tuple[Problem, ...]]:
     playbook, problems = _load(key if is_text else json.loads(key), caps)
-    return playbook, tuple(problems)
+    return read_only(playbook), tuple(problems)
 
 
 def _load(source: str | dict, caps: Caps = DEFAULT_CAPS) -> tuple[Playbook | None, list[Problem]]:

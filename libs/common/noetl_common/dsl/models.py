@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .read_only import refuse_edit, sealed
+
 ACTION_TYPES = ("python", "http", "postgres", "duckdb", "playbook", "save", "secrets", "iterator")
 CONTROL_TYPES = ("start", "end", "route")
 SAVE_STORAGES = ("event", "postgres", "duckdb", "http", "python", "variable")
@@ -17,6 +19,16 @@ SAVE_STORAGES = ("event", "postgres", "duckdb", "http", "python", "variable")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if sealed(self):   # a loaded playbook is shared by every run of it (read_only.py)
+            refuse_edit()
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if sealed(self):
+            refuse_edit()
+        super().__delattr__(name)
 
 
 class RetryPolicy(_Model):

@@ -11,6 +11,7 @@ from typing import Any
 from noetl_common.attempt_tokens import genuine
 from noetl_common.caps import DEFAULT_CAPS, Caps
 from noetl_common.dsl import load_playbook
+from noetl_common.dsl.read_only import plain
 from noetl_common.engine import composition, iterator, v10, v10_gates
 from noetl_common.engine.actions import send, work_action
 from noetl_common.engine.dispatch import schedule
@@ -91,7 +92,7 @@ def fail_on_error(state: ExecutionState | None, msg: Any, error: str) -> Transit
 
 def _start(msg: StartExecution, caps: Caps) -> Tick:
     playbook, problems = load_playbook(msg.playbook, caps)
-    base = playbook.workload if playbook else {}
+    base = plain(playbook.workload) if playbook else {}   # the state's own: the playbook is read-only
     state = ExecutionState(
         execution_id=msg.execution_id, path=msg.path, version=msg.version, playbook=msg.playbook,
         workload=deep_merge(base, msg.payload), parent_execution_id=msg.parent_execution_id,
@@ -111,7 +112,7 @@ def _start(msg: StartExecution, caps: Caps) -> Tick:
     else:
         if playbook.dialect != "v1":   # V10-7.5: root `ctx:` and the payload's `ctx` seed the ctx map
             payload_ctx = msg.payload.get("ctx") if isinstance(msg.payload.get("ctx"), dict) else {}
-            state.variables = deep_merge(playbook.ctx, payload_ctx)
+            state.variables = deep_merge(plain(playbook.ctx), payload_ctx)
         state.pending[playbook.entry] = Pending(arrivals=[{}])
     return tick
 
